@@ -1,0 +1,4 @@
+"""RingMoE: hierarchical Mixture-of-Experts SwinV2 for multi-modal remote sensing.
+
+The library never imports `pretrain/` or `tools/`; those are thin layers on top.
+"""

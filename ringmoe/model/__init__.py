@@ -1,0 +1,1 @@
+"""The RingMoE encoder: SwinV2 backbone, hierarchical MoE FFNs, SimMIM decoders."""
