@@ -1,0 +1,20 @@
+"""Base RingMoE: a SwinV2-T backbone (embed 96, depths 2/2/6/2) with the full
+reference expert layout (4 modal per modality, 4 collaborative, 1 shared);
+about 0.4B parameters, for a single GPU.
+
+    python -m tools.params --config configs/base.py
+"""
+from configs.common import S2_L2A_BANDS, base_config, modality
+
+
+def get_config():
+    c = base_config()
+    m = c.model
+    m.embed_dim = 96
+    m.depths = (2, 2, 6, 2)
+    m.num_heads = (3, 6, 12, 24)
+    m.modalities.optical = modality(3)
+    m.modalities.multispectral = modality(12, "wavelength", S2_L2A_BANDS)
+    m.modalities.sar_l2 = modality(2)
+    m.modalities.sar_l1 = modality(8)
+    return c

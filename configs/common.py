@@ -1,0 +1,57 @@
+"""Settings shared by every config: reference training recipe, router, mesh.
+
+Each config file calls `base_config()` and then states its own model numbers.
+Values marked (ref) are the RingMoE paper's (arXiv 2504.03166; DESIGN.md s.2).
+"""
+from ml_collections import ConfigDict
+
+# Sentinel-2 (S2A) bands: name, central wavelength (nm), bandwidth (nm). DESIGN.md s.4.
+S2_L2A_BANDS = (
+    ("B1", 442.7, 21.0), ("B2", 492.4, 66.0), ("B3", 559.8, 36.0), ("B4", 664.6, 31.0),
+    ("B5", 704.1, 15.0), ("B6", 740.5, 15.0), ("B7", 782.8, 20.0), ("B8", 832.8, 106.0),
+    ("B8A", 864.7, 21.0), ("B9", 945.1, 20.0), ("B11", 1613.7, 91.0), ("B12", 2202.4, 175.0),
+)
+
+
+def modality(channels: int, embed: str = "patch", bands=()) -> ConfigDict:
+    """One input modality: its channel count and patch-embedding kind.
+
+    embed='patch' is a plain strided projection with fixed channels; embed='wavelength'
+    generates the projection from each band's (wavelength, bandwidth), so any subset
+    of `bands` runs through the same weights.
+    """
+    if embed == "wavelength" and len(bands) != channels:
+        raise ValueError(f"wavelength embedding needs one band entry per channel ({channels})")
+    return ConfigDict({"channels": channels, "embed": embed, "bands": tuple(bands)})
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+
+    c.model = ConfigDict()
+    c.model.image_size = 192          # (ref) crop size
+    c.model.patch_size = 4            # (ref)
+    c.model.window_size = 12          # (ref)
+    c.model.embed_dim = 448
+    c.model.depths = (2, 2, 18, 2)
+    c.model.num_heads = (14, 28, 56, 112)
+    c.model.mlp_ratio = 4.0           # (ref)
+    c.model.cpb_hidden = 512          # SwinV2 continuous position bias MLP width
+    c.model.dtype = "float32"         # compute dtype; parameters stay float32
+    c.model.modalities = ConfigDict()
+
+    c.model.moe = ConfigDict()
+    c.model.moe.enabled = True                  # False: one dense FFN per block
+    c.model.moe.num_modal_experts = 4           # (ref) per modality
+    c.model.moe.num_collaborative_experts = 4   # (ref) shared by all modalities
+    c.model.moe.shared_expert = True            # (ref) dense, every token
+    c.model.moe.router = "token_choice"         # token_choice | dropless | expert_choice
+    c.model.moe.top_k = 1                       # (ref)
+    c.model.moe.capacity_factor = 1.2           # (ref)
+    c.model.moe.dispatch = "auto"               # auto | einsum | sort | ragged
+    c.model.moe.load_balance_weight = 1e-3      # (ref) Switch loss
+    c.model.moe.z_loss_weight = 0.0             # router z-loss (ST-MoE); 0 in the reference
+
+    c.mesh = ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+    return c

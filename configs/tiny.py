@@ -1,0 +1,24 @@
+"""Tiny RingMoE: CPU-sized, all four modalities, MoE in every block.
+
+    python -m tools.params --config configs/tiny.py
+"""
+from configs.common import S2_L2A_BANDS, base_config, modality
+
+
+def get_config():
+    c = base_config()
+    m = c.model
+    m.image_size = 64
+    m.patch_size = 4
+    m.window_size = 4
+    m.embed_dim = 32
+    m.depths = (2, 2, 2, 2)
+    m.num_heads = (2, 4, 8, 16)
+    m.cpb_hidden = 64
+    m.modalities.optical = modality(3)
+    m.modalities.multispectral = modality(12, "wavelength", S2_L2A_BANDS)  # Sentinel-2 L2A
+    m.modalities.sar_l2 = modality(2)   # Sentinel-1 VV, VH
+    m.modalities.sar_l1 = modality(8)   # Re/Im of HH, HV, VH, VV
+    m.moe.num_modal_experts = 2
+    m.moe.num_collaborative_experts = 2
+    return c
