@@ -1,0 +1,1 @@
+"""Records, shards, ingestion, synthetic scenes and the Grain input pipeline."""

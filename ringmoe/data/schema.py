@@ -1,0 +1,132 @@
+"""The one record schema: a place on the ground seen by one or more modalities.
+
+A record holds every co-registered modality of one place (paired) or a single
+one (unpaired), each in its physical unit, with per-band metadata, plus optional
+labels. Records are serialised as safetensors bytes (arrays + a JSON header), so
+reading a shard never unpickles anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import safetensors.numpy
+
+SCHEMA_VERSION = 1
+MODALITIES = ("optical", "multispectral", "sar_l2", "sar_l1")
+# Physical unit of each modality's pixels.
+UNITS = {
+    "optical": "reflectance",       # true colour scaled to [0, 1]
+    "multispectral": "reflectance",  # surface / top-of-atmosphere reflectance
+    "sar_l2": "db",                  # backscatter sigma0 in dB (detected product)
+    "sar_l1": "complex",             # scattering matrix, Re/Im interleaved per polarisation
+}
+
+
+class RecordError(ValueError):
+    """A record or source file is malformed; the message names it and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """One channel. Optical bands carry wavelength/bandwidth in nm; SAR channels
+    carry radar frequency (GHz), polarisation (e.g. 'VV') and, for complex data,
+    which part ('re' / 'im')."""
+    name: str
+    wavelength_nm: float | None = None
+    bandwidth_nm: float | None = None
+    frequency_ghz: float | None = None
+    polarization: str | None = None
+    part: str | None = None
+
+
+@dataclasses.dataclass
+class ModalityImage:
+    """Pixels (H, W, C) of one modality in its physical unit (`UNITS`), float32."""
+    modality: str
+    pixels: np.ndarray
+    bands: tuple[Band, ...]
+    sensor: str
+    gsd_m: float
+    nodata: float | None = None
+
+
+@dataclasses.dataclass
+class Record:
+    sample_id: str
+    modalities: dict[str, ModalityImage]
+    label_map: np.ndarray | None = None   # (H, W) int32 class ids, 0 = unlabelled
+    scene_label: int | None = None
+    source: str = ""
+
+
+def validate(record: Record, where: str) -> None:
+    """Checks shapes, band counts and finiteness; raises RecordError naming `where`."""
+    if not record.modalities:
+        raise RecordError(f"{where}: record {record.sample_id!r} has no modality")
+    shapes = set()
+    for name, image in record.modalities.items():
+        if name not in MODALITIES:
+            raise RecordError(f"{where}: record {record.sample_id!r}: unknown modality {name!r}")
+        px = image.pixels
+        if px.ndim != 3:
+            raise RecordError(f"{where}: record {record.sample_id!r} {name}: pixels must be (H, W, C), got {px.shape}")
+        if px.shape[-1] != len(image.bands):
+            raise RecordError(f"{where}: record {record.sample_id!r} {name}: {px.shape[-1]} channels "
+                              f"but {len(image.bands)} band entries")
+        if not np.all(np.isfinite(px)):
+            bad = int(np.size(px) - np.count_nonzero(np.isfinite(px)))
+            raise RecordError(f"{where}: record {record.sample_id!r} {name}: {bad} NaN/Inf pixels")
+        shapes.add(px.shape[:2])
+    if record.label_map is not None:
+        shapes.add(record.label_map.shape)
+    if len(shapes) > 1:
+        raise RecordError(f"{where}: record {record.sample_id!r}: modalities/labels not co-registered, shapes {sorted(shapes)}")
+
+
+def encode(record: Record) -> bytes:
+    """Serialises a record to safetensors bytes; the JSON header holds the metadata."""
+    tensors: dict[str, np.ndarray] = {}
+    meta: dict = {"schema_version": SCHEMA_VERSION, "sample_id": record.sample_id,
+                  "scene_label": record.scene_label, "source": record.source, "modalities": {}}
+    for name, image in record.modalities.items():
+        tensors[f"{name}/pixels"] = np.ascontiguousarray(image.pixels, dtype=np.float32)
+        meta["modalities"][name] = {
+            "sensor": image.sensor, "gsd_m": image.gsd_m, "nodata": image.nodata,
+            "bands": [dataclasses.asdict(b) for b in image.bands],
+        }
+    if record.label_map is not None:
+        tensors["label_map"] = np.ascontiguousarray(record.label_map, dtype=np.int32)
+    return safetensors.numpy.save(tensors, metadata={"record": json.dumps(meta)})
+
+
+def decode(data: bytes, where: str) -> Record:
+    """Parses bytes written by `encode`; any corruption raises RecordError naming `where`."""
+    try:
+        tensors = safetensors.numpy.load(data)
+        meta = json.loads(_header_metadata(data)["record"])
+    except RecordError:
+        raise
+    except Exception as e:  # safetensors / json raise several types for bad bytes
+        raise RecordError(f"{where}: corrupt record bytes ({type(e).__name__}: {e})") from None
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise RecordError(f"{where}: schema version {meta.get('schema_version')}, expected {SCHEMA_VERSION}")
+    modalities = {}
+    for name, m in meta["modalities"].items():
+        key = f"{name}/pixels"
+        if key not in tensors:
+            raise RecordError(f"{where}: record {meta['sample_id']!r} lacks pixels of {name}")
+        modalities[name] = ModalityImage(
+            modality=name, pixels=tensors[key], bands=tuple(Band(**b) for b in m["bands"]),
+            sensor=m["sensor"], gsd_m=m["gsd_m"], nodata=m["nodata"])
+    return Record(sample_id=meta["sample_id"], modalities=modalities,
+                  label_map=tensors.get("label_map"), scene_label=meta["scene_label"], source=meta["source"])
+
+
+def _header_metadata(data: bytes) -> dict:
+    """The `__metadata__` map of a safetensors buffer (its first 8 bytes give the header length)."""
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise RecordError("truncated safetensors header")
+    return json.loads(data[8:8 + n]).get("__metadata__", {})
