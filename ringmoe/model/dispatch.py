@@ -1,0 +1,106 @@
+"""Three ways to send routed tokens through their experts, one switch between them.
+
+All take tokens x (G, S, D), stacked expert weights and a `RoutingPlan`, and
+return sum_k gate_k * expert_{e_k}(x) per token (G, S, D). With no token
+dropped they agree to rounding; with dropping they agree exactly too, because
+every path zeroes the same dropped assignments.
+
+* `einsum` (GShard / V-MoE, the reference): one-hot dispatch and combine
+  tensors (G, S, E, C) contracted with the tokens. Simple and GSPMD-friendly,
+  but the contraction costs O(S * E * C * D), which dominates for large groups.
+* `sort`: gather each expert's tokens into a padded (E, G, C, D) buffer by
+  index, one batched matmul per layer, gather the results back. No wasted
+  FLOPs besides the capacity padding; the fastest path on CPU.
+* `ragged`: flatten all assignments, sort them by expert and run
+  `jax.lax.ragged_dot` grouped matmuls (dropless by nature; dropped
+  assignments are computed and given gate 0). Grouped GEMM is the GPU/TPU
+  path; on the CPU it ran ~16x slower than a dense matmul (DESIGN.md s.3).
+
+Under a mesh the (E, G, C, D) buffers of `einsum` and `sort` are constrained
+to be split over the `expert` axis, so GSPMD inserts the all-to-all.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ringmoe.model.router import RoutingPlan
+from ringmoe.sharding import constrain
+
+PATHS = ("einsum", "sort", "ragged")
+
+
+def default_path(backend: str | None = None) -> str:
+    """The `auto` choice: `sort` on CPU (measured: tools.bench moe), grouped GEMM elsewhere."""
+    backend = backend or jax.default_backend()
+    return "sort" if backend == "cpu" else "ragged"
+
+
+def run(path: str, weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
+    path = default_path() if path == "auto" else path
+    if path not in PATHS:
+        raise ValueError(f"unknown MoE dispatch {path!r}; choose auto or one of {PATHS}")
+    return {"einsum": einsum, "sort": sort, "ragged": ragged}[path](weights, x, plan)
+
+
+def _expert_ffn(weights, xe: jax.Array) -> jax.Array:
+    """Applies expert e to row block xe[e]: (E, N, D) -> (E, N, D)."""
+    w_in, b_in, w_out, b_out = weights
+    h = jax.nn.gelu(jnp.einsum("end,edf->enf", xe, w_in) + b_in[:, None])
+    h = constrain(h, "act_expert", None, "act_mlp")
+    return jnp.einsum("enf,efd->end", h, w_out) + b_out[:, None]
+
+
+def _through_experts(weights, buffer: jax.Array) -> jax.Array:
+    """(E, G, C, D) expert-major buffer -> expert outputs of the same shape."""
+    num_experts, groups, cap, dim = buffer.shape
+    buffer = constrain(buffer, "act_expert", "batch", None, "act_embed")
+    out = _expert_ffn(weights, buffer.reshape(num_experts, groups * cap, dim))
+    return constrain(out.reshape(buffer.shape), "act_expert", "batch", None, "act_embed")
+
+
+def einsum(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
+    num_experts = weights[0].shape[0]
+    onehot_e = jax.nn.one_hot(plan.expert_index, num_experts, dtype=x.dtype)      # (G,S,K,E)
+    onehot_c = jax.nn.one_hot(plan.slot, plan.capacity, dtype=x.dtype)             # (G,S,K,C); 0 if dropped
+    dispatch_mask = jnp.einsum("gske,gskc->gsec", onehot_e, onehot_c)
+    combine = jnp.einsum("gske,gskc,gsk->gsec", onehot_e, onehot_c, plan.gate.astype(x.dtype))
+    out = _through_experts(weights, jnp.einsum("gsec,gsd->egcd", dispatch_mask, x))
+    return jnp.einsum("gsec,egcd->gsd", combine, out)
+
+
+def sort(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
+    groups, tokens, dim = x.shape
+    num_experts, cap = weights[0].shape[0], plan.capacity
+    top_k = plan.expert_index.shape[-1]
+    g = jnp.arange(groups)[:, None, None]
+    s = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32)[None, :, None], plan.slot.shape)
+    # Which token fills each (expert, slot); empty slots point at an appended zero row.
+    # Dropped assignments have slot >= cap and are discarded by mode="drop".
+    slot_token = jnp.full((groups, num_experts, cap), tokens, jnp.int32)
+    slot_token = slot_token.at[g, plan.expert_index, plan.slot].set(s, mode="drop")
+    padded = jnp.concatenate([x, jnp.zeros((groups, 1, dim), x.dtype)], axis=1)
+    buffer = jnp.take_along_axis(padded, slot_token.reshape(groups, num_experts * cap, 1), axis=1)
+    buffer = jnp.swapaxes(buffer.reshape(groups, num_experts, cap, dim), 0, 1)
+    out = jnp.swapaxes(_through_experts(weights, buffer), 0, 1).reshape(groups, num_experts * cap, dim)
+    # Gather each assignment's result back; dropped ones read slot 0 and get gate 0.
+    flat = plan.expert_index * cap + jnp.minimum(plan.slot, cap - 1)
+    picked = jnp.take_along_axis(out, flat.reshape(groups, tokens * top_k, 1), axis=1)
+    picked = picked.reshape(groups, tokens, top_k, dim)
+    return jnp.einsum("gskd,gsk->gsd", picked, plan.gate.astype(x.dtype))
+
+
+def ragged(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
+    w_in, b_in, w_out, b_out = weights
+    groups, tokens, dim = x.shape
+    top_k = plan.expert_index.shape[-1]
+    experts = plan.expert_index.reshape(-1)
+    order = jnp.argsort(experts, stable=True)
+    rows = jnp.take(x.reshape(groups * tokens, dim), order // top_k, axis=0)
+    sorted_experts = experts[order]
+    sizes = jnp.bincount(experts, length=w_in.shape[0]).astype(jnp.int32)
+    h = jax.nn.gelu(jax.lax.ragged_dot(rows, w_in, sizes) + b_in[sorted_experts])
+    y = jax.lax.ragged_dot(h, w_out, sizes) + b_out[sorted_experts]
+    y = jnp.zeros_like(y).at[order].set(y, unique_indices=True)
+    y = y.reshape(groups, tokens, top_k, dim)
+    return jnp.einsum("gskd,gsk->gsd", y, plan.gate.astype(x.dtype))

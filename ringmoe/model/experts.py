@@ -1,0 +1,58 @@
+"""Expert groups: stacked expert FFNs behind a router.
+
+`Experts` stores E feed-forward networks as stacked weights whose leading axis
+is the logical `expert` axis, so expert parallelism is a sharding rule, not code.
+`RoutedExperts` is one router plus its experts; the hierarchical MoE layer
+(`moe.py`) holds one per modality (modal-specialised experts) and one shared by
+all modalities (collaborative experts).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ringmoe.model import dispatch
+from ringmoe.model.ffn import DEFAULT_INIT
+from ringmoe.model.router import Router, route
+from ringmoe.sharding import partitioned
+
+
+class Experts(nnx.Module):
+    """E independent FFNs: w_in (E, D, F), w_out (E, F, D) and their biases."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        init = lambda *names: partitioned(DEFAULT_INIT, *names)  # noqa: E731
+        zeros = lambda *names: partitioned(nnx.initializers.zeros, *names)  # noqa: E731
+        self.w_in = nnx.Param(init("expert", "embed", "mlp")(rngs.params(), (num_experts, dim, hidden)))
+        self.b_in = nnx.Param(zeros("expert", "mlp")(rngs.params(), (num_experts, hidden)))
+        self.w_out = nnx.Param(init("expert", "mlp", "embed")(rngs.params(), (num_experts, hidden, dim)))
+        self.b_out = nnx.Param(zeros("expert", "embed")(rngs.params(), (num_experts, dim)))
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_in.shape[0]
+
+    def weights(self) -> tuple[jax.Array, ...]:
+        """The four weight arrays in the compute dtype."""
+        return tuple(p[...].astype(self.dtype) for p in (self.w_in, self.b_in, self.w_out, self.b_out))
+
+
+class RoutedExperts(nnx.Module):
+    """A router and the experts it routes over; tokens (G, S, D) -> (G, S, D)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, moe_config, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.router = Router(dim, num_experts, rngs=rngs)
+        self.experts = Experts(num_experts, dim, hidden, dtype=dtype, rngs=rngs)
+        self.policy = moe_config.router
+        self.top_k = min(moe_config.top_k, num_experts)
+        self.capacity_factor = moe_config.capacity_factor
+        self.dispatch = moe_config.dispatch
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        plan, stats = route(self.router(x), router=self.policy, top_k=self.top_k,
+                            capacity_factor=self.capacity_factor)
+        y = dispatch.run(self.dispatch, self.experts.weights(), x.astype(self.experts.dtype), plan)
+        return y, stats

@@ -1,0 +1,34 @@
+"""The feed-forward network of a transformer block (Linear -> GELU -> Linear).
+
+Used as the always-on shared expert and as the FFN of the dense SwinV2.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ringmoe.sharding import partitioned
+
+DEFAULT_INIT = nnx.initializers.truncated_normal(0.02)
+
+
+class FeedForward(nnx.Module):
+    """x (..., D) -> (..., D) through a hidden layer of width `hidden`."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.fc1 = nnx.Linear(dim, hidden, kernel_init=partitioned(DEFAULT_INIT, "embed", "mlp"),
+                              bias_init=partitioned(nnx.initializers.zeros, "mlp"), rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, dim, kernel_init=partitioned(DEFAULT_INIT, "mlp", "embed"),
+                              bias_init=partitioned(nnx.initializers.zeros, "embed"), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.gelu(_linear(self.fc1, x, self.dtype))
+        return _linear(self.fc2, h, self.dtype)
+
+
+def _linear(layer: nnx.Linear, x: jax.Array, dtype) -> jax.Array:
+    """A Linear in the compute dtype; the float32 parameters are cast, not stored, in it."""
+    y = jnp.dot(x.astype(dtype), layer.kernel[...].astype(dtype))
+    return y + layer.bias[...].astype(dtype)

@@ -1,0 +1,138 @@
+"""The RingMoE encoder, top-down.
+
+    pixels of modality m --(m's patch embedding)--> tokens
+      --(SimMIM: masked tokens <- mask token)-->
+      4 SwinV2 stages (attention, merging and norms shared by all modalities;
+                       every FFN a hierarchical MoE that knows m)
+      --> stride-32 features --(m's SimMIM decoder)--> reconstructed pixels
+
+Each modality of a batch runs through the backbone in its own call, so a
+modality's batch size (and channel count) is its own and a token of m can only
+reach m's modal experts.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ringmoe.model.decoders import SimMIMDecoder
+from ringmoe.model.embed import PatchEmbed, WavelengthPatchEmbed
+from ringmoe.model.moe import DenseFFN, HierarchicalMoE
+from ringmoe.model.swin import PatchMerging, SwinV2Block
+from ringmoe.sharding import constrain, partitioned
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Encoded(NamedTuple):
+    features: jax.Array            # (B, h, w, D_last), after the final norm
+    stage_features: tuple          # per stage (B, h_i, w_i, D_i), before merging
+    router_stats: tuple            # per block: {'modal'|'collaborative': route() statistics}
+
+
+class Stage(nnx.Module):
+    """`depth` SwinV2 blocks (alternating plain / shifted windows), then patch merging."""
+
+    def __init__(self, dim, depth, num_heads, resolution, config, modalities, *, merge, dtype, rngs):
+        hidden = int(dim * config.mlp_ratio)
+
+        def ffn():
+            if config.moe.enabled:
+                return HierarchicalMoE(dim, hidden, modalities, config.moe, dtype=dtype, rngs=rngs)
+            return DenseFFN(dim, hidden, dtype=dtype, rngs=rngs)
+
+        self.blocks = nnx.List([
+            SwinV2Block(dim, num_heads, resolution, config.window_size, shift=bool(i % 2), ffn=ffn(),
+                        cpb_hidden=config.cpb_hidden, dtype=dtype, rngs=rngs)
+            for i in range(depth)])
+        self.merging = PatchMerging(dim, dtype=dtype, rngs=rngs) if merge else None
+
+    def __call__(self, x, modality):
+        stats = []
+        for block in self.blocks:
+            x, block_stats = block(x, modality)
+            stats.append(block_stats)
+        before_merge = x
+        if self.merging is not None:
+            x = self.merging(x)
+        return x, before_merge, stats
+
+
+class RingMoE(nnx.Module):
+    """Hierarchical-MoE SwinV2 encoder with per-modality embeddings and decoders."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        self.config = config
+        self.modalities = tuple(config.modalities.keys())
+        self.dtype = DTYPES[config.dtype]
+        grid = config.image_size // config.patch_size
+        if config.image_size % config.patch_size or grid % 2 ** (len(config.depths) - 1):
+            raise ValueError(f"image_size {config.image_size} must be divisible by patch_size "
+                             f"{config.patch_size} * 2**{len(config.depths) - 1}")
+        dim = config.embed_dim
+        self.embeddings = nnx.Dict({m: self._embedding(config.modalities[m], dim, rngs)
+                                    for m in self.modalities})
+        self.mask_token = nnx.Param(partitioned(nnx.initializers.truncated_normal(0.02), "embed")(
+            rngs.params(), (dim,)))
+        stages = []
+        for i, (depth, heads) in enumerate(zip(config.depths, config.num_heads)):
+            last = i == len(config.depths) - 1
+            stages.append(Stage(dim * 2 ** i, depth, heads, grid // 2 ** i, config, self.modalities,
+                                merge=not last, dtype=self.dtype, rngs=rngs))
+        self.stages = nnx.List(stages)
+        self.out_dim = dim * 2 ** (len(config.depths) - 1)
+        self.norm = nnx.LayerNorm(self.out_dim, scale_init=partitioned(nnx.initializers.ones, "embed"),
+                                  bias_init=partitioned(nnx.initializers.zeros, "embed"), rngs=rngs)
+        self.stride = config.patch_size * 2 ** (len(config.depths) - 1)
+        self.decoders = nnx.Dict({m: SimMIMDecoder(self.out_dim, self.stride, config.modalities[m].channels,
+                                                   rngs=rngs) for m in self.modalities})
+
+    def _embedding(self, mcfg, dim, rngs):
+        if mcfg.embed == "wavelength":
+            return WavelengthPatchEmbed(dim, self.config.patch_size, dtype=self.dtype, rngs=rngs)
+        if mcfg.embed != "patch":
+            raise ValueError(f"unknown patch embedding {mcfg.embed!r} (patch | wavelength)")
+        return PatchEmbed(mcfg.channels, dim, self.config.patch_size, dtype=self.dtype, rngs=rngs)
+
+    def spectra(self, modality: str) -> tuple[jax.Array, jax.Array]:
+        """Central wavelengths and bandwidths (nm) of the configured bands."""
+        bands = self.config.modalities[modality].bands
+        return (jnp.asarray([b[1] for b in bands], jnp.float32), jnp.asarray([b[2] for b in bands], jnp.float32))
+
+    def embed(self, pixels, modality, mask=None, spectra=None) -> jax.Array:
+        """Patch tokens (B, h, w, D); where `mask` (B, h, w) is True the mask token replaces them."""
+        if modality not in self.modalities:
+            raise ValueError(f"modality {modality!r} is not in this model ({', '.join(self.modalities)})")
+        pixels = constrain(pixels, "batch", None, None, None)
+        embedding = self.embeddings[modality]
+        if isinstance(embedding, WavelengthPatchEmbed):
+            tokens = embedding(pixels, *(spectra if spectra is not None else self.spectra(modality)))
+        else:
+            tokens = embedding(pixels)
+        if mask is not None:
+            tokens = jnp.where(mask[..., None], self.mask_token[...].astype(tokens.dtype), tokens)
+        return tokens
+
+    def encode(self, pixels, modality, mask=None, spectra=None) -> Encoded:
+        x = self.embed(pixels, modality, mask, spectra)
+        stage_features, stats = [], []
+        for stage in self.stages:
+            x, before_merge, stage_stats = stage(x, modality)
+            stage_features.append(before_merge)
+            stats.extend(stage_stats)
+        features = self.norm(x.astype(jnp.float32))
+        return Encoded(features, tuple(stage_features), tuple(stats))
+
+    def __call__(self, batch: dict) -> dict:
+        """batch[m] = {'pixels': (B_m, H, W, C_m), 'mask': (B_m, h, w) optional}.
+
+        Returns per modality {'reconstruction': (B_m, H, W, C_m), 'encoded': Encoded}.
+        """
+        out = {}
+        for modality, inputs in batch.items():
+            encoded = self.encode(inputs["pixels"], modality, inputs.get("mask"), inputs.get("spectra"))
+            out[modality] = {"reconstruction": self.decoders[modality](encoded.features), "encoded": encoded}
+        return out

@@ -1,0 +1,34 @@
+"""Parameter table of a config, built abstractly (jax.eval_shape: nothing allocated).
+
+    python -m tools.params --config configs/ringmoe_14b.py
+
+Prints a table, then as its last line JSON with `total`, `active_per_token`
+(largest over modalities), `active_per_token_by_modality` and `per_modality`.
+"""
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ringmoe.model.params import abstract_model, count, table
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    counts = count(abstract_model(config.model), top_k=config.model.moe.top_k)
+    print(table(counts))
+    print(json.dumps({
+        "config": config_flags.get_config_filename(_CONFIG),
+        "total": counts["total"],
+        "active_per_token": max(counts["active_per_token"].values()),
+        "active_per_token_by_modality": counts["active_per_token"],
+        "per_modality": counts["per_modality"],
+    }))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
