@@ -1,0 +1,156 @@
+"""Routing and dispatch of the hierarchical MoE layer."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from ringmoe.model import dispatch
+from ringmoe.model.experts import RoutedExperts
+from ringmoe.model.moe import HierarchicalMoE, router_loss
+from ringmoe.model.router import capacity, route
+
+MODALITIES = ("optical", "sar_l2", "sar_l1")
+
+
+def moe_config(**overrides):
+    base = dict(enabled=True, num_modal_experts=2, num_collaborative_experts=3, shared_expert=True,
+                router="token_choice", top_k=1, capacity_factor=1.2, dispatch="sort",
+                load_balance_weight=1e-3, z_loss_weight=1e-4)
+    return ConfigDict({**base, **overrides})
+
+
+def make_layer(seed=0, **overrides):
+    return HierarchicalMoE(16, 32, MODALITIES, moe_config(**overrides), rngs=nnx.Rngs(seed))
+
+
+def tokens(seed=1, shape=(4, 4, 4, 16)):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def grads(layer, x, modality):
+    graphdef, params = nnx.split(layer, nnx.Param)
+
+    def loss(params):
+        y, _ = nnx.merge(graphdef, params)(x, modality)
+        return jnp.sum(y ** 2)
+
+    return jax.grad(loss)(params)
+
+
+def test_modality_reaches_only_its_own_modal_experts():
+    layer = make_layer()
+    x = tokens()
+    g = grads(layer, x, "sar_l2")
+    for m in MODALITIES:
+        norm = sum(float(jnp.sum(jnp.abs(leaf))) for leaf in jax.tree.leaves(g["modal_experts"][m]))
+        assert (norm > 0) == (m == "sar_l2"), (m, norm)
+    # Changing another modality's experts leaves this modality's output unchanged.
+    before, _ = layer(x, "sar_l2")
+    other = layer.modal_experts["optical"].experts
+    other.w_in[...] = other.w_in[...] + 1.0
+    after, _ = layer(x, "sar_l2")
+    np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("router,top_k", [("token_choice", 1), ("token_choice", 2), ("dropless", 1),
+                                          ("dropless", 2), ("expert_choice", 1)])
+def test_dispatch_paths_agree(router, top_k):
+    # capacity_factor = E makes C = S: nothing can be dropped under token choice.
+    cfg = moe_config(router=router, top_k=top_k, capacity_factor=3.0)
+    layer = RoutedExperts(3, 16, 32, cfg, rngs=nnx.Rngs(0))
+    x = tokens(shape=(3, 20, 16))
+    plan, stats = route(layer.router(x), router=router, top_k=top_k, capacity_factor=3.0)
+    if router != "expert_choice":
+        assert float(stats["dropped"]) == 0.0
+    outputs = [dispatch.run(p, layer.experts.weights(), x, plan) for p in dispatch.PATHS]
+    for out in outputs[1:]:
+        np.testing.assert_allclose(out, outputs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_paths_agree_when_tokens_are_dropped():
+    layer = RoutedExperts(4, 16, 32, moe_config(capacity_factor=0.5), rngs=nnx.Rngs(0))
+    x = tokens(shape=(2, 32, 16))
+    plan, stats = route(layer.router(x), router="token_choice", top_k=1, capacity_factor=0.5)
+    assert float(stats["dropped"]) > 0
+    outputs = [dispatch.run(p, layer.experts.weights(), x, plan) for p in dispatch.PATHS]
+    for out in outputs[1:]:
+        np.testing.assert_allclose(out, outputs[0], rtol=1e-5, atol=1e-5)
+    # A dropped token gets nothing from the experts (the residual carries it).
+    dropped = np.asarray(plan.slot[..., 0] >= plan.capacity)
+    np.testing.assert_array_equal(np.asarray(outputs[0])[dropped], 0.0)
+
+
+def test_capacity_is_respected_and_slots_are_unique():
+    logits = jax.random.normal(jax.random.key(3), (2, 40, 4)) * 3
+    plan, _ = route(logits, router="token_choice", top_k=2, capacity_factor=1.0)
+    cap = capacity(40, 4, 2, 1.0)
+    assert plan.capacity == cap == 20
+    for g in range(2):
+        kept = np.asarray(plan.slot[g] < cap)
+        pairs = set(zip(np.asarray(plan.expert_index[g])[kept], np.asarray(plan.slot[g])[kept]))
+        assert len(pairs) == kept.sum()  # no two tokens share a slot
+        for e in range(4):
+            assert (np.asarray(plan.expert_index[g])[kept] == e).sum() <= cap
+
+
+def test_expert_choice_fills_every_expert_to_capacity():
+    logits = jax.random.normal(jax.random.key(4), (2, 24, 3))
+    plan, stats = route(logits, router="expert_choice", top_k=1, capacity_factor=1.0)
+    per_expert = np.asarray(jnp.sum(plan.gate > 0, axis=1))
+    np.testing.assert_array_equal(per_expert, plan.capacity)
+    np.testing.assert_allclose(stats["load"], 1 / 3, rtol=1e-6)
+
+
+def test_load_balance_loss_is_minimal_for_uniform_routing():
+    num_experts = 4
+    _, stats = route(jnp.zeros((2, 64, num_experts)), router="token_choice", top_k=1, capacity_factor=1.0)
+    assert float(stats["load_balance"]) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    for scale in (0.5, 2.0, 8.0):
+        logits = jnp.asarray(rng.normal(size=(4, 64, num_experts)) * scale, jnp.float32)
+        _, s = route(logits, router="token_choice", top_k=1, capacity_factor=1.0)
+        assert float(s["load_balance"]) >= 1.0 - 1e-6
+    # All tokens on one expert: the worst case approaches E.
+    skewed = jnp.zeros((1, 64, num_experts)).at[..., 0].set(10.0)
+    _, s = route(skewed, router="token_choice", top_k=1, capacity_factor=1.0)
+    assert float(s["load_balance"]) > 3.9
+
+
+def test_gradients_reach_every_expert_that_received_tokens():
+    layer = make_layer(capacity_factor=2.0)
+    x = tokens(shape=(4, 4, 4, 16))
+    _, stats = layer(x, "optical")
+    g = grads(layer, x, "optical")
+    for group, grad_tree in (("modal", g["modal_experts"]["optical"]), ("collaborative", g["collaborative_experts"])):
+        load = np.asarray(stats[group]["load"])
+        w_in = np.asarray(grad_tree["experts"]["w_in"][...])
+        for e, fraction in enumerate(load):
+            assert (np.abs(w_in[e]).sum() > 0) == (fraction > 0), (group, e, fraction)
+        assert np.abs(np.asarray(grad_tree["router"]["kernel"][...])).sum() > 0
+    assert np.abs(np.asarray(g["shared_expert"]["fc1"]["kernel"][...])).sum() > 0
+
+
+def test_statistics_and_router_loss():
+    layer = make_layer()
+    _, stats = layer(tokens(), "sar_l1")
+    assert set(stats) == {"modal", "collaborative"}
+    assert stats["modal"]["load"].shape == (2,) and stats["collaborative"]["load"].shape == (3,)
+    np.testing.assert_allclose(np.sum(stats["collaborative"]["load"]), 1.0, rtol=1e-6)
+    assert 0.0 <= float(stats["modal"]["dropped"]) <= 1.0
+    loss = router_loss([stats, stats], moe_config())
+    expected = 1e-3 * loss["load_balance"] + 1e-4 * loss["z_loss"]
+    np.testing.assert_allclose(loss["total"], expected, rtol=1e-6)
+
+
+def test_ablation_variants_and_errors():
+    modal_only = make_layer(num_collaborative_experts=0, shared_expert=False)
+    y, stats = modal_only(tokens(), "optical")
+    assert set(stats) == {"modal"} and modal_only.collaborative_experts is None
+    with pytest.raises(ValueError, match="no experts"):
+        make_layer(num_modal_experts=0, num_collaborative_experts=0, shared_expert=False)
+    with pytest.raises(ValueError, match="unknown router"):
+        make_layer(router="random")(tokens(), "optical")
+    with pytest.raises(ValueError, match="unknown MoE dispatch"):
+        make_layer(dispatch="magic")(tokens(), "optical")
