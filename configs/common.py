@@ -54,4 +54,24 @@ def base_config() -> ConfigDict:
     c.model.moe.z_loss_weight = 0.0             # router z-loss (ST-MoE); 0 in the reference
 
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+
+    # Input pipeline (ringmoe/data/pipeline.py); `python -m tools.make_synthetic` makes a data set.
+    c.data_dir = ""                   # directory of ArrayRecord shards + manifest.json
+    c.batch_size = 64                 # global images per step: all modalities, all processes
+    c.data = ConfigDict()
+    # Share of the rows per step for each modality (a modality absent from the data set
+    # or the model is not served; 0 turns one off).
+    c.data.modality_weights = ConfigDict({m: 1.0 for m in ("optical", "multispectral", "sar_l2", "sar_l1")})
+    c.data.crop_scale = (0.2, 0.5)    # (ref) random resized crop, fraction of the record's area
+    c.data.crop_ratio = (3 / 4, 4 / 3)  # crop aspect-ratio range
+    c.data.flip = True                # random horizontal and vertical flips
+    c.data.mask_block_size = 32       # (ref) SimMIM mask block, pixels
+    c.data.mask_ratio = 0.6           # (ref) share of blocks masked
+    c.data.shared_mask = False        # True: one mask for all modalities of a paired record
+    c.data.shuffle = True             # global shuffle from c.seed, re-drawn every epoch
+    c.data.num_epochs = 0             # 0 = repeat forever
+    c.data.num_workers = 0            # Grain worker processes; 0 = in-process
+    c.data.prefetch = 2               # batches buffered per worker (or by one thread when 0 workers)
+    c.data.read_threads = 2           # threads reading + transforming records in each process
+    c.data.max_bad_records = 0        # 0: first bad record is an error; K: skip and count up to K
     return c

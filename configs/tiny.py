@@ -21,4 +21,7 @@ def get_config():
     m.modalities.sar_l1 = modality(8)   # Re/Im of HH, HV, VH, VV
     m.moe.num_modal_experts = 2
     m.moe.num_collaborative_experts = 2
+    # Data: 64 px crops hold 4 x 4 mask blocks of 16 px.
+    c.batch_size = 16
+    c.data.mask_block_size = 16
     return c

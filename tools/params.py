@@ -21,7 +21,7 @@ def main(argv):
     counts = count(abstract_model(config.model), top_k=config.model.moe.top_k)
     print(table(counts))
     print(json.dumps({
-        "config": config_flags.get_config_filename(_CONFIG),
+        "config": config_flags.get_config_filename(flags.FLAGS["config"]),
         "total": counts["total"],
         "active_per_token": max(counts["active_per_token"].values()),
         "active_per_token_by_modality": counts["active_per_token"],

@@ -69,6 +69,8 @@ def validate(record: Record, where: str) -> None:
     for name, image in record.modalities.items():
         if name not in MODALITIES:
             raise RecordError(f"{where}: record {record.sample_id!r}: unknown modality {name!r}")
+        if image.modality != name:
+            raise RecordError(f"{where}: record {record.sample_id!r}: image of {image.modality!r} stored as {name!r}")
         px = image.pixels
         if px.ndim != 3:
             raise RecordError(f"{where}: record {record.sample_id!r} {name}: pixels must be (H, W, C), got {px.shape}")
@@ -80,7 +82,11 @@ def validate(record: Record, where: str) -> None:
             raise RecordError(f"{where}: record {record.sample_id!r} {name}: {bad} NaN/Inf pixels")
         shapes.add(px.shape[:2])
     if record.label_map is not None:
-        shapes.add(record.label_map.shape)
+        lm = record.label_map
+        if lm.ndim != 2 or not np.issubdtype(lm.dtype, np.integer):
+            raise RecordError(f"{where}: record {record.sample_id!r}: label_map must be (H, W) integer "
+                              f"class ids, got {lm.shape} {lm.dtype}")
+        shapes.add(lm.shape)
     if len(shapes) > 1:
         raise RecordError(f"{where}: record {record.sample_id!r}: modalities/labels not co-registered, shapes {sorted(shapes)}")
 
@@ -110,23 +116,27 @@ def decode(data: bytes, where: str) -> Record:
         raise
     except Exception as e:  # safetensors / json raise several types for bad bytes
         raise RecordError(f"{where}: corrupt record bytes ({type(e).__name__}: {e})") from None
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise RecordError(f"{where}: schema version {meta.get('schema_version')}, expected {SCHEMA_VERSION}")
-    modalities = {}
-    for name, m in meta["modalities"].items():
-        key = f"{name}/pixels"
-        if key not in tensors:
-            raise RecordError(f"{where}: record {meta['sample_id']!r} lacks pixels of {name}")
-        modalities[name] = ModalityImage(
-            modality=name, pixels=tensors[key], bands=tuple(Band(**b) for b in m["bands"]),
-            sensor=m["sensor"], gsd_m=m["gsd_m"], nodata=m["nodata"])
-    return Record(sample_id=meta["sample_id"], modalities=modalities,
-                  label_map=tensors.get("label_map"), scene_label=meta["scene_label"], source=meta["source"])
+    if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
+        version = meta.get("schema_version") if isinstance(meta, dict) else None
+        raise RecordError(f"{where}: schema version {version}, expected {SCHEMA_VERSION}")
+    try:
+        modalities = {}
+        for name, m in meta["modalities"].items():
+            key = f"{name}/pixels"
+            if key not in tensors:
+                raise RecordError(f"{where}: record {meta['sample_id']!r} lacks pixels of {name}")
+            modalities[name] = ModalityImage(
+                modality=name, pixels=tensors[key], bands=tuple(Band(**b) for b in m["bands"]),
+                sensor=m["sensor"], gsd_m=m["gsd_m"], nodata=m["nodata"])
+        return Record(sample_id=meta["sample_id"], modalities=modalities,
+                      label_map=tensors.get("label_map"), scene_label=meta["scene_label"], source=meta["source"])
+    except (KeyError, TypeError, AttributeError) as e:  # well-formed JSON, wrong content
+        raise RecordError(f"{where}: malformed record metadata ({type(e).__name__}: {e})") from None
 
 
 def _header_metadata(data: bytes) -> dict:
     """The `__metadata__` map of a safetensors buffer (its first 8 bytes give the header length)."""
     n = int.from_bytes(data[:8], "little")
     if n <= 0 or 8 + n > len(data):
-        raise RecordError("truncated safetensors header")
+        raise ValueError("truncated safetensors header")  # decode() adds where
     return json.loads(data[8:8 + n]).get("__metadata__", {})

@@ -25,7 +25,7 @@ def abstract_model(model_config) -> RingMoE:
 def _leaves(model) -> list[tuple[tuple, tuple]]:
     """(path, shape) of every parameter."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return [(tuple(str(k) for k in path), tuple(var.value.shape)) for path, var in flat]
+    return [(tuple(str(k) for k in path), tuple(var.shape)) for path, var in flat]
 
 
 def component(path: tuple[str, ...]) -> str:
@@ -67,7 +67,7 @@ def count(model, top_k: int = 1) -> dict:
         per_modality[m] = sum(n for _, n, _ in mine)
         inactive = 0
         for p, n, shape in mine:
-            if p[-2] == "experts":  # stacked expert weights: leading dim = number of experts
+            if len(p) > 1 and p[-2] == "experts":  # stacked expert weights: leading dim = number of experts
                 inactive += n * (1 - min(top_k, shape[0]) / shape[0])
         active[m] = int(per_modality[m] - inactive)
     return {"total": total, "per_modality": per_modality, "active_per_token": active,

@@ -22,7 +22,7 @@ from ringmoe.model.decoders import SimMIMDecoder
 from ringmoe.model.embed import PatchEmbed, WavelengthPatchEmbed
 from ringmoe.model.moe import DenseFFN, HierarchicalMoE
 from ringmoe.model.swin import PatchMerging, SwinV2Block
-from ringmoe.sharding import constrain, partitioned
+from ringmoe.sharding import constrain, partitioned, state_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -65,15 +65,17 @@ class RingMoE(nnx.Module):
     """Hierarchical-MoE SwinV2 encoder with per-modality embeddings and decoders."""
 
     def __init__(self, config, *, rngs: nnx.Rngs):
-        self.config = config
         self.modalities = tuple(config.modalities.keys())
+        self.patch_size = config.patch_size
+        # (wavelength nm, bandwidth nm) per band, for wavelength-conditioned embeddings.
+        self.band_spectra = {m: tuple((b[1], b[2]) for b in config.modalities[m].bands) for m in self.modalities}
         self.dtype = DTYPES[config.dtype]
         grid = config.image_size // config.patch_size
         if config.image_size % config.patch_size or grid % 2 ** (len(config.depths) - 1):
             raise ValueError(f"image_size {config.image_size} must be divisible by patch_size "
                              f"{config.patch_size} * 2**{len(config.depths) - 1}")
         dim = config.embed_dim
-        self.embeddings = nnx.Dict({m: self._embedding(config.modalities[m], dim, rngs)
+        self.embeddings = nnx.Dict({m: _embedding(config.modalities[m], dim, config.patch_size, self.dtype, rngs)
                                     for m in self.modalities})
         self.mask_token = nnx.Param(partitioned(nnx.initializers.truncated_normal(0.02), "embed")(
             rngs.params(), (dim,)))
@@ -90,17 +92,10 @@ class RingMoE(nnx.Module):
         self.decoders = nnx.Dict({m: SimMIMDecoder(self.out_dim, self.stride, config.modalities[m].channels,
                                                    rngs=rngs) for m in self.modalities})
 
-    def _embedding(self, mcfg, dim, rngs):
-        if mcfg.embed == "wavelength":
-            return WavelengthPatchEmbed(dim, self.config.patch_size, dtype=self.dtype, rngs=rngs)
-        if mcfg.embed != "patch":
-            raise ValueError(f"unknown patch embedding {mcfg.embed!r} (patch | wavelength)")
-        return PatchEmbed(mcfg.channels, dim, self.config.patch_size, dtype=self.dtype, rngs=rngs)
-
     def spectra(self, modality: str) -> tuple[jax.Array, jax.Array]:
         """Central wavelengths and bandwidths (nm) of the configured bands."""
-        bands = self.config.modalities[modality].bands
-        return (jnp.asarray([b[1] for b in bands], jnp.float32), jnp.asarray([b[2] for b in bands], jnp.float32))
+        spectra = jnp.asarray(self.band_spectra[modality], jnp.float32).reshape(-1, 2)
+        return spectra[:, 0], spectra[:, 1]
 
     def embed(self, pixels, modality, mask=None, spectra=None) -> jax.Array:
         """Patch tokens (B, h, w, D); where `mask` (B, h, w) is True the mask token replaces them."""
@@ -136,3 +131,30 @@ class RingMoE(nnx.Module):
             encoded = self.encode(inputs["pixels"], modality, inputs.get("mask"), inputs.get("spectra"))
             out[modality] = {"reconstruction": self.decoders[modality](encoded.features), "encoded": encoded}
         return out
+
+
+def _embedding(modality_config, dim, patch_size, dtype, rngs):
+    if modality_config.embed == "wavelength":
+        return WavelengthPatchEmbed(dim, patch_size, dtype=dtype, rngs=rngs)
+    if modality_config.embed != "patch":
+        raise ValueError(f"unknown patch embedding {modality_config.embed!r} (patch | wavelength)")
+    return PatchEmbed(modality_config.channels, dim, patch_size, dtype=dtype, rngs=rngs)
+
+
+def create_model(model_config, seed: int, mesh=None) -> RingMoE:
+    """Builds RingMoE with its parameters initialised inside one `jax.jit`.
+
+    One compiled initialiser is far faster than thousands of eager ops, and with
+    a `mesh` each parameter is created directly in its sharded layout (logical
+    names -> `sharding.LOGICAL_RULES`), never as a full host copy. The
+    initialiser runs once, so it is compiled without backend optimisation,
+    which halves its compile time on CPU.
+    """
+    def init():
+        return nnx.split(RingMoE(model_config, rngs=nnx.Rngs(seed)))
+
+    graphdef, abstract_state = jax.eval_shape(init)
+    out_shardings = (None, state_shardings(abstract_state, mesh)) if mesh is not None else None
+    compiled = jax.jit(init, out_shardings=out_shardings).lower().compile(
+        {"xla_backend_optimization_level": 0})
+    return nnx.merge(*compiled())

@@ -1,0 +1,1 @@
+"""Source readers that turn sensor files and TFDS splits into schema Records."""

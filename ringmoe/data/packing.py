@@ -1,0 +1,113 @@
+"""Packs per-record elements into fixed per-modality batches (a Grain IterDataset).
+
+Records hold one modality (unpaired) or several (paired); the model wants, for
+each modality m, exactly B_m rows every step so nothing recompiles. The packer
+pulls elements from its parent and places them into B_m rows per modality:
+
+* a paired record's images go to the SAME row index in every modality that still
+  has room, taken from the top (row 0 upwards); while all those modalities have
+  been filled alike (always the case for records carrying the same modality set)
+  that row is shared, so a cross-modal objective can use row i of optical and
+  row i of sar_l2 as one place (`record_index` says so in any case);
+* an unpaired record's image goes to the lowest free row from the bottom, so it
+  never takes a row a paired record could share;
+* images of a modality whose rows are full are dropped (counted), and a record
+  with nothing placeable is skipped (counted). The mixture weights therefore act
+  by sampling: a modality over-represented in the data relative to its weight
+  is subsampled.
+
+The batch is emitted as soon as every modality is full, so nothing is carried
+over between batches: the iterator state is just the parent's (JSON), which
+makes resume exact. Per-batch counters (records read, bad records with their
+first messages, dropped images) ride along under "_stats" for the pipeline to
+accumulate (every bad record as [index, message], so the pipeline can count
+distinct ones). An exhausted parent ends iteration and drops the partial batch.
+"""
+from __future__ import annotations
+
+import grain
+import numpy as np
+from grain._src.python.dataset import dataset as grain_dataset
+
+class ModalityPackIterDataset(grain.IterDataset):
+    """Parent elements (see transform.RecordTransform) -> batch dicts of fixed shape."""
+
+    def __init__(self, parent: grain.IterDataset, batch_sizes: dict[str, int], *, image_size: int,
+                 patch_size: int, channels: dict[str, int], max_records_per_batch: int):
+        super().__init__(parent)
+        self._sizes = dict(batch_sizes)
+        self._shape = (image_size, image_size // patch_size, channels)
+        self._max_records = int(max_records_per_batch)
+
+    def __iter__(self):
+        return _PackIterator(self._parent.__iter__(), self._sizes, self._shape, self._max_records)
+
+    def __str__(self) -> str:
+        return f"ModalityPackIterDataset(batch_sizes={self._sizes})"
+
+
+class _PackIterator(grain_dataset.DatasetIterator):
+    def __init__(self, parent, sizes, shape, max_records):
+        super().__init__(parent)
+        self._sizes, self._shape, self._max_records = sizes, shape, max_records
+
+    def _empty(self) -> dict:
+        size, grid, channels = self._shape
+        return {m: {"pixels": np.zeros((b, size, size, channels[m]), np.float32),
+                    "mask": np.zeros((b, grid, grid), bool),
+                    "label_map": np.zeros((b, size, size), np.int32),
+                    "scene_label": np.zeros((b,), np.int32),
+                    "record_index": np.full((b,), -1, np.int64)} for m, b in self._sizes.items()}
+
+    def __next__(self) -> dict:
+        batch = self._empty()
+        lo = {m: 0 for m in self._sizes}
+        hi = dict(self._sizes)
+        stats = {"records_read": 0, "records_used": 0, "records_skipped": 0, "bad_records": 0,
+                 "images_served": 0, "images_dropped": 0, "paired_rows": 0, "errors": []}
+        while any(lo[m] < hi[m] for m in self._sizes):
+            if stats["records_read"] >= self._max_records:
+                starved = [m for m in self._sizes if lo[m] < hi[m]]
+                raise RuntimeError(
+                    f"read {stats['records_read']} records without filling the rows of {starved}: "
+                    f"too few such records for their data.modality_weights (or too many bad records)")
+            element = next(self._parent)   # StopIteration ends the stream; the partial batch is dropped
+            stats["records_read"] += 1
+            if element["bad"]:
+                stats["bad_records"] += 1
+                stats["errors"].append([element["record_index"], element["bad"]])
+                continue
+            images = element["images"]
+            open_ = [m for m in images if lo[m] < hi[m]]
+            stats["images_dropped"] += len(images) - len(open_)
+            if not open_:
+                stats["records_skipped"] += 1
+                continue
+            if len(images) == 1:
+                m = open_[0]
+                hi[m] -= 1
+                rows = {m: hi[m]}
+            else:
+                top = {lo[m] for m in open_}
+                if len(top) == 1 and len(open_) > 1:
+                    stats["paired_rows"] += 1
+                rows = {m: lo[m] for m in open_}
+                for m in open_:
+                    lo[m] += 1
+            for m, r in rows.items():
+                out = batch[m]
+                out["pixels"][r] = images[m]["pixels"]
+                out["mask"][r] = images[m]["mask"]
+                out["label_map"][r] = element["label_map"]
+                out["scene_label"][r] = element["scene_label"]
+                out["record_index"][r] = element["record_index"]
+            stats["records_used"] += 1
+            stats["images_served"] += len(rows)
+        batch["_stats"] = stats
+        return batch
+
+    def get_state(self) -> dict:
+        return {"parent": self._parent.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])

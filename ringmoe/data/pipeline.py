@@ -1,0 +1,305 @@
+"""The streaming input pipeline: ArrayRecord shards -> fixed-shape multi-modal batches (Grain).
+
+Batch format (one dict per step and process; B_m rows of modality m, S = model
+image_size, P = patch_size, C_m = the modality's channels in the model config):
+
+    batch[m] = {"pixels":       float32 (B_m, S, S, C_m)   normalised per band with the
+                                                           manifest mean/std
+                "mask":         bool    (B_m, S/P, S/P)    SimMIM token mask, True = masked
+                "label_map":    int32   (B_m, S, S)        class ids, 0 = unlabelled
+                "scene_label":  int32   (B_m,)             0 = none
+                "record_index": int64   (B_m,)}            index of the record in the data set
+
+Only modalities that the model config declares, the data set holds and that have
+a positive weight in `data.modality_weights` are served (`Pipeline.modalities`).
+B_m splits the per-process rows batch_size / process_count by those weights
+(largest remainder, at least one row each) and never changes, so the train step
+compiles once. Rows of different modalities that come from the same paired
+record share a row index where possible (see packing.py).
+
+Stages (Grain dataset API):
+  1. record indices: a global permutation of [0, N) from `seed`, cut into
+     disjoint strided shards by process (jax.process_index / process_count,
+     overridable), re-permuted within the shard every epoch (seed + epoch);
+  2. map: RecordTransform (read, decode, random resized crop + flips identical
+     across modalities and labels, per-band normalisation, SimMIM masks), with
+     randomness keyed on (seed, epoch, record index) only;
+  3. ModalityPackIterDataset: per-modality fixed batches;
+  4. mp_prefetch over `data.num_workers` processes (0 = in-process, with a
+     background thread holding `data.prefetch` batches).
+
+Resume: `get_state()` is a JSON-serialisable dict (Grain's own iterator state,
+which records positions only, plus our counters and a fingerprint of everything
+that shapes the stream); `set_state()` on a fresh pipeline with the same config
+continues with exactly the batches the uninterrupted run would have produced.
+Nothing is pickled. Changing num_workers changes the stream (each worker packs
+its own slice), so the fingerprint refuses that.
+
+Bad records: with data.max_bad_records = 0 the first one is a RecordError naming
+the shard file and record; with K > 0 up to K are skipped and counted
+(`statistics()["bad_records"]`, distinct records: one met again next epoch counts
+once), and the K+1-th distinct one is an error.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import grain
+import grain.experimental as grain_exp
+import numpy as np
+
+from ringmoe.data import masking, shards
+from ringmoe.data.packing import ModalityPackIterDataset
+from ringmoe.data.schema import MODALITIES, RecordError
+from ringmoe.data.transform import ModalitySpec, RecordTransform, TransformOptions
+
+STATE_FORMAT = "ringmoe-pipeline-state"
+STATE_VERSION = 1
+_COUNTERS = ("records_read", "records_used", "records_skipped", "bad_records", "images_served",
+             "images_dropped", "paired_rows")
+
+
+class _ProcessShard(grain.MapDataset):
+    """(epoch, record index) pairs of one process: a fixed disjoint slice of a global
+    permutation, re-permuted every epoch; `num_epochs` None = forever."""
+
+    def __init__(self, num_records: int, seed: int, process_index: int, process_count: int,
+                 shuffle: bool, num_epochs: int | None):
+        super().__init__()
+        self._n, self._seed, self._shuffle = num_records, seed % 2**32, shuffle
+        self._pi, self._pc = process_index, process_count
+        self._len = len(range(process_index, num_records, process_count))
+        self._epochs = num_epochs
+
+    def __len__(self) -> int:
+        if self._len == 0:
+            return 0
+        return sys.maxsize if self._epochs is None else self._len * self._epochs
+
+    def record_index(self, k: int) -> int:
+        """Data set index of the k-th record of this process's shard (epoch-independent set)."""
+        g = self._pi + k * self._pc
+        if self._shuffle and self._n > 1:
+            g = grain_exp.index_shuffle(g, max_index=self._n - 1, seed=self._seed, rounds=4)
+        return int(g)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, k = divmod(int(index), self._len)
+        if self._shuffle and self._len > 1:
+            k = grain_exp.index_shuffle(k, max_index=self._len - 1, seed=(self._seed + 1 + epoch) % 2**32,
+                                        rounds=4)
+        return epoch, self.record_index(k)
+
+    def __str__(self) -> str:
+        return f"_ProcessShard({self._pi}/{self._pc}, records={self._len})"
+
+
+def modality_batch_sizes(rows: int, weights: dict[str, float]) -> dict[str, int]:
+    """Splits `rows` over modalities in proportion to `weights` (largest remainder, >= 1 each)."""
+    names = [m for m in MODALITIES if weights.get(m, 0) > 0]
+    if not names:
+        raise ValueError("no modality to serve (model config, data set and data.modality_weights disagree)")
+    if rows < len(names):
+        raise ValueError(f"{rows} rows per process cannot serve {len(names)} modalities {names}; "
+                         "raise batch_size")
+    total = sum(weights[m] for m in names)
+    exact = {m: rows * weights[m] / total for m in names}
+    sizes = {m: int(exact[m]) for m in names}
+    by_remainder = sorted(names, key=lambda m: (exact[m] - sizes[m], -names.index(m)), reverse=True)
+    for m in by_remainder[:rows - sum(sizes.values())]:
+        sizes[m] += 1
+    for m in names:                                  # every served modality gets a row
+        if sizes[m] == 0:
+            sizes[max(names, key=lambda k: sizes[k])] -= 1
+            sizes[m] = 1
+    return sizes
+
+
+def modality_specs(manifest: dict, config, data_dir: str) -> dict[str, ModalitySpec]:
+    """Served modalities with their band statistics; channel mismatches are one-line ValueErrors."""
+    weights = dict(config.data.modality_weights)
+    specs = {}
+    for m, entry in sorted(manifest["modalities"].items()):
+        if m not in config.model.modalities or weights.get(m, 1.0) <= 0:
+            continue
+        model = config.model.modalities[m]
+        names = tuple(b["name"] for b in entry["bands"])
+        if len(names) != model.channels:
+            raise ValueError(f"{data_dir}: modality {m} has {len(names)} bands {list(names)} but "
+                             f"config model.modalities.{m}.channels = {model.channels}")
+        wanted = tuple(b[0] for b in model.get("bands", ()) or ())
+        if wanted and wanted != names:
+            raise ValueError(f"{data_dir}: modality {m} bands {list(names)} differ from config "
+                             f"model.modalities.{m}.bands {list(wanted)}")
+        mean, std = shards.band_stats(manifest, m, names)
+        std = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0).astype(np.float32)
+        specs[m] = ModalitySpec(bands=names, mean=mean, std=std)
+    return specs
+
+
+class Pipeline:
+    """Iterator of batches (module docstring) for one process; also holds resume state and counters.
+
+    Arguments default to the config: data_dir (c.data_dir), process_index/count
+    (jax), num_epochs (c.data.num_epochs, 0 = forever), num_workers (c.data.num_workers).
+    train=False gives whole-image resizes without flips (evaluation); masks are still drawn."""
+
+    def __init__(self, config, data_dir: str | None = None, *, process_index: int | None = None,
+                 process_count: int | None = None, num_epochs: int | None = None,
+                 num_workers: int | None = None, train: bool = True):
+        d = config.data
+        self.data_dir = data_dir or config.data_dir
+        if not self.data_dir:
+            raise ValueError("no data set: set config.data_dir or pass data_dir")
+        if process_index is None or process_count is None:
+            import jax
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if config.batch_size % process_count:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by {process_count} processes")
+        self.manifest = shards.read_manifest(self.data_dir)
+        paths = shards.shard_paths(self.data_dir)
+        m = config.model
+        masking.check_geometry(m.image_size, m.patch_size, d.mask_block_size, d.mask_ratio)
+        self.specs = modality_specs(self.manifest, config, self.data_dir)
+        weights = {k: float(d.modality_weights.get(k, 1.0)) for k in self.specs}
+        self.batch_sizes = modality_batch_sizes(config.batch_size // process_count, weights)
+        self.modalities = tuple(self.batch_sizes)
+        self.image_size, self.patch_size = m.image_size, m.patch_size
+        epochs = d.num_epochs if num_epochs is None else num_epochs
+        self.num_workers = d.num_workers if num_workers is None else num_workers
+        self.max_bad_records = d.max_bad_records
+        self.shard = _ProcessShard(self.manifest["records"], config.seed, process_index, process_count,
+                                   d.shuffle, epochs or None)
+        if self.shard._len == 0:
+            raise ValueError(f"{self.data_dir}: {self.manifest['records']} records leave none for process "
+                             f"{process_index} of {process_count}")
+        lo, hi = d.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {tuple(d.crop_scale)}")
+        options = TransformOptions(
+            image_size=m.image_size, patch_size=m.patch_size, crop_scale=tuple(d.crop_scale),
+            crop_ratio=tuple(d.crop_ratio), flip=d.flip and train, random_crop=train,
+            mask_block_size=d.mask_block_size, mask_ratio=d.mask_ratio, shared_mask=d.shared_mask)
+        self.transform = RecordTransform(paths, [s["records"] for s in self.manifest["shards"]],
+                                         {k: self.specs[k] for k in self.modalities}, options, config.seed)
+        rows = sum(self.batch_sizes.values())
+        ds = self.shard.map(self.transform).to_iter_dataset(
+            grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=max(2 * rows, 8)))
+        ds = ModalityPackIterDataset(
+            ds, self.batch_sizes, image_size=m.image_size, patch_size=m.patch_size,
+            channels={k: s.channels for k, s in self.specs.items()},
+            max_records_per_batch=max(1000, 100 * rows))
+        if self.num_workers > 0:
+            _absl_flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,
+                                                             per_worker_buffer_size=max(1, d.prefetch)))
+        elif d.prefetch > 0:
+            ds = grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
+        self._dataset = ds
+        self._iter = None
+        self._fingerprint = {"records": self.manifest["records"], "seed": int(config.seed),
+                             "process_index": process_index, "process_count": process_count,
+                             "batch_sizes": self.batch_sizes, "num_workers": self.num_workers,
+                             "shuffle": bool(d.shuffle), "num_epochs": int(epochs or 0), "train": train}
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self._stats = {k: 0 for k in _COUNTERS}
+        self._stats["batches"] = 0
+        self._bad: dict[int, str] = {}     # distinct bad record index -> message (at most max + 1)
+
+    def _iterator(self):
+        if self._iter is None:
+            self._iter = iter(self._dataset)
+        return self._iter
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._iterator())
+        stats = batch.pop("_stats")
+        for k in _COUNTERS:
+            self._stats[k] += stats[k]
+        self._stats["batches"] += 1
+        for index, message in stats["errors"]:
+            self._bad.setdefault(int(index), message)
+            if len(self._bad) > self.max_bad_records:
+                if self.max_bad_records == 0:
+                    raise RecordError(f"{self.data_dir}/{message}")
+                raise RecordError(f"{self.data_dir}: more than {self.max_bad_records} bad records "
+                                  f"(data.max_bad_records); last: {message}")
+        return batch
+
+    def statistics(self) -> dict:
+        """Counters since the start of the run (restored with the state): batches, records
+        read/used/skipped, bad_records (distinct records) and bad_reads (every encounter,
+        once per epoch), bad_record_errors (their messages), images served/dropped, paired rows."""
+        out = {**self._stats, "bad_reads": self._stats["bad_records"], "bad_records": len(self._bad)}
+        out["bad_record_errors"] = [self._bad[i] for i in sorted(self._bad)]
+        return out
+
+    def get_state(self) -> dict:
+        """JSON-serialisable resume state (Grain iterator positions + counters + fingerprint)."""
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": self._fingerprint,
+                "stats": dict(self._stats), "bad": [[i, m] for i, m in sorted(self._bad.items())],
+                "grain": self._iterator().get_state()}
+
+    def set_state(self, state: dict) -> None:
+        """Restores `get_state()` output; refuses state from a differently shaped stream."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError("not a ringmoe pipeline state")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"pipeline state version {state.get('version')}, expected {STATE_VERSION}")
+        saved = state["fingerprint"]
+        diff = sorted(k for k in set(saved) | set(self._fingerprint) if saved.get(k) != self._fingerprint.get(k))
+        if diff:
+            raise ValueError("pipeline state is from a different stream: "
+                             + ", ".join(f"{k} {saved.get(k)!r} != {self._fingerprint.get(k)!r}" for k in diff))
+        self._iterator().set_state(state["grain"])
+        self._reset_counters()
+        self._stats.update({k: int(v) for k, v in state["stats"].items() if k in self._stats})
+        self._bad = {int(i): str(m) for i, m in state.get("bad", [])}
+
+    def shard_record_indices(self) -> np.ndarray:
+        """Data set indices this process reads (each epoch, in some order): disjoint across processes."""
+        return np.array([self.shard.record_index(k) for k in range(self.shard._len)], np.int64)
+
+    def batch_spec(self) -> dict:
+        """{modality: {key: (shape, dtype name)}} of every batch, for abstract model init."""
+        s, g = self.image_size, self.image_size // self.patch_size
+        return {m: {"pixels": ((b, s, s, self.specs[m].channels), "float32"), "mask": ((b, g, g), "bool"),
+                    "label_map": ((b, s, s), "int32"), "scene_label": ((b,), "int32"),
+                    "record_index": ((b,), "int64")} for m, b in self.batch_sizes.items()}
+
+    def close(self) -> None:
+        """Stops worker processes / threads (also done on garbage collection)."""
+        if self._iter is not None and hasattr(self._iter, "close"):
+            self._iter.close()
+        self._iter = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; outside an absl app nothing parsed them."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_pipeline(config, data_dir: str | None = None, **kwargs) -> Pipeline:
+    """Pipeline(config, data_dir, **kwargs); see Pipeline."""
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise RecordError(f"{data_dir}: no such data set directory")
+    return Pipeline(config, data_dir, **kwargs)

@@ -1,0 +1,277 @@
+"""Sensor presets: how one sensor's file values become schema pixels in physical units.
+
+A preset fixes the modality, the band list (with the physics of DESIGN.md section 4:
+wavelength/bandwidth for optical bands, radar frequency/polarisation/part for SAR),
+the nominal GSD, the no-data value, the band count and source dtypes a file must
+have, and the scaling from file values to the unit in `schema.UNITS`. Ingesters
+(GeoTIFF, TFDS) only read arrays; everything sensor-specific lives here, so a new
+sensor is one new entry in `PRESETS`.
+
+Presets take options from a spec string `name[:key=value[:key=value]]`, e.g.
+`sentinel2_l2a:offset=-1000`.
+
+Sentinel-2 offset. Since processing baseline 04.00 (products from 25 Jan 2022)
+DNs carry an offset: reflectance = (DN + offset) / 10000 with offset -1000, unless
+the product was harmonised back to the old convention (offset 0). A wrong guess
+shifts every reflectance by 0.1, so the offset is resolved in this order and never
+guessed: option `offset=`, option `harmonized=true` (0), option `baseline=` (e.g.
+04.00 -> -1000), GeoTIFF tags (BOA_ADD_OFFSET / RADIO_ADD_OFFSET, PROCESSING_BASELINE,
+an acquisition date before 2022-01-25 -> 0); anything else is a RecordError asking
+for the option. The real chips in data/real carry none of these tags and are dated
+2017-2021 (see their S1/RGB/LULC `datetime` tags); their DNs start at 1 in dark
+bands (B1 max 691 on one chip), which with -1000 would be negative reflectance, so
+they need `sentinel2_l2a:offset=0` (tests/data/real_chips.csv says so).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from typing import Mapping
+
+import numpy as np
+
+from ringmoe.data.schema import MODALITIES, Band, ModalityImage, RecordError
+
+# DESIGN.md section 4: Sentinel-2 (S2A) central wavelength nm, bandwidth nm, native GSD m.
+S2_BANDS = {
+    "B1": (442.7, 21, 60), "B2": (492.4, 66, 10), "B3": (559.8, 36, 10), "B4": (664.6, 31, 10),
+    "B5": (704.1, 15, 20), "B6": (740.5, 15, 20), "B7": (782.8, 20, 20), "B8": (832.8, 106, 10),
+    "B8A": (864.7, 21, 20), "B9": (945.1, 20, 60), "B10": (1373.5, 31, 60),
+    "B11": (1613.7, 91, 20), "B12": (2202.4, 175, 20),
+}
+S2_L1C_ORDER = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
+S2_L2A_ORDER = tuple(b for b in S2_L1C_ORDER if b != "B10")
+S1_FREQUENCY_GHZ = 5.405          # C band, wavelength 5.55 cm
+S2_BASELINE_04_DATE = dt.date(2022, 1, 25)
+# Fill written for no-data pixels whose source value has no finite physical image (NaN).
+DB_NODATA_FILL = -9999.0
+
+
+def sentinel2_band(name: str) -> Band:
+    """The Band entry of one Sentinel-2 band ('B1'..'B12', 'B8A')."""
+    wavelength, bandwidth, _ = S2_BANDS[name]
+    return Band(name, wavelength_nm=float(wavelength), bandwidth_nm=float(bandwidth))
+
+
+def sar_bands(polarizations: tuple[str, ...], frequency_ghz: float, complex_parts: bool) -> tuple[Band, ...]:
+    """SAR channels: one per polarisation (detected) or re/im interleaved per polarisation."""
+    if not complex_parts:
+        return tuple(Band(p, frequency_ghz=frequency_ghz, polarization=p) for p in polarizations)
+    return tuple(Band(f"{p}_{part}", frequency_ghz=frequency_ghz, polarization=p, part=part)
+                 for p in polarizations for part in ("re", "im"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SensorPreset:
+    """Everything needed to turn one sensor's file into a `ModalityImage`.
+
+    `scaling` names the file->physical map: 's2_dn' ((DN + offset) / 10000),
+    'identity' (already physical, e.g. dB), 'uint8' (/255), 'complex' (complex or
+    re/im-interleaved real bands -> re/im channels). `nodata` is the file value that
+    means no data when the file declares none. `complex_bands` is the band count of
+    a complex-typed source (real-typed sources need len(bands))."""
+    name: str
+    modality: str
+    bands: tuple[Band, ...]
+    gsd_m: float
+    dtypes: tuple[str, ...]
+    scaling: str
+    nodata: float | None = None
+    complex_bands: int | None = None
+    options: tuple[str, ...] = ()
+    description: str = ""
+
+    def bind(self, where: str, *, count: int, dtype: str, options: Mapping[str, str] | None = None,
+             tags: Mapping[str, str] | None = None, file_nodata: float | None = None,
+             gsd_m: float | None = None) -> "Converter":
+        """Checks a source's band count and dtype, resolves options/tags; raises RecordError naming `where`."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise RecordError(f"{where}: sensor preset {self.name!r} has no option(s) {unknown}; "
+                              f"valid: {list(self.options) or 'none'}")
+        dtype = np.dtype(dtype).name
+        if dtype not in self.dtypes:
+            raise RecordError(f"{where}: sensor preset {self.name!r} expects dtype "
+                              f"{' or '.join(self.dtypes)}, got {dtype}")
+        is_complex = np.issubdtype(np.dtype(dtype), np.complexfloating)
+        expected = self.complex_bands if is_complex else len(self.bands)
+        if count != expected:
+            raise RecordError(f"{where}: sensor preset {self.name!r} expects {expected} bands "
+                              f"({', '.join(b.name for b in self.bands)}), got {count}")
+        offset = _s2_offset(self, options, tags or {}, where) if self.scaling == "s2_dn" else 0
+        bands = self.bands
+        if "frequency_ghz" in options:
+            freq = _float_option(options, "frequency_ghz", where, self.name)
+            bands = tuple(dataclasses.replace(b, frequency_ghz=freq) for b in bands)
+        if "gsd_m" in options:
+            gsd_m = _float_option(options, "gsd_m", where, self.name)
+        src_nodata = file_nodata if file_nodata is not None else self.nodata
+        return Converter(self, bands, offset, src_nodata, float(gsd_m or self.gsd_m))
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    """A preset bound to one source: turns raw (H, W, C_file) arrays into ModalityImages."""
+    preset: SensorPreset
+    bands: tuple[Band, ...]
+    offset: int
+    src_nodata: float | None
+    gsd_m: float
+
+    def image(self, raw: np.ndarray, where: str) -> ModalityImage:
+        """Scales raw file values to physical units; no-data pixels get the fill value
+        `ModalityImage.nodata`; any other NaN/Inf is a RecordError naming `where`."""
+        scaling = self.preset.scaling
+        if scaling == "complex" and np.iscomplexobj(raw):
+            # (H, W, P) complex -> (H, W, 2P) real with re/im interleaved per polarisation.
+            raw = np.stack([raw.real, raw.imag], axis=-1).reshape(*raw.shape[:2], -1)
+        missing = _nodata_mask(raw, self.src_nodata)
+        pixels = self._scale(raw.astype(np.float64))
+        fill = None
+        if missing is not None:
+            fill = self._fill()
+            if missing.any():
+                pixels[missing] = fill
+        bad = ~np.isfinite(pixels)
+        if bad.any():
+            per_band = bad.reshape(-1, bad.shape[-1]).sum(0)
+            names = [f"{b.name}:{int(n)}" for b, n in zip(self.bands, per_band) if n]
+            raise RecordError(f"{where}: {int(bad.sum())} NaN/Inf pixels not marked as nodata "
+                              f"(per band {', '.join(names)})")
+        return ModalityImage(modality=self.preset.modality, pixels=pixels.astype(np.float32),
+                             bands=self.bands, sensor=self.preset.name, gsd_m=self.gsd_m, nodata=fill)
+
+    def _scale(self, x: np.ndarray) -> np.ndarray:
+        scaling = self.preset.scaling
+        if scaling == "s2_dn":
+            return (x + self.offset) / 10000.0
+        if scaling == "uint8":
+            return x / 255.0
+        return x  # identity, complex (re/im parts already physical)
+
+    def _fill(self) -> float:
+        """Physical value written into no-data pixels: the image of the source no-data
+        value (e.g. S2 DN 0 -> offset/10000), or DB_NODATA_FILL when that is NaN/Inf."""
+        value = float(self._scale(np.array(self.src_nodata, dtype=np.float64)))
+        return value if np.isfinite(value) else DB_NODATA_FILL
+
+
+def _nodata_mask(raw: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    if nodata is None:
+        return None
+    if np.isnan(nodata):
+        return np.isnan(raw)
+    return raw == nodata
+
+
+def _float_option(options: Mapping[str, str], key: str, where: str, preset: str) -> float:
+    try:
+        return float(options[key])
+    except ValueError:
+        raise RecordError(f"{where}: sensor preset {preset!r}: option {key}={options[key]!r} "
+                          "is not a number") from None
+
+
+def _s2_offset(preset: SensorPreset, options: Mapping[str, str], tags: Mapping[str, str], where: str) -> int:
+    """Sentinel-2 DN offset from options, then tags; see the module docstring."""
+    if "offset" in options:
+        try:
+            return int(options["offset"])
+        except ValueError:
+            raise RecordError(f"{where}: {preset.name}: option offset={options['offset']!r} "
+                              "is not an integer") from None
+    if "harmonized" in options:
+        if options["harmonized"].lower() in ("1", "true", "yes"):
+            return 0
+    if "baseline" in options:
+        return _offset_for_baseline(options["baseline"], f"{where}: {preset.name}: option baseline")
+    upper = {k.upper(): v for k, v in tags.items()}
+    for key in ("BOA_ADD_OFFSET", "RADIO_ADD_OFFSET"):
+        if key in upper:
+            try:
+                return int(float(upper[key]))
+            except ValueError:
+                raise RecordError(f"{where}: tag {key}={upper[key]!r} is not a number") from None
+    if upper.get("HARMONIZED", "").lower() in ("1", "true", "yes"):
+        return 0
+    if "PROCESSING_BASELINE" in upper:
+        return _offset_for_baseline(upper["PROCESSING_BASELINE"], f"{where}: tag PROCESSING_BASELINE")
+    for key in ("PRODUCT_START_TIME", "DATATAKE_SENSING_START", "SENSING_TIME", "DATETIME"):
+        date = _parse_date(upper.get(key, ""))
+        if date is not None and date < S2_BASELINE_04_DATE:
+            return 0
+    raise RecordError(f"{where}: {preset.name}: cannot tell the DN offset (processing baseline "
+                      "unknown, no BOA_ADD_OFFSET/PROCESSING_BASELINE tag, no acquisition date before "
+                      f"{S2_BASELINE_04_DATE}); give the sensor as {preset.name}:offset=0 "
+                      f"(pre-04.00 or harmonised) or {preset.name}:offset=-1000")
+
+
+def _offset_for_baseline(text: str, where: str) -> int:
+    try:
+        return -1000 if float(text) >= 4.0 else 0
+    except ValueError:
+        raise RecordError(f"{where}: processing baseline {text!r} is not like '04.00'") from None
+
+
+def _parse_date(text: str) -> dt.date | None:
+    m = re.match(r"\s*(\d{4})[-:]?(\d{2})[-:]?(\d{2})", text)
+    if not m:
+        return None
+    try:
+        return dt.date(int(m[1]), int(m[2]), int(m[3]))
+    except ValueError:
+        return None
+
+
+PRESETS: dict[str, SensorPreset] = {p.name: p for p in (
+    SensorPreset(
+        "sentinel2_l2a", "multispectral", tuple(sentinel2_band(b) for b in S2_L2A_ORDER), 10.0,
+        ("uint16", "int16"), "s2_dn", nodata=0, options=("offset", "baseline", "harmonized"),
+        description="Sentinel-2 L2A surface reflectance DNs, 12 bands B1..B12 without B10"),
+    SensorPreset(
+        "sentinel2_l1c", "multispectral", tuple(sentinel2_band(b) for b in S2_L1C_ORDER), 10.0,
+        ("uint16", "int16"), "s2_dn", nodata=0, options=("offset", "baseline", "harmonized"),
+        description="Sentinel-2 L1C top-of-atmosphere reflectance DNs, 13 bands incl. B10"),
+    SensorPreset(
+        "sentinel1_db", "sar_l2", sar_bands(("VV", "VH"), S1_FREQUENCY_GHZ, False), 10.0,
+        ("float32", "float64"), "identity",
+        description="Sentinel-1 GRD (IW) backscatter sigma0 in dB, bands VV, VH"),
+    SensorPreset(
+        "sentinel1_slc", "sar_l1", sar_bands(("VH", "VV"), S1_FREQUENCY_GHZ, True), 10.0,
+        ("complex64", "complex128", "float32", "float64"), "complex", complex_bands=2,
+        options=("gsd_m",),
+        description="Sentinel-1 SLC dual-pol: complex VH, VV (2 complex or 4 re/im bands)"),
+    SensorPreset(
+        "rgb", "optical",
+        (Band("R", 664.6, 31.0), Band("G", 559.8, 36.0), Band("B", 492.4, 66.0)), 10.0,
+        ("uint8",), "uint8", options=("gsd_m",),
+        description="8-bit true colour R, G, B -> [0, 1]; wavelengths nominal (Sentinel-2 B4/B3/B2)"),
+    SensorPreset(
+        "sar_l1_quadpol", "sar_l1", sar_bands(("HH", "HV", "VH", "VV"), 5.4, True), 8.0,
+        ("complex64", "complex128", "float32", "float64"), "complex", complex_bands=4,
+        options=("frequency_ghz", "gsd_m"),
+        description="complex quad-pol scattering matrix HH, HV, VH, VV -> 8 re/im channels; "
+                    "defaults: C band 5.4 GHz, 8 m (Gaofen-3 QPSI); set frequency_ghz/gsd_m"),
+)}
+assert all(p.modality in MODALITIES for p in PRESETS.values())
+
+
+def parse_spec(spec: str, where: str = "sensor") -> tuple[SensorPreset, dict[str, str]]:
+    """`name[:key=value...]` -> (preset, options); unknown names are a RecordError."""
+    name, *parts = spec.strip().split(":")
+    if name not in PRESETS:
+        raise RecordError(f"{where}: unknown sensor preset {name!r}; known: {sorted(PRESETS)}")
+    options = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise RecordError(f"{where}: sensor option {part!r} in {spec!r} is not key=value")
+        options[key.strip()] = value.strip()
+    return PRESETS[name], options
+
+
+def get_preset(name: str) -> SensorPreset:
+    """The preset called `name` (no options)."""
+    return parse_spec(name)[0]

@@ -1,0 +1,1 @@
+"""Pretraining objectives: SimMIM reconstruction and physics-informed terms."""

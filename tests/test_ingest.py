@@ -1,0 +1,199 @@
+"""Ingestion: real Sentinel-1/2 chips through the GeoTIFF path (values checked against
+rasterio), sensor presets and their Sentinel-2 offset rules, tiling, complex SAR, and
+the TFDS path (mock_data, and a split prepared on disk without TensorFlow)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+
+from ringmoe.data import sensors, shards
+from ringmoe.data.ingest import geotiff
+from ringmoe.data.schema import RecordError
+from tif_helpers import REAL, REAL_CSV, REAL_IDS, REPO, write_csv, write_tif
+
+needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason=f"real chips not found at {REAL}")
+
+
+def _read(folder, sample_id):
+    with rasterio.open(os.path.join(REAL, folder, sample_id + ".tif")) as ds:
+        return np.moveaxis(ds.read(), 0, -1)
+
+
+@pytest.fixture(scope="module")
+def real_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("real") / "ds")
+    geotiff.convert_geotiff(REAL_CSV, out, label_names=geotiff.LABEL_SCHEMES["esri_lulc9"])
+    return out
+
+
+@needs_real
+def test_real_chips_convert_as_three_paired_records_with_labels(real_dir):
+    m = shards.read_manifest(real_dir)
+    assert m["records"] == 3 and m["paired_records"] == 3 and m["single_modality_records"] == 0
+    assert m["modality_sets"] == {"multispectral+optical+sar_l2": 3}
+    assert {k: v["sensors"] for k, v in m["modalities"].items()} == {
+        "multispectral": {"sentinel2_l2a": 3}, "optical": {"rgb": 3}, "sar_l2": {"sentinel1_db": 3}}
+    assert m["labels"]["label_map_records"] == 3
+    assert sum(m["labels"]["label_map_pixels"].values()) == 3 * 224 * 224
+    assert "0" not in m["labels"]["label_map_pixels"]          # chips are fully labelled 1..9
+    assert m["label_names"][7] == "snow/ice"
+    vv, vh = m["modalities"]["sar_l2"]["mean"]                 # DESIGN section 4 land medians
+    assert -16 < vv < -10 and -22 < vh < -17
+
+
+@needs_real
+def test_real_chips_round_trip_matches_rasterio(real_dir):
+    records = {r.sample_id: r for r in shards.iter_records(real_dir)}
+    assert sorted(records) == sorted(REAL_IDS)
+    for sid, rec in records.items():
+        ms, sar, rgb = rec.modalities["multispectral"], rec.modalities["sar_l2"], rec.modalities["optical"]
+        np.testing.assert_allclose(ms.pixels, _read("S2L2A", sid).astype(np.float64) / 10000, rtol=1e-6)
+        np.testing.assert_array_equal(sar.pixels, _read("S1RTC", sid).astype(np.float32))
+        np.testing.assert_allclose(rgb.pixels, _read("S2RGB", sid) / 255.0, rtol=1e-6)
+        np.testing.assert_array_equal(rec.label_map, _read("LULC", sid)[..., 0].astype(np.int32))
+        assert [b.name for b in ms.bands] == list(sensors.S2_L2A_ORDER)
+        assert (ms.bands[3].wavelength_nm, ms.bands[3].bandwidth_nm) == (664.6, 31.0)   # B4
+        assert ms.bands[8].name == "B8A" and ms.bands[8].wavelength_nm == 864.7
+        assert [(b.polarization, b.frequency_ghz) for b in sar.bands] == [("VV", 5.405), ("VH", 5.405)]
+        assert [b.name for b in rgb.bands] == ["R", "G", "B"]
+        assert ms.gsd_m == sar.gsd_m == rgb.gsd_m == 10.0
+        assert ms.nodata == 0.0 and sar.nodata is None
+
+
+@needs_real
+def test_cli_convert_then_inspect_real_chips(tmp_path):
+    out = str(tmp_path / "ds")
+    run = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=REPO, capture_output=True, text=True)
+    conv = run("tools.convert", "geotiff", "--manifest", REAL_CSV, "--out", out, "--label-names", "esri_lulc9")
+    assert conv.returncode == 0, conv.stderr
+    assert json.loads(conv.stdout.strip().splitlines()[-1])["records"] == 3
+    insp = run("tools.inspect", out)
+    assert insp.returncode == 0, insp.stderr
+    summary = json.loads(insp.stdout.strip().splitlines()[-1])
+    assert summary["records"] == 3 and summary["decoded"] == 3 and summary["bad_records"] == 0
+    assert summary["modalities"] == {"multispectral": 3, "optical": 3, "sar_l2": 3}
+    assert summary["paired_records"] == 3
+    assert "B8A" in insp.stdout and "snow/ice" in insp.stdout
+
+
+@needs_real
+def test_tiling_splits_rasters_into_suffixed_windows(tmp_path):
+    m = geotiff.convert_geotiff(REAL_CSV, str(tmp_path / "t"), tile=100)
+    assert m["records"] == 3 * 4                                  # 224 // 100 = 2 per axis, edges dropped
+    recs = {r.sample_id: r for r in shards.iter_records(str(tmp_path / "t"))}
+    tile = recs["637U_59R_1_3_r001_c000"]
+    assert tile.modalities["sar_l2"].pixels.shape == (100, 100, 2)
+    np.testing.assert_array_equal(tile.modalities["sar_l2"].pixels,
+                                  _read("S1RTC", "637U_59R_1_3")[100:200, 0:100].astype(np.float32))
+    np.testing.assert_array_equal(tile.label_map, _read("LULC", "637U_59R_1_3")[100:200, 0:100, 0])
+
+
+def test_s2_offset_resolution_from_options_and_tags():
+    l2a = sensors.get_preset("sentinel2_l2a")
+    bind = lambda **kw: l2a.bind("f.tif", count=12, dtype="uint16", **kw).offset
+    assert bind(options={"offset": "-1000"}) == -1000
+    assert bind(options={"baseline": "04.00"}) == -1000
+    assert bind(options={"baseline": "02.09"}) == 0
+    assert bind(options={"harmonized": "true"}) == 0
+    assert bind(tags={"BOA_ADD_OFFSET": "-1000"}) == -1000
+    assert bind(tags={"PROCESSING_BASELINE": "05.10"}) == -1000
+    assert bind(tags={"datetime": "2021-07-23T13:22:41"}) == 0
+    with pytest.raises(RecordError, match=r"f\.tif: sentinel2_l2a: cannot tell the DN offset.*offset=0"):
+        bind(tags={"datetime": "2023-05-01T10:00:00"})     # after 25 Jan 2022, harmonised or not?
+    with pytest.raises(RecordError, match="cannot tell the DN offset"):
+        bind()
+    conv = l2a.bind("f.tif", count=12, dtype="int16", options={"offset": "-1000"})
+    img = conv.image(np.array([[[0] * 11 + [1000]]], np.int16).reshape(1, 1, 12), "f.tif")
+    assert img.nodata == pytest.approx(-0.1) and img.pixels[0, 0, 0] == pytest.approx(-0.1)  # DN 0 -> fill
+    assert img.pixels[0, 0, -1] == 0.0                                                       # (1000 - 1000) / 1e4
+
+
+def test_l1c_has_13_bands_with_b10_and_tag_offset(tmp_path):
+    tif = write_tif(tmp_path / "l1c.tif", np.full((13, 4, 4), 1500, np.uint16), tags={"RADIO_ADD_OFFSET": "-1000"})
+    csv = write_csv(tmp_path / "m.csv", [("a", "sentinel2_l1c", "l1c.tif")])
+    rec = next(geotiff.iter_geotiff_records(csv))
+    ms = rec.modalities["multispectral"]
+    assert [b.name for b in ms.bands][10] == "B10" and ms.bands[10].wavelength_nm == 1373.5
+    np.testing.assert_allclose(ms.pixels, 0.05)
+
+
+@pytest.mark.parametrize("as_complex", [True, False])
+def test_quadpol_complex_or_eight_real_bands(tmp_path, as_complex):
+    rng = np.random.default_rng(0)
+    s = (rng.normal(size=(4, 6, 6)) + 1j * rng.normal(size=(4, 6, 6))).astype(np.complex64)
+    arr = s if as_complex else np.stack([s.real, s.imag], 1).reshape(8, 6, 6).astype(np.float32)
+    write_tif(tmp_path / "q.tif", arr)
+    csv = write_csv(tmp_path / "m.csv", [("q", "sar_l1_quadpol:frequency_ghz=1.2575", "q.tif")])
+    img = next(geotiff.iter_geotiff_records(csv)).modalities["sar_l1"]
+    assert [b.name for b in img.bands] == ["HH_re", "HH_im", "HV_re", "HV_im", "VH_re", "VH_im", "VV_re", "VV_im"]
+    assert all(b.frequency_ghz == 1.2575 for b in img.bands)
+    np.testing.assert_array_equal(img.pixels[..., 6], s[3].real)      # VV re
+    np.testing.assert_array_equal(img.pixels[..., 3], s[1].imag)      # HV im
+
+
+def test_tfds_mock_so2sat_is_paired_sar_l1_and_multispectral(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from ringmoe.data.ingest import tfds as tfds_ingest
+    with tfds.testing.mock_data(num_examples=5):
+        m = tfds_ingest.convert_tfds("so2sat/all", str(tmp_path / "s"), shard_size=2)
+    assert m["records"] == 5 and m["paired_records"] == 5 and len(m["shards"]) == 3
+    assert len(m["label_names"]) == 17 and m["label_names"][-1] == "Water"
+    sar = m["modalities"]["sar_l1"]
+    assert [b["name"] for b in sar["bands"]] == ["VH_re", "VH_im", "VV_re", "VV_im"]
+    assert [b["name"] for b in m["modalities"]["multispectral"]["bands"]] == list(tfds_ingest.SO2SAT_S2_BANDS)
+    assert m["labels"]["scene_label_records"] == 5
+    assert len(list(shards.iter_records(str(tmp_path / "s")))) == 5
+
+
+def test_tfds_mock_eurosat_and_non_dn_values(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from ringmoe.data.ingest import tfds as tfds_ingest
+    examples = [{"sentinel2": np.full((64, 64, 13), 1000.0 + i, np.float32), "label": i, "filename": f"Forest_{i}.tif"}
+                for i in range(3)]
+    with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: examples):
+        m = tfds_ingest.convert_tfds("eurosat/all", str(tmp_path / "e"))
+    assert m["records"] == 3 and m["modalities"]["multispectral"]["sensors"] == {"sentinel2_l1c": 3}
+    assert m["label_names"][1] == "Forest" and m["labels"]["scene_label_counts"] == {"0": 1, "1": 1, "2": 1}
+    assert m["modalities"]["multispectral"]["mean"][0] == pytest.approx(0.1001)
+    with tfds.testing.mock_data(num_examples=2):         # mock floats in [0, 1) are not DNs
+        with pytest.raises(RecordError, match=r"eurosat/all train\[0\]: sentinel2 values are not uint16 DNs"):
+            tfds_ingest.convert_tfds("eurosat/all", str(tmp_path / "bad"))
+
+
+def test_tfds_prepared_on_disk_without_tensorflow_via_cli(tmp_path):
+    """A real ArrayRecord split + dataset_info.json written with TFDS's own serializer,
+    read through tfds.data_source by the CLI: the path a prepared split takes."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tensorflow_datasets.core import splits as splits_lib
+    builder = tfds.builder("eurosat/all", data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    os.makedirs(builder.data_dir)
+    writer = ArrayRecordWriter(os.path.join(builder.data_dir, "eurosat-train.array_record-00000-of-00001"),
+                               "group_size:1")
+    for i in range(4):
+        writer.write(builder.info.features.serialize_example(
+            {"sentinel2": np.full((64, 64, 13), 2000 + i, np.float32), "label": 9, "filename": f"SeaLake_{i}.tif"}))
+    writer.close()
+    builder.info.set_splits(splits_lib.SplitDict([splits_lib.SplitInfo(
+        name="train", shard_lengths=[4], num_bytes=0, filename_template=None)]))
+    builder.info.write_to_directory(builder.data_dir)
+    out = str(tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-m", "tools.convert", "tfds", "--name", "eurosat/all", "--out", out,
+                           "--data-dir", str(tmp_path / "tfds")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    recs = list(shards.iter_records(out))
+    assert [r.sample_id for r in recs] == [f"SeaLake_{i}.tif" for i in range(4)]
+    assert recs[0].scene_label == 9 and recs[2].modalities["multispectral"].pixels[0, 0, 0] == pytest.approx(0.2002)
+
+
+def test_tfds_unprepared_split_is_one_clear_error(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from ringmoe.data.ingest import tfds as tfds_ingest
+    with pytest.raises(RecordError, match=r"tfds eurosat/all split 'train': not prepared in .*array_record"):
+        tfds_ingest.convert_tfds("eurosat/all", str(tmp_path / "o"), data_dir=str(tmp_path / "none"))
+    with pytest.raises(RecordError, match="not supported"):
+        tfds_ingest.open_source("mnist")

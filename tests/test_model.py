@@ -1,0 +1,93 @@
+"""The full RingMoE encoder: shapes, modalities, parameter counts of the configs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import ringmoe_14b, ringmoe_1b, tiny
+from ringmoe.model.params import abstract_model, count
+from ringmoe.model.ringmoe import create_model
+
+
+def small_config(**moe):
+    """The tiny config cut to two stages and two modalities, for fast compiles."""
+    c = tiny.get_config().model
+    c.image_size, c.depths, c.num_heads = 32, (2, 2), (2, 4)
+    for m in ("sar_l2", "sar_l1"):
+        del c.modalities[m]
+    c.moe.update(moe)
+    return c
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(small_config(), seed=0)
+
+
+def random_batch(config, batch=2, seed=0):
+    out = {}
+    grid = config.image_size // config.patch_size
+    for i, (m, mc) in enumerate(config.modalities.items()):
+        k1, k2 = jax.random.split(jax.random.key(seed + i))
+        out[m] = {"pixels": jax.random.normal(k1, (batch, config.image_size, config.image_size, mc.channels)),
+                  "mask": jax.random.bernoulli(k2, 0.6, (batch, grid, grid))}
+    return out
+
+
+def test_forward_shapes_and_router_stats(model):
+    config = small_config()
+    out = nnx.jit(lambda m, b: m(b))(model, random_batch(config))
+    for m, mc in config.modalities.items():
+        rec = out[m]["reconstruction"]
+        assert rec.shape == (2, 32, 32, mc.channels)
+        assert np.isfinite(np.asarray(rec)).all()
+        enc = out[m]["encoded"]
+        assert enc.features.shape == (2, 4, 4, 64)
+        assert [f.shape[1] for f in enc.stage_features] == [8, 4]
+        assert len(enc.router_stats) == sum(config.depths)
+        assert set(enc.router_stats[0]) == {"modal", "collaborative"}
+
+
+def test_mask_token_replaces_masked_patches(model):
+    pixels = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
+    mask = jnp.zeros((1, 8, 8), bool).at[0, 2, 3].set(True)
+    tokens = model.embed(pixels, "optical", mask)
+    np.testing.assert_allclose(tokens[0, 2, 3], model.mask_token[...], rtol=1e-6)
+    plain = model.embed(pixels, "optical")
+    np.testing.assert_allclose(tokens[0, 0, 0], plain[0, 0, 0], rtol=1e-6)
+
+
+def test_wavelength_embedding_takes_band_subsets(model):
+    wl, bw = model.spectra("multispectral")
+    pixels = jax.random.normal(jax.random.key(1), (1, 32, 32, 12))
+    full = model.encode(pixels, "multispectral")
+    subset = np.array([1, 2, 3, 7])  # B2 B3 B4 B8
+    four = model.encode(pixels[..., subset], "multispectral", spectra=(wl[subset], bw[subset]))
+    assert full.features.shape == four.features.shape
+    assert not np.allclose(full.features, four.features)
+
+
+def test_unknown_modality_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="modality 'hyperspectral' is not in this model"):
+        model.embed(jnp.zeros((1, 32, 32, 3)), "hyperspectral")
+
+
+def test_dense_config_has_no_routers():
+    c = small_config()
+    c.moe.enabled = False
+    counts = count(abstract_model(c))
+    assert not any("expert" in k for k in counts["components"])
+    assert counts["active_per_token"]["optical"] == counts["per_modality"]["optical"]
+
+
+def test_reference_parameter_counts():
+    """DESIGN.md s.2: 14.74B in all, 6.53B per modality, ~2.4B active; 1.06B dense."""
+    giant = count(abstract_model(ringmoe_14b.get_config().model))
+    assert abs(giant["total"] / 14.74e9 - 1) < 0.01
+    for m, n in giant["per_modality"].items():
+        assert abs(n / 6.53e9 - 1) < 0.02, m
+    for m, n in giant["active_per_token"].items():
+        assert 2.3e9 < n < 2.5e9, m
+    dense = count(abstract_model(ringmoe_1b.get_config().model))
+    assert abs(dense["total"] / 1.06e9 - 1) < 0.02
