@@ -74,4 +74,16 @@ def base_config() -> ConfigDict:
     c.data.prefetch = 2               # batches buffered per worker (or by one thread when 0 workers)
     c.data.read_threads = 2           # threads reading + transforming records in each process
     c.data.max_bad_records = 0        # 0: first bad record is an error; K: skip and count up to K
+
+    # Training (ref: AdamW (0.9, 0.999), eps 1e-8, wd 0.05, lr 2.5e-4, warm-up 200 steps
+    # from 1e-6, cosine to 5e-7, gradient clip 5.0).
+    c.total_steps = 100_000
+    c.grad_accum_steps = 1            # micro-batches per update (each modality's rows split evenly)
+    c.log_every = 50                  # metrics / console line every N steps
+    c.checkpoint_every = 1000         # async Orbax save every N steps (and on SIGTERM, and at the end)
+    c.keep_checkpoints = 3
+    c.image_every = 0                 # reconstruction / expert-load PNGs every N steps (0: at the end only)
+    c.max_nonfinite_steps = 5         # NaN/Inf updates skipped in a row before the run stops
+    c.optimizer = ConfigDict({"lr": 2.5e-4, "init_lr": 1e-6, "end_lr": 5e-7, "warmup_steps": 200,
+                              "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.05, "grad_clip": 5.0})
     return c

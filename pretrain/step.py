@@ -1,0 +1,71 @@
+"""The jitted, donated train step: loss, gradients (with accumulation), guarded update."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from pretrain.state import TrainState, learning_rate, make_optimizer
+from ringmoe.objectives.loss import pretraining_loss
+
+MODEL_INPUTS = ("pixels", "mask", "record_index")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The device-side part of a pipeline batch (labels stay on the host)."""
+    return {m: {k: b[k] for k in MODEL_INPUTS if k in b} for m, b in batch.items()}
+
+
+def make_train_step(graphdef, config, norm_stats: dict):
+    """Returns step(state, batch) -> (state, metrics), to be wrapped in jax.jit by the caller.
+
+    metrics: 'loss', every objective term, 'grad_norm', 'lr', 'finite' (1.0 when the
+    update was applied; a NaN/Inf loss or gradient skips it and bumps
+    state.nonfinite) and 'router' (per modality, per block route() statistics).
+    """
+    tx = make_optimizer(config)
+    schedule = learning_rate(config)
+    accum = int(config.grad_accum_steps)
+
+    def loss_fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        outputs = model({m: {"pixels": b["pixels"], "mask": b["mask"]} for m, b in batch.items()})
+        total, terms = pretraining_loss(model, outputs, batch, config.objectives, config.model.moe, norm_stats)
+        router = {m: o["encoded"].router_stats for m, o in outputs.items()}
+        return total, (terms, router)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(params, batch):
+        if accum == 1:
+            return grad_fn(params, batch)
+
+        def split(x):
+            if x.shape[0] % accum:
+                raise ValueError(f"per-modality batch {x.shape[0]} not divisible by grad_accum_steps={accum}")
+            return x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+
+        def body(acc, micro):
+            return jax.tree.map(jnp.add, acc, grad_fn(params, micro)), None
+
+        micro = jax.tree.map(split, batch)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro)))
+        total, _ = jax.lax.scan(body, zeros, micro)
+        return jax.tree.map(lambda x: x / accum, total)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        (loss, (terms, router)), grads = gradients(state.params, batch)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                               step=state.step + 1, rng=state.rng,
+                               nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
+        metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "finite": finite.astype(jnp.float32), "router": router}
+        return new_state, metrics
+
+    return step

@@ -1,0 +1,208 @@
+"""The RingMoE pretraining loop: one trainer for 1 CPU, 8 fake devices or a pod.
+
+    python -m pretrain.train --config configs/tiny.py --workdir /tmp/run \\
+        --config.data_dir=/tmp/synthetic --config.total_steps=300
+
+Mesh from `config.mesh`; state created sharded; the jitted, donated step from
+`pretrain.step`; async Orbax checkpoints holding state + data-iterator state
+(`pretrain.checkpoint`); metrics to `workdir/metrics.jsonl`, TensorBoard and the
+console (`pretrain.metrics`); PNGs of reconstructions and expert loads. A
+workdir with checkpoints resumes from the newest readable one. SIGTERM saves a
+checkpoint and exits cleanly. Multi-host: `jax.distributed` is initialised from
+--coordinator_address/--num_processes/--process_id or the cluster environment.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from pretrain.checkpoint import Checkpointer, abstract_with_shardings
+from pretrain.metrics import MetricsWriter, flatten_router_stats
+from pretrain.state import abstract_state, create_state
+from pretrain.step import make_train_step, model_inputs
+from ringmoe import flops, sharding, visualize
+from ringmoe.data.pipeline import Pipeline
+
+log = logging.getLogger("ringmoe.train")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, PNGs.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive NaN/Inf updates; the message names the modality and term."""
+
+
+def initialize_distributed() -> None:
+    """Starts JAX's multi-controller runtime when flags or a cluster environment ask for it."""
+    explicit = _COORDINATOR.value is not None
+    cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"))
+    if explicit:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif cluster:
+        jax.distributed.initialize()  # JAX detects SLURM / TPU VM / env settings itself
+
+
+def batch_shardings(pipeline: Pipeline, mesh) -> dict:
+    """Every batch array split over the data-like mesh axes along its first dim."""
+    spec = pipeline.batch_spec()
+    return {m: {k: jax.sharding.NamedSharding(mesh, sharding.logical_to_mesh(("batch",) + (None,) * (len(s) - 1)))
+                for k, (s, _) in spec[m].items() if k in ("pixels", "mask", "record_index")}
+            for m in spec}
+
+
+def to_device(batch: dict, shardings: dict) -> dict:
+    """Process-local numpy rows -> global arrays (each process holds its own rows)."""
+    out = {}
+    for m, arrays in model_inputs(batch).items():
+        out[m] = {}
+        for k, x in arrays.items():
+            x = x.astype(np.int32) if x.dtype == np.int64 else x
+            out[m][k] = jax.make_array_from_process_local_data(shardings[m][k], x)
+    return out
+
+
+def describe_nonfinite(metrics: dict) -> str:
+    bad = [k for k, v in metrics.items() if k != "router" and not math.isfinite(float(v))]
+    terms = [k for k in bad if k not in ("loss", "grad_norm")]
+    if terms:
+        return "non-finite terms: " + ", ".join(terms)
+    return "loss finite but gradients non-finite" if "grad_norm" in bad else "non-finite loss"
+
+
+def expert_loads(router: dict) -> dict[str, np.ndarray]:
+    """{'<modality>/modal' | 'collaborative': (layers, experts)} load fractions for the heatmap."""
+    loads: dict[str, list] = {}
+    for m, blocks in router.items():
+        for block in blocks:
+            for group, stats in block.items():
+                key = f"{m}/modal" if group == "modal" else f"{m}/collaborative"
+                loads.setdefault(key, []).append(np.asarray(stats["load"]))
+    return {k: np.stack(v) for k, v in loads.items()}
+
+
+def train(config, workdir: str) -> dict:
+    """Runs (or resumes) pretraining; returns the last logged metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh)
+    pipeline = Pipeline(config)
+    norm_stats = {m: {"mean": pipeline.specs[m].mean, "std": pipeline.specs[m].std} for m in pipeline.modalities}
+    graphdef, abstract, shardings = abstract_state(config, mesh)
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
+    lead = jax.process_index() == 0
+
+    with jax.set_mesh(mesh):
+        restored = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings))
+        if restored is not None:
+            start, state, data_state, _ = restored
+            pipeline.set_state(data_state)
+            log.info("resumed from step %d", start)
+        else:
+            start = 0
+            graphdef, state, _ = create_state(config, mesh)
+        in_batch = batch_shardings(pipeline, mesh)
+        step_fn = jax.jit(make_train_step(graphdef, config, norm_stats), donate_argnums=0,
+                          in_shardings=(shardings, in_batch), out_shardings=(shardings, None))
+
+        writer = MetricsWriter(workdir, total_steps=config.total_steps, enabled=lead)
+        writer.truncate_after(start)
+        global_batch = {m: b * jax.process_count() for m, b in pipeline.batch_sizes.items()}
+        step_flops = flops.model_flops_per_step(config.model, global_batch, training=True)
+        peak, peak_source = flops.device_peak_flops(jax.devices()[0], config.model.dtype)
+        meta = {"config": json.loads(config.to_json()), "mesh": dict(mesh.shape), "peak_flops_source": peak_source}
+
+        stop = {"signal": None}
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+        last, nonfinite_run, pending = {}, 0, None
+        window_start, window_steps = time.perf_counter(), 0
+        batch = None
+        try:
+            for step in range(start, config.total_steps):
+                batch = next(pipeline)
+                state, metrics = step_fn(state, to_device(batch, in_batch))
+                window_steps += 1
+                # The previous step's flag is read only now, so the device never idles for it.
+                if pending is not None:
+                    nonfinite_run = 0 if float(pending["finite"]) else nonfinite_run + 1
+                    if nonfinite_run >= config.max_nonfinite_steps:
+                        raise NonFiniteError(f"{nonfinite_run} consecutive non-finite updates up to step "
+                                             f"{step}: {describe_nonfinite(jax.device_get(pending))}")
+                pending = metrics
+                done = step + 1
+                if done % config.log_every == 0 or done == config.total_steps:
+                    host = jax.device_get(metrics)
+                    seconds = (time.perf_counter() - window_start) / window_steps
+                    scalars = {k: float(v) for k, v in host.items() if k != "router"}
+                    scalars.update(flatten_router_stats(host["router"]))
+                    scalars.update({"step_s": seconds, "samples_per_s": sum(global_batch.values()) / seconds,
+                                    "tokens_per_s": sum(global_batch.values()) * (config.model.image_size
+                                                                                 // config.model.patch_size) ** 2
+                                    / seconds, "model_tflops_per_step": step_flops / 1e12,
+                                    "nonfinite_total": float(state.nonfinite)})
+                    if peak:
+                        scalars["mfu"] = flops.mfu(step_flops, seconds, jax.device_count(), peak)
+                    writer.write(done, scalars, samples=sum(global_batch.values()))
+                    last = {"step": done, **scalars}
+                    window_start, window_steps = time.perf_counter(), 0
+                if config.image_every and done % config.image_every == 0:
+                    save_pictures(workdir, done, graphdef, state, batch, metrics, norm_stats, lead)
+                preempted = stop["signal"] is not None or checkpointer.reached_preemption(done)
+                if checkpointer.should_save(done) or preempted or done == config.total_steps:
+                    checkpointer.save(done, state, pipeline.get_state(), {**meta, "step": done}, force=True)
+                if preempted:
+                    log.warning("stopping at step %d on request (signal %s); checkpoint saved", done, stop["signal"])
+                    break
+            if batch is not None and stop["signal"] is None:
+                save_pictures(workdir, "final", graphdef, state, batch, metrics, norm_stats, lead)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            checkpointer.close()
+            writer.close()
+            pipeline.close()
+    return last
+
+
+def save_pictures(workdir, tag, graphdef, state, batch, metrics, norm_stats, lead) -> None:
+    """Reconstructions of the current batch, the expert-load heatmap and the loss curves."""
+    if not lead:
+        return
+    model = nnx.merge(graphdef, state.params)
+    inputs = {m: {"pixels": b["pixels"], "mask": b["mask"]} for m, b in batch.items()}
+    outputs = jax.device_get(nnx.jit(lambda model, x: model(x))(model, inputs))
+    out_dir = os.path.join(workdir, "pictures")
+    os.makedirs(out_dir, exist_ok=True)
+    visualize.save_reconstructions(os.path.join(out_dir, f"reconstructions_{tag}.png"), batch, outputs, model,
+                                   norm_stats)
+    visualize.save_expert_load_heatmap(os.path.join(out_dir, f"expert_load_{tag}.png"),
+                                       expert_loads(jax.device_get(metrics["router"])))
+    visualize.save_loss_curves(os.path.join(out_dir, "loss_curves.png"), os.path.join(workdir, "metrics.jsonl"))
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required")
+    initialize_distributed()
+    try:
+        last = train(_CONFIG.value, _WORKDIR.value)
+    except NonFiniteError as e:
+        raise SystemExit(f"pretrain.train: stopped: {e}") from None
+    print(json.dumps(last))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,205 @@
+"""SAR physics objectives (DESIGN.md section 4), in physical units.
+
+SAR-L1 (complex scattering matrix, Re/Im interleaved per polarisation):
+
+* span: the total polarimetric power P = |S_HH|^2 + |S_HV|^2 + |S_VH|^2 + |S_VV|^2
+  (the reference's physics target; with a dual-pol product it is the sum over
+  the polarisations present). Compared in a normalised log space,
+      q(P) = ln(P / P_ref + eps),
+  with a masked MSE between q(P(reconstruction)) and q(P(target)). P_ref =
+  sum_c (mean_c^2 + std_c^2) over the span channels is the data set's mean span
+  (E[x^2] = mean^2 + var per channel, from the manifest statistics), so q is
+  unit-free (any calibration scale cancels) and the log matches the
+  multiplicative nature of speckle and the span's dynamic range of several
+  decades; eps (default 1e-3, i.e. a floor 30 dB below the mean span) keeps q
+  and its gradient, 1 / (P + eps P_ref), finite at P = 0 (no-data fills, dark
+  water, a reconstruction collapsed to zero).
+* Pauli: the powers of the Pauli basis, k1 = |S_HH + S_VV|^2 / 2 (odd bounce),
+  k2 = |S_HH - S_VV|^2 / 2 (even bounce), k3 = |S_HV + S_VH|^2 / 2 (volume).
+  With both cross-pol channels k3 uses their sum, which equals DESIGN's
+  2 |S_HV|^2 under reciprocity (S_HV = S_VH) and averages their noise; with one
+  of them it is 2 |S_x|^2. Same log space and masked MSE as the span, averaged
+  over the three. Needs HH, VV and a cross-pol channel, else it is skipped.
+
+SAR-L2 (detected backscatter sigma0 in dB, e.g. Sentinel-1 GRD VV, VH):
+
+* speckle NLL: the observed intensity I = 10^(dB/10) is speckled, I = sigma0 n
+  with n ~ Gamma(L, 1/L); the negative log-likelihood of I under a predicted
+  log-intensity x = ln sigma0 (x = reconstructed dB * ln10 / 10) is
+  L (x + I e^-x) + const. Its minimum over x, at x = ln I, is L (ln I + 1);
+  subtracting it gives, with d = ln I - x,
+      nll = L (e^d - d - 1) >= 0,   0 exactly at a perfect reconstruction.
+  Unlike an L1/L2 on dB values (biased by E[ln n] = psi(L) - ln L: -2.51 dB at
+  L = 1) its expectation over speckle is minimised by the unbiased sigma0.
+  e^d is continued linearly beyond d_max (default 5, about 22 dB of
+  under-prediction) so a wild early reconstruction neither overflows nor gives
+  an exploding gradient.
+* cross-polarisation ratio: r = cross_dB - co_dB (VH - VV, or HV - HH), the
+  standard vegetation / volume-scattering indicator; masked MSE of
+  (r_rec - r_true) ln10 / 10, i.e. in natural-log units like the span terms.
+
+Channel layout: by band name when the manifest names are given ("HH_re",
+"HH_im", ...; "VV", "VH"), else by a polarisation list (config
+`objectives.sar_l1_polarizations`, default HH, HV, VH, VV with Re/Im
+interleaved, as in sensors.sar_l1_quadpol; `objectives.sar_l2_polarizations`,
+default VV, VH as in sensors.sentinel1_db).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ringmoe.objectives.common import masked_mean
+
+DB_TO_LN = math.log(10.0) / 10.0   # ln(I) = dB * ln10 / 10
+
+
+# --- channel layout ---------------------------------------------------------------------------
+
+def complex_channels(channels: int, polarizations: Sequence[str] = (),
+                     band_names: Sequence[str] | None = None) -> dict[str, tuple[int, int]]:
+    """{polarisation: (re channel, im channel)} of a complex (SAR-L1) modality.
+
+    From `band_names` ("<pol>_re" / "<pol>_im") when given, else from
+    `polarizations` with Re/Im interleaved (pol0_re, pol0_im, pol1_re, ...).
+    """
+    if band_names:
+        if len(band_names) != channels:
+            raise ValueError(f"{len(band_names)} band names for {channels} channels")
+        parts: dict[str, dict[str, int]] = {}
+        for i, name in enumerate(band_names):
+            pol, _, part = str(name).rpartition("_")
+            if part.lower() not in ("re", "im") or not pol:
+                raise ValueError(f"complex SAR band {name!r} is not named <pol>_re / <pol>_im")
+            parts.setdefault(pol.upper(), {})[part.lower()] = i
+        incomplete = [p for p, v in parts.items() if len(v) != 2]
+        if incomplete:
+            raise ValueError(f"complex SAR polarisations {incomplete} lack a Re or Im channel")
+        return {p: (v["re"], v["im"]) for p, v in parts.items()}
+    pols = tuple(p.upper() for p in polarizations)
+    if 2 * len(pols) != channels:
+        raise ValueError(f"complex SAR modality has {channels} channels but polarisations {list(pols)} "
+                         f"need {2 * len(pols)} (Re/Im interleaved); set objectives.sar_l1_polarizations")
+    return {p: (2 * i, 2 * i + 1) for i, p in enumerate(pols)}
+
+
+def detected_channels(channels: int, polarizations: Sequence[str] = (),
+                      band_names: Sequence[str] | None = None) -> dict[str, int]:
+    """{polarisation: channel} of a detected (SAR-L2, dB) modality, by name or by list."""
+    pols = tuple(str(p).upper() for p in (band_names or polarizations))
+    if len(pols) != channels:
+        raise ValueError(f"detected SAR modality has {channels} channels but polarisations {list(pols)}; "
+                         f"set objectives.sar_l2_polarizations")
+    return {p: i for i, p in enumerate(pols)}
+
+
+# --- SAR-L1: span and Pauli -------------------------------------------------------------------
+
+def _complex(x: jax.Array, pol: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    return x[..., pol[0]], x[..., pol[1]]
+
+
+def _power(re: jax.Array, im: jax.Array) -> jax.Array:
+    return re * re + im * im
+
+
+def span(x: jax.Array, channels: Mapping[str, tuple[int, int]]) -> jax.Array:
+    """Total power P = sum_pol |S_pol|^2 of physical (..., C) Re/Im pixels -> (...)."""
+    return sum(_power(*_complex(x, c)) for c in channels.values())
+
+
+def pauli_powers(x: jax.Array, channels: Mapping[str, tuple[int, int]]) -> jax.Array | None:
+    """(..., 3) Pauli powers |HH+VV|^2/2, |HH-VV|^2/2, |HV+VH|^2/2 (2|X|^2 with one cross-pol);
+    None when HH, VV or both cross-pol channels are absent."""
+    cross = [p for p in ("HV", "VH") if p in channels]
+    if "HH" not in channels or "VV" not in channels or not cross:
+        return None
+    hh_re, hh_im = _complex(x, channels["HH"])
+    vv_re, vv_im = _complex(x, channels["VV"])
+    if len(cross) == 2:
+        a, b = _complex(x, channels["HV"]), _complex(x, channels["VH"])
+        k3 = _power(a[0] + b[0], a[1] + b[1]) / 2
+    else:
+        k3 = 2 * _power(*_complex(x, channels[cross[0]]))
+    k1 = _power(hh_re + vv_re, hh_im + vv_im) / 2
+    k2 = _power(hh_re - vv_re, hh_im - vv_im) / 2
+    return jnp.stack([k1, k2, k3], axis=-1)
+
+
+def reference_power(stats: Mapping, channels: Mapping[str, tuple[int, int]]) -> jax.Array:
+    """P_ref = sum over the span channels of (mean_c^2 + std_c^2): the data set's mean span."""
+    mean = jnp.asarray(stats["mean"], jnp.float32)
+    std = jnp.asarray(stats["std"], jnp.float32)
+    idx = jnp.asarray([i for c in channels.values() for i in c])
+    return jnp.maximum(jnp.sum(mean[idx] ** 2 + std[idx] ** 2), 1e-30)
+
+
+def log_power(p: jax.Array, p_ref: jax.Array, eps: float) -> jax.Array:
+    """q(P) = ln(P / P_ref + eps): unit-free, finite (with finite gradient) at P = 0."""
+    return jnp.log(jnp.maximum(p, 0.0) / p_ref + eps)
+
+
+def span_loss(reconstruction: jax.Array, target: jax.Array, weights: jax.Array,
+              channels: Mapping[str, tuple[int, int]], p_ref: jax.Array, eps: float = 1e-3) -> jax.Array:
+    """Masked MSE of ln(P / P_ref + eps) between reconstruction and target (physical Re/Im)."""
+    q_rec = log_power(span(reconstruction, channels), p_ref, eps)
+    q_true = log_power(span(target, channels), p_ref, eps)
+    return masked_mean((q_rec - q_true) ** 2, weights)
+
+
+def pauli_loss(reconstruction: jax.Array, target: jax.Array, weights: jax.Array,
+               channels: Mapping[str, tuple[int, int]], p_ref: jax.Array,
+               eps: float = 1e-3) -> jax.Array | None:
+    """Masked MSE of ln(k_i / P_ref + eps), averaged over the three Pauli powers; None if not quad-pol."""
+    k_rec, k_true = pauli_powers(reconstruction, channels), pauli_powers(target, channels)
+    if k_rec is None:
+        return None
+    diff = log_power(k_rec, p_ref, eps) - log_power(k_true, p_ref, eps)
+    return masked_mean(diff ** 2, weights)
+
+
+# --- SAR-L2: speckle likelihood and cross-pol ratio ---------------------------------------------
+
+def gamma_nll(reconstruction_db: jax.Array, target_db: jax.Array, looks: float,
+              max_log_ratio: float = 5.0) -> jax.Array:
+    """Per-pixel L (e^d - d - 1), d = ln I - x = (target_dB - reconstruction_dB) ln10/10.
+
+    The Gamma(L) speckle NLL of the observed intensity I = 10^(target_dB/10) given
+    the predicted log-intensity x, minus its minimum; e^d continued linearly for
+    d > max_log_ratio (same value and slope at the joint).
+    """
+    d = (target_db.astype(jnp.float32) - reconstruction_db.astype(jnp.float32)) * DB_TO_LN
+    dc = jnp.minimum(d, max_log_ratio)
+    e = jnp.exp(dc)
+    return looks * (e - dc - 1.0 + (e - 1.0) * (d - dc))
+
+
+def speckle_nll_loss(reconstruction_db: jax.Array, target_db: jax.Array, weights: jax.Array,
+                     looks: float, max_log_ratio: float = 5.0) -> jax.Array:
+    """`gamma_nll` averaged over masked pixels and all (dB) channels."""
+    return masked_mean(gamma_nll(reconstruction_db, target_db, looks, max_log_ratio), weights)
+
+
+def cross_pol_pair(channels: Mapping[str, int]) -> tuple[int, int] | None:
+    """(cross, co) channel of the cross-pol ratio: VH/VV, else HV/HH; None if neither pair exists."""
+    for cross, co in (("VH", "VV"), ("HV", "HH")):
+        if cross in channels and co in channels:
+            return channels[cross], channels[co]
+    return None
+
+
+def xpol_ratio_loss(reconstruction_db: jax.Array, target_db: jax.Array, weights: jax.Array,
+                    channels: Mapping[str, int]) -> jax.Array | None:
+    """Masked MSE of the cross-pol ratio (cross_dB - co_dB) in natural-log units; None without a pair."""
+    pair = cross_pol_pair(channels)
+    if pair is None:
+        return None
+    cross, co = pair
+
+    def ratio(x):
+        return (x[..., cross] - x[..., co]).astype(jnp.float32) * DB_TO_LN
+
+    return masked_mean((ratio(reconstruction_db) - ratio(target_db)) ** 2, weights)

@@ -1,0 +1,108 @@
+"""Multispectral physics objectives (DESIGN.md section 4), on physical reflectance.
+
+* Spectral angle between the reconstructed spectrum x and the true spectrum y
+  of a pixel,
+      SAM = arccos(<x, y> / (|x| |y|)),
+  averaged over masked pixels (radians). It measures the shape of the spectrum
+  (material), not its brightness, so it is scale invariant: SAM(a x, y) =
+  SAM(x, y) for a > 0. arccos has an infinite derivative at 1 (a perfect
+  reconstruction), so it is evaluated with Kahan's equivalent form
+      SAM = 2 atan2(|u - v|, |u + v|),  u = x / |x|, v = y / |y|,
+  which is exact (0 at x = a y), and |.| is a norm with a zero gradient at 0
+  (no NaN). The unit vectors use sqrt(|x|^2 + eps^2), so an all-zero spectrum
+  (no data, collapsed reconstruction) gives a finite angle (pi/2) and gradient.
+
+* Spectral-index consistency: normalised differences of band pairs,
+      NDVI = (B8 - B4) / (B8 + B4),  NDWI = (B3 - B8) / (B3 + B8),
+      NDBI = (B11 - B8) / (B11 + B8),  MNDWI = (B3 - B11) / (B3 + B11),
+  the L1 error between the index of the reconstruction and of the target,
+  averaged over masked pixels and over the indices computed. The denominator
+  is |a| + |b| + eps: for non-negative reflectance this is the usual index
+  (up to eps), and for the negative values a reconstruction (or an offset
+  product) can hold it stays in [-1, 1] with a finite gradient instead of
+  dividing by ~0.
+
+Bands are found BY WAVELENGTH, not by position: for each Sentinel-2 central
+wavelength an index needs (B3 559.8, B4 664.6, B8 832.8, B11 1613.7 nm), the
+modality band with the nearest central wavelength is used if it lies within a
+tolerance (default 35 nm: Landsat OLI's NIR at 865 nm stands in for B8, the
+red edge B5 at 704 nm does not stand in for B4). An index whose bands are absent
+is skipped. The band order of the model config may be anything, and a band
+subset (wavelength-aware embedding) works the same way.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ringmoe.objectives.common import masked_mean, safe_norm
+
+# Sentinel-2 (S2A) central wavelengths, nm (DESIGN.md section 4).
+S2_WAVELENGTH_NM = {"B3": 559.8, "B4": 664.6, "B8": 832.8, "B11": 1613.7}
+# index name -> (a, b) of (a - b) / (a + b).
+INDICES = {
+    "ndvi": ("B8", "B4"),
+    "ndwi": ("B3", "B8"),
+    "ndbi": ("B11", "B8"),
+    "mndwi": ("B3", "B11"),
+}
+
+
+def spectral_angle(x: jax.Array, y: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Per-pixel angle (radians, in [0, pi]) between spectra x and y (..., C)."""
+    x = x.astype(jnp.float32)
+    y = y.astype(jnp.float32)
+    u = x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps * eps)
+    v = y / jnp.sqrt(jnp.sum(y * y, axis=-1, keepdims=True) + eps * eps)
+    return 2.0 * jnp.arctan2(safe_norm(u - v), safe_norm(u + v))
+
+
+def sam_loss(reconstruction: jax.Array, target: jax.Array, weights: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Mean spectral angle (radians) over masked pixels; reconstruction/target physical reflectance."""
+    return masked_mean(spectral_angle(reconstruction, target, eps), weights)
+
+
+def find_band(wavelengths: Sequence[float] | np.ndarray, target_nm: float, tolerance_nm: float) -> int | None:
+    """Index of the band whose central wavelength is nearest `target_nm`, or None if none lies
+    within `tolerance_nm` (or there are no bands). `wavelengths` must be concrete (static)."""
+    wl = np.asarray(wavelengths, np.float64).reshape(-1)
+    if wl.size == 0:
+        return None
+    distance = np.abs(wl - target_nm)
+    i = int(np.argmin(distance))
+    return i if distance[i] <= tolerance_nm else None
+
+
+def index_bands(wavelengths, names: Sequence[str] = ("ndvi", "ndwi", "ndbi"),
+                tolerance_nm: float = 35.0) -> dict[str, tuple[int, int]]:
+    """{index name: (channel a, channel b)} for the indices whose two bands are present."""
+    out = {}
+    for name in names:
+        if name not in INDICES:
+            raise ValueError(f"unknown spectral index {name!r}; known: {sorted(INDICES)}")
+        a, b = (find_band(wavelengths, S2_WAVELENGTH_NM[band], tolerance_nm) for band in INDICES[name])
+        if a is not None and b is not None and a != b:
+            out[name] = (a, b)
+    return out
+
+
+def normalized_difference(a: jax.Array, b: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """(a - b) / (|a| + |b| + eps): the usual index for a, b >= 0, bounded in [-1, 1] always."""
+    return (a - b) / (jnp.abs(a) + jnp.abs(b) + eps)
+
+
+def index_loss(reconstruction: jax.Array, target: jax.Array, weights: jax.Array,
+               bands: dict[str, tuple[int, int]], eps: float = 1e-6) -> jax.Array | None:
+    """Masked L1 between reconstructed and true indices, averaged over `bands`
+    (from `index_bands`); None when no index is available."""
+    if not bands:
+        return None
+    errors = []
+    for a, b in bands.values():
+        rec = normalized_difference(reconstruction[..., a], reconstruction[..., b], eps)
+        true = normalized_difference(target[..., a], target[..., b], eps)
+        errors.append(jnp.abs(rec - true))
+    return masked_mean(jnp.stack(errors, axis=-1), weights)
