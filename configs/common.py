@@ -86,4 +86,29 @@ def base_config() -> ConfigDict:
     c.max_nonfinite_steps = 5         # NaN/Inf updates skipped in a row before the run stops
     c.optimizer = ConfigDict({"lr": 2.5e-4, "init_lr": 1e-6, "end_lr": 5e-7, "warmup_steps": 200,
                               "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.05, "grad_clip": 5.0})
+
+    # Pretraining objectives (ringmoe/objectives/loss.py). Each number is a term's weight;
+    # 0 turns it off (not computed, not logged). The reference is SimMIM + span (SAR-L1);
+    # the other physics terms are ours, weighted so that near a good reconstruction each
+    # pulls no harder than SimMIM (first guesses, to be tuned by ablation).
+    c.objectives = ConfigDict()
+    c.objectives.simmim = 1.0         # (ref) masked L1 on normalised pixels / channels, every modality
+    c.objectives.span = 1.0           # (ref) SAR-L1 span, MSE of ln(P/P_ref + eps)
+    c.objectives.pauli = 0.5          # SAR-L1 Pauli powers, same log space; half: they re-split the span
+    c.objectives.speckle_nll = 0.1    # SAR-L2 Gamma NLL L(e^d - d - 1); curvature L * (dB std ln10/10)^2
+                                      # per normalised unit is ~5x SimMIM's scale, hence 0.1
+    c.objectives.xpol_ratio = 0.1     # SAR-L2 (VH - VV) dB ratio, MSE in ln units; speckle-noisy target
+    c.objectives.sam = 0.5            # multispectral spectral angle (radians, typically 0.05-0.2)
+    c.objectives.index = 0.5          # multispectral NDVI/NDWI/NDBI L1 (indices in [-1, 1])
+    c.objectives.cross_modal = False  # paired records: decode A's masked pixels from B's features
+    c.objectives.cross_modal_weight = 0.5  # an extra SimMIM-like L1, so below SimMIM's 1.0
+    c.objectives.sar_looks = 4.4      # L of the speckle NLL: ~4.4 for S1 GRD IW (ENL); 1 for SLC
+    c.objectives.speckle_max_log_ratio = 5.0  # e^d linear beyond d = 5 (~22 dB under-prediction)
+    c.objectives.power_eps = 1e-3     # log-power floor, relative to the data set's mean span (-30 dB)
+    c.objectives.sam_eps = 1e-6       # reflectance-norm floor in SAM (all-zero spectra stay finite)
+    c.objectives.index_eps = 1e-6     # denominator floor of the normalised-difference indices
+    c.objectives.indices = ("ndvi", "ndwi", "ndbi")  # of ndvi, ndwi, ndbi, mndwi
+    c.objectives.index_tolerance_nm = 35.0  # a band serves for an S2 one within this (B8A/OLI NIR for B8)
+    c.objectives.sar_l1_polarizations = ("HH", "HV", "VH", "VV")  # Re/Im interleaved (sar_l1_quadpol)
+    c.objectives.sar_l2_polarizations = ("VV", "VH")               # dB channels (sentinel1_db)
     return c

@@ -27,7 +27,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from pretrain.checkpoint import Checkpointer, abstract_with_shardings
-from pretrain.metrics import MetricsWriter, flatten_router_stats
+from pretrain.metrics import MetricsWriter, flatten_router_stats, router_load_matrices
 from pretrain.state import abstract_state, create_state
 from pretrain.step import make_train_step, model_inputs
 from ringmoe import flops, sharding, visualize
@@ -81,17 +81,6 @@ def describe_nonfinite(metrics: dict) -> str:
     if terms:
         return "non-finite terms: " + ", ".join(terms)
     return "loss finite but gradients non-finite" if "grad_norm" in bad else "non-finite loss"
-
-
-def expert_loads(router: dict) -> dict[str, np.ndarray]:
-    """{'<modality>/modal' | 'collaborative': (layers, experts)} load fractions for the heatmap."""
-    loads: dict[str, list] = {}
-    for m, blocks in router.items():
-        for block in blocks:
-            for group, stats in block.items():
-                key = f"{m}/modal" if group == "modal" else f"{m}/collaborative"
-                loads.setdefault(key, []).append(np.asarray(stats["load"]))
-    return {k: np.stack(v) for k, v in loads.items()}
 
 
 def train(config, workdir: str) -> dict:
@@ -187,7 +176,7 @@ def save_pictures(workdir, tag, graphdef, state, batch, metrics, norm_stats, lea
     visualize.save_reconstructions(os.path.join(out_dir, f"reconstructions_{tag}.png"), batch, outputs, model,
                                    norm_stats)
     visualize.save_expert_load_heatmap(os.path.join(out_dir, f"expert_load_{tag}.png"),
-                                       expert_loads(jax.device_get(metrics["router"])))
+                                       router_load_matrices(jax.device_get(metrics["router"])))
     visualize.save_loss_curves(os.path.join(out_dir, "loss_curves.png"), os.path.join(workdir, "metrics.jsonl"))
 
 

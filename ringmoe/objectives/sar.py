@@ -171,7 +171,7 @@ def gamma_nll(reconstruction_db: jax.Array, target_db: jax.Array, looks: float,
     the predicted log-intensity x, minus its minimum; e^d continued linearly for
     d > max_log_ratio (same value and slope at the joint).
     """
-    d = (target_db.astype(jnp.float32) - reconstruction_db.astype(jnp.float32)) * DB_TO_LN
+    d = (jnp.asarray(target_db, jnp.float32) - jnp.asarray(reconstruction_db, jnp.float32)) * DB_TO_LN
     dc = jnp.minimum(d, max_log_ratio)
     e = jnp.exp(dc)
     return looks * (e - dc - 1.0 + (e - 1.0) * (d - dc))

@@ -1,0 +1,153 @@
+"""The pretraining loss: SimMIM + physics terms per modality, cross-modal term, router losses.
+
+    total = sum_m  sum_t w_t L_{m,t}            (per-modality terms, "{m}/{t}")
+          + w_cross L_cross                    ("cross_modal", if enabled)
+          + mean_m router_loss_m.total          ("router/total")
+
+Terms by modality (DESIGN.md sections 2-4; the weights are `objectives.<term>`):
+
+| modality      | terms                              | module        |
+|---------------|------------------------------------|---------------|
+| every one     | simmim                             | simmim.py     |
+| sar_l1        | span (the reference's), pauli      | sar.py        |
+| sar_l2        | speckle_nll, xpol_ratio            | sar.py        |
+| multispectral | sam, index                         | spectral.py   |
+
+A term with weight 0 is neither computed nor reported. A physics term whose
+inputs are absent (Pauli without HH/VV, an index whose bands are missing) is
+skipped the same way. Physics terms see physical units: reconstruction and
+target are de-normalised with `norm_stats[m]` (common.py).
+
+Router losses. Each modality runs through the backbone in its own forward pass,
+so `router_loss` of modality m averages m's modal-router and the collaborative
+router's losses over layers. The reference averages the modal load-balancing
+loss over modalities and adds the collaborative one; averaging the per-modality
+`router_loss` results over modalities is the equivalent for separate passes
+(each pass's collaborative statistics count once per modality, i.e. the
+collaborative loss is itself averaged over the modalities that reached it).
+A dense model has no router statistics, so its router terms are 0.
+
+`terms` holds each term's unweighted value (for logging); "{m}/total",
+"router/total" and the returned total are weighted sums.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ringmoe.model.moe import router_loss
+from ringmoe.objectives import sar, spectral
+from ringmoe.objectives.common import denormalize, pixel_mask
+from ringmoe.objectives.crossmodal import cross_modal_loss
+from ringmoe.objectives.simmim import masked_l1
+
+PHYSICS_TERMS = {
+    "sar_l1": ("span", "pauli"),
+    "sar_l2": ("speckle_nll", "xpol_ratio"),
+    "multispectral": ("sam", "index"),
+}
+
+
+def weight(objectives_config, name: str) -> float:
+    """The configured weight of term `name` (0 when the key is absent)."""
+    return float(objectives_config.get(name, 0.0) or 0.0)
+
+
+def _wavelengths(model, modality: str, inputs: Mapping):
+    """Static central wavelengths (nm) of the modality's channels: the batch's 'spectra'
+    override if given, else the model's configured bands."""
+    if inputs.get("spectra") is not None:
+        try:
+            return np.asarray(inputs["spectra"][0], np.float64)
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as e:
+            raise ValueError(f"{modality}: spectral indices need static band wavelengths; pass "
+                             f"batch['{modality}']['spectra'] as a closed-over constant, not a traced "
+                             "argument") from e
+    spectra = getattr(model, "band_spectra", {}).get(modality, ())
+    return np.asarray(spectra, np.float64).reshape(-1, 2)[:, 0] if len(spectra) else np.zeros((0,))
+
+
+def physics_terms(model, modality: str, reconstruction: jax.Array, inputs: Mapping, weights: jax.Array,
+                  objectives_config, stats: Mapping | None) -> dict[str, jax.Array]:
+    """The enabled, applicable physics terms of one modality (unweighted)."""
+    cfg = objectives_config
+    enabled = [t for t in PHYSICS_TERMS.get(modality, ()) if weight(cfg, t) > 0]
+    if not enabled:
+        return {}
+    if stats is None:
+        raise ValueError(f"physics terms {enabled} of {modality} need norm_stats['{modality}'] "
+                         "(per-band mean/std of the manifest) to work in physical units")
+    rec = denormalize(reconstruction, stats)
+    true = denormalize(inputs["pixels"], stats)
+    channels = rec.shape[-1]
+    names = stats.get("bands")
+    out = {}
+    if modality == "sar_l1":
+        layout = sar.complex_channels(channels, cfg.get("sar_l1_polarizations", ("HH", "HV", "VH", "VV")), names)
+        p_ref = sar.reference_power(stats, layout)
+        eps = float(cfg.get("power_eps", 1e-3))
+        if "span" in enabled:
+            out["span"] = sar.span_loss(rec, true, weights, layout, p_ref, eps)
+        if "pauli" in enabled:
+            out["pauli"] = sar.pauli_loss(rec, true, weights, layout, p_ref, eps)
+    elif modality == "sar_l2":
+        layout = sar.detected_channels(channels, cfg.get("sar_l2_polarizations", ("VV", "VH")), names)
+        if "speckle_nll" in enabled:
+            out["speckle_nll"] = sar.speckle_nll_loss(rec, true, weights, float(cfg.get("sar_looks", 4.4)),
+                                                      float(cfg.get("speckle_max_log_ratio", 5.0)))
+        if "xpol_ratio" in enabled:
+            out["xpol_ratio"] = sar.xpol_ratio_loss(rec, true, weights, layout)
+    elif modality == "multispectral":
+        if "sam" in enabled:
+            out["sam"] = spectral.sam_loss(rec, true, weights, float(cfg.get("sam_eps", 1e-6)))
+        if "index" in enabled:
+            bands = spectral.index_bands(_wavelengths(model, modality, inputs),
+                                         tuple(cfg.get("indices", ("ndvi", "ndwi", "ndbi"))),
+                                         float(cfg.get("index_tolerance_nm", 35.0)))
+            out["index"] = spectral.index_loss(rec, true, weights, bands, float(cfg.get("index_eps", 1e-6)))
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def pretraining_loss(model, outputs: Mapping, batch: Mapping, objectives_config, moe_config,
+                     norm_stats: Mapping | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(total loss, {term name: scalar}) of one step.
+
+    model: the RingMoE (patch_size, decoders, band_spectra); outputs = model(inputs)
+    with inputs[m] = {'pixels', 'mask'}; batch[m]: 'pixels' (normalised), 'mask'
+    (B, h, w) True = masked, 'record_index' (for the cross-modal term);
+    objectives_config: `config.objectives`; moe_config: `config.model.moe`;
+    norm_stats[m] = {'mean': (C,), 'std': (C,)[, 'bands': names]} for modalities
+    with physics terms. Jit-compatible: everything static is decided in Python.
+    """
+    cfg = objectives_config
+    norm_stats = norm_stats or {}
+    patch_size = model.patch_size
+    terms: dict[str, jax.Array] = {}
+    total = jnp.zeros((), jnp.float32)
+    for m, out in outputs.items():
+        inputs = batch[m]
+        weights = pixel_mask(inputs["mask"], patch_size)
+        raw = {}
+        if weight(cfg, "simmim") > 0:
+            raw["simmim"] = masked_l1(out["reconstruction"], inputs["pixels"], inputs["mask"], patch_size)
+        raw.update(physics_terms(model, m, out["reconstruction"], inputs, weights, cfg, norm_stats.get(m)))
+        modality_total = jnp.zeros((), jnp.float32)
+        for name, value in raw.items():
+            terms[f"{m}/{name}"] = value
+            modality_total = modality_total + weight(cfg, name) * value
+        terms[f"{m}/total"] = modality_total
+        total = total + modality_total
+
+    if cfg.get("cross_modal", False) and weight(cfg, "cross_modal_weight") > 0 and len(outputs) > 1:
+        terms["cross_modal"] = cross_modal_loss(model, outputs, batch, patch_size)
+        total = total + weight(cfg, "cross_modal_weight") * terms["cross_modal"]
+
+    if outputs:
+        per_modality = [router_loss(out["encoded"].router_stats, moe_config) for out in outputs.values()]
+        for key in ("load_balance", "z_loss", "total"):
+            terms[f"router/{key}"] = jnp.mean(jnp.stack([r[key] for r in per_modality]))
+        total = total + terms["router/total"]
+    return total, terms

@@ -1,0 +1,372 @@
+"""Pretraining objectives: SimMIM, SAR and spectral physics terms, cross-modal term, total loss."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from configs.common import S2_L2A_BANDS
+from ringmoe.model.decoders import SimMIMDecoder
+from ringmoe.model.ringmoe import Encoded
+from ringmoe.objectives import crossmodal, sar, spectral
+from ringmoe.objectives.common import denormalize, masked_mean, pixel_mask
+from ringmoe.objectives.loss import pretraining_loss
+from ringmoe.objectives.simmim import masked_l1
+
+B, H, P = 2, 8, 2                       # rows, image side, patch size -> 4 x 4 tokens
+QUAD = sar.complex_channels(8, ("HH", "HV", "VH", "VV"))
+S1 = sar.detected_channels(2, ("VV", "VH"))
+S2_WL = np.array([b[1] for b in S2_L2A_BANDS])
+
+
+def token_mask(seed=0):
+    return jax.random.bernoulli(jax.random.key(seed), 0.5, (B, H // P, H // P)).at[0, 0, 0].set(True)
+
+
+def weights(seed=0):
+    return pixel_mask(token_mask(seed), P)
+
+
+def normal(seed, channels, scale=1.0, shift=0.0):
+    return jax.random.normal(jax.random.key(seed), (B, H, H, channels)) * scale + shift
+
+
+def reflectance(seed, channels=12):
+    return jax.random.uniform(jax.random.key(seed), (B, H, H, channels), minval=0.02, maxval=0.5)
+
+
+# Every physics term as f(reconstruction, target, weights), on physical pixels of its modality.
+TERMS = {
+    "span": (lambda r, t, w: sar.span_loss(r, t, w, QUAD, jnp.float32(2.0)), lambda s: normal(s, 8)),
+    "pauli": (lambda r, t, w: sar.pauli_loss(r, t, w, QUAD, jnp.float32(2.0)), lambda s: normal(s, 8)),
+    "speckle_nll": (lambda r, t, w: sar.speckle_nll_loss(r, t, w, 4.4), lambda s: normal(s, 2, 4.0, -15.0)),
+    "xpol_ratio": (lambda r, t, w: sar.xpol_ratio_loss(r, t, w, S1), lambda s: normal(s, 2, 4.0, -15.0)),
+    "sam": (spectral.sam_loss, reflectance),
+    "index": (lambda r, t, w: spectral.index_loss(r, t, w, spectral.index_bands(S2_WL)), reflectance),
+    "simmim": (lambda r, t, w: masked_l1(r, t, w[:, ::P, ::P] > 0, P), lambda s: normal(s, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_term_is_zero_at_perfect_reconstruction_and_grows_under_perturbation(name):
+    fn, make = TERMS[name]
+    target, w = make(1), weights()
+    assert float(fn(target, target, w)) == pytest.approx(0.0, abs=1e-6)
+    assert float(fn(make(2), target, w)) > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_term_ignores_unmasked_pixels(name):
+    fn, make = TERMS[name]
+    target, rec, w = make(1), make(2), weights()
+    garbage = jnp.where(w[..., None] > 0, rec, rec * 7.0 - 3.0)
+    np.testing.assert_allclose(fn(garbage, target, w), fn(rec, target, w), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
+@pytest.mark.parametrize("case", ["perfect", "zeros", "random"])
+def test_term_gradient_is_finite(name, case):
+    fn, make = TERMS[name]
+    target = make(1)
+    rec = {"perfect": target, "zeros": jnp.zeros_like(target), "random": make(2)}[case]
+    if case == "zeros":
+        target = jnp.zeros_like(target)
+    grad = jax.grad(lambda r: fn(r, target, weights()))(rec)
+    assert np.isfinite(np.asarray(grad)).all()
+    assert np.isfinite(float(fn(rec, target, weights())))
+
+
+def test_denormalize_and_shape_check():
+    stats = {"mean": np.array([1.0, -2.0]), "std": np.array([0.5, 3.0])}
+    z = jnp.array([[[[2.0, -1.0]]]])
+    np.testing.assert_allclose(denormalize(z, stats), [[[[2.0, -5.0]]]])
+    with pytest.raises(ValueError, match="3 channels"):
+        denormalize(jnp.zeros((1, 1, 1, 3)), stats)
+
+
+def test_masked_mean_of_empty_mask_is_zero():
+    assert float(masked_mean(jnp.ones((B, H, H)), jnp.zeros((B, H, H)))) == 0.0
+
+
+# --- SAR-L1 --------------------------------------------------------------------------------------
+
+def test_span_is_total_power_and_phase_invariant_while_pauli_sees_the_phase():
+    s = normal(3, 8)
+    np.testing.assert_allclose(sar.span(s, QUAD), jnp.sum(s * s, -1), rtol=1e-5)
+    # A common phase rotation of every channel changes neither span nor Pauli powers.
+    c, si = math.cos(0.7), math.sin(0.7)
+    rotated = jnp.stack([s[..., 0::2] * c - s[..., 1::2] * si, s[..., 0::2] * si + s[..., 1::2] * c],
+                        -1).reshape(s.shape)
+    w = weights()
+    assert float(sar.span_loss(rotated, s, w, QUAD, 2.0)) == pytest.approx(0, abs=1e-8)
+    assert float(sar.pauli_loss(rotated, s, w, QUAD, 2.0)) == pytest.approx(0, abs=1e-8)
+    # Flipping the sign of S_VV swaps odd and even bounce: same span, different Pauli powers.
+    flipped = s.at[..., 6:8].multiply(-1.0)
+    assert float(sar.span_loss(flipped, s, w, QUAD, 2.0)) == pytest.approx(0, abs=1e-8)
+    assert float(sar.pauli_loss(flipped, s, w, QUAD, 2.0)) > 0.1
+
+
+def test_pauli_powers_sum_to_span_under_reciprocity():
+    s = normal(4, 8)
+    s = s.at[..., 4:6].set(s[..., 2:4])            # S_VH = S_HV
+    k = sar.pauli_powers(s, QUAD)
+    np.testing.assert_allclose(jnp.sum(k, -1), sar.span(s, QUAD), rtol=1e-5)
+    np.testing.assert_allclose(k[..., 2], 2 * (s[..., 2] ** 2 + s[..., 3] ** 2), rtol=1e-5)
+
+
+def test_span_of_scaled_amplitude_is_the_log_power_ratio():
+    s, w = normal(5, 8), weights()
+    loss = sar.span_loss(2.0 * s, s, w, QUAD, jnp.float32(1.0), eps=1e-12)
+    assert float(loss) == pytest.approx(math.log(4.0) ** 2, rel=1e-3)
+
+
+def test_complex_layout_by_band_name_and_dual_pol():
+    names = ("VV_re", "VV_im", "HH_re", "HH_im", "VH_re", "VH_im", "HV_re", "HV_im")
+    layout = sar.complex_channels(8, band_names=names)
+    assert layout == {"VV": (0, 1), "HH": (2, 3), "VH": (4, 5), "HV": (6, 7)}
+    s = normal(6, 8)
+    order = [layout[p][i] for p in ("HH", "HV", "VH", "VV") for i in (0, 1)]
+    np.testing.assert_allclose(sar.pauli_powers(s, layout), sar.pauli_powers(s[..., order], QUAD), rtol=1e-6)
+    dual = sar.complex_channels(4, ("VH", "VV"))    # Sentinel-1 SLC: span yes, Pauli no
+    assert sar.pauli_loss(normal(1, 4), normal(2, 4), weights(), dual, 1.0) is None
+    assert float(sar.span_loss(normal(1, 4), normal(2, 4), weights(), dual, 1.0)) > 0
+    with pytest.raises(ValueError, match="need 8"):
+        sar.complex_channels(6, ("HH", "HV", "VH", "VV"))
+
+
+def test_reference_power_is_mean_span_of_the_data_set():
+    stats = {"mean": np.zeros(8), "std": np.full(8, 2.0)}
+    assert float(sar.reference_power(stats, QUAD)) == pytest.approx(32.0)
+
+
+# --- SAR-L2 --------------------------------------------------------------------------------------
+
+def test_gamma_nll_matches_the_likelihood_and_its_minimum():
+    looks = 4.4
+    target_db = jnp.array([-15.0, -20.0, -8.0])
+    rec_db = jnp.array([-12.0, -25.0, -8.0])
+    intensity = 10 ** (target_db / 10)
+    x = rec_db * math.log(10) / 10
+    expected = looks * (x + intensity * jnp.exp(-x)) - looks * (jnp.log(intensity) + 1)
+    np.testing.assert_allclose(sar.gamma_nll(rec_db, target_db, looks), expected, rtol=1e-4, atol=1e-6)
+    # Minimum over the prediction is at the observed intensity.
+    grid = jnp.linspace(-30, 0, 3001)
+    best = grid[jnp.argmin(sar.gamma_nll(grid, jnp.full_like(grid, -14.0), looks))]
+    assert float(best) == pytest.approx(-14.0, abs=0.02)
+    # Under-predicting the intensity costs more than over-predicting by the same dB.
+    assert float(sar.gamma_nll(jnp.array(-17.0), jnp.array(-14.0), looks)) > \
+        float(sar.gamma_nll(jnp.array(-11.0), jnp.array(-14.0), looks))
+
+
+def test_gamma_nll_linear_tail_is_continuous_and_finite():
+    target = jnp.array(0.0)
+    d_max_db = 5.0 / (math.log(10) / 10)
+    f = lambda r: sar.gamma_nll(r, target, 1.0, 5.0)           # noqa: E731
+    below, above = float(f(-d_max_db + 1e-3)), float(f(-d_max_db - 1e-3))
+    assert above == pytest.approx(below, rel=1e-3)
+    g = jax.grad(f)
+    assert float(g(-d_max_db - 1e-3)) == pytest.approx(float(g(-d_max_db + 1e-3)), rel=1e-2)
+    assert np.isfinite(float(f(-3000.0))) and np.isfinite(float(g(-3000.0)))
+
+
+def test_xpol_ratio_sees_the_ratio_not_the_level():
+    target, w = normal(1, 2, 4.0, -15.0), weights()
+    brighter = target + 3.0                                   # both channels +3 dB: same ratio
+    assert float(sar.xpol_ratio_loss(brighter, target, w, S1)) == pytest.approx(0, abs=1e-8)
+    assert float(sar.speckle_nll_loss(brighter, target, w, 4.4)) > 0.1
+    vh_up = target.at[..., S1["VH"]].add(3.0)
+    assert float(sar.xpol_ratio_loss(vh_up, target, w, S1)) == pytest.approx((0.3 * math.log(10)) ** 2,
+                                                                              rel=1e-4)
+    assert sar.xpol_ratio_loss(target, target, w, {"VV": 0, "HH": 1}) is None
+
+
+# --- multispectral -------------------------------------------------------------------------------
+
+def test_spectral_angle_values_and_scale_invariance():
+    x, y = jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0])
+    assert float(spectral.spectral_angle(x, y)) == pytest.approx(math.pi / 4, rel=1e-5)
+    assert float(spectral.spectral_angle(x, -x)) == pytest.approx(math.pi, rel=1e-5)
+    target, w = reflectance(1), weights()
+    assert float(spectral.sam_loss(2.5 * target, target, w)) == pytest.approx(0, abs=1e-5)
+    shape = target.at[..., 7].multiply(2.0)                   # brighter NIR: a different material
+    assert float(spectral.sam_loss(shape, target, w)) > 0.01
+    assert float(spectral.spectral_angle(jnp.zeros(4), jnp.ones(4))) == pytest.approx(math.pi / 2, rel=1e-4)
+
+
+def test_index_bands_found_by_wavelength_in_any_order_and_subset():
+    full = spectral.index_bands(S2_WL, ("ndvi", "ndwi", "ndbi", "mndwi"))
+    assert full == {"ndvi": (7, 3), "ndwi": (2, 7), "ndbi": (10, 7), "mndwi": (2, 10)}
+    perm = np.random.default_rng(0).permutation(12)
+    permuted = spectral.index_bands(S2_WL[perm])
+    inverse = {int(c): i for i, c in enumerate(perm)}
+    assert permuted == {k: (inverse[a], inverse[b]) for k, (a, b) in full.items() if k != "mndwi"}
+    # B2 B3 B4 B8: no SWIR, so NDBI is skipped.
+    assert spectral.index_bands(S2_WL[[1, 2, 3, 7]]) == {"ndvi": (3, 2), "ndwi": (1, 3)}
+    # Without B8, B8A (864.7 nm) stands in for it; the red-edge B5 does not stand in for B4.
+    no_b8 = [i for i in range(12) if i != 7]
+    assert spectral.index_bands(S2_WL[no_b8])["ndvi"] == (7, 3)
+    assert "ndvi" not in spectral.index_bands(S2_WL[[4, 7]])
+    assert spectral.index_bands(()) == {}
+    with pytest.raises(ValueError, match="unknown spectral index"):
+        spectral.index_bands(S2_WL, ("evi",))
+
+
+def test_index_loss_uses_the_found_bands():
+    target, w = reflectance(1), weights()
+    bands = spectral.index_bands(S2_WL)
+    assert float(spectral.index_loss(1.7 * target, target, bands=bands, weights=w)) == pytest.approx(0, abs=1e-5)
+    nir = target.at[..., 7].multiply(1.5)                     # B8 only: NDVI, NDWI, NDBI all move
+    assert float(spectral.index_loss(nir, target, w, bands)) > 0.02
+    swir12 = target.at[..., 11].multiply(1.5)                 # B12 is in no index
+    assert float(spectral.index_loss(swir12, target, w, bands)) == pytest.approx(0, abs=1e-6)
+    assert spectral.index_loss(target, target, w, {}) is None
+    ndvi = spectral.normalized_difference(target[..., 7], target[..., 3])
+    np.testing.assert_allclose(ndvi, (target[..., 7] - target[..., 3]) / (target[..., 7] + target[..., 3]),
+                               rtol=1e-4)
+
+
+# --- cross-modal ---------------------------------------------------------------------------------
+
+class FakeModel:
+    """What the objectives read from RingMoE: patch_size, decoders, band_spectra."""
+
+    def __init__(self, channels, dim=4, stride=H // 2, band_spectra=None):
+        self.patch_size = P
+        self.decoders = {m: SimMIMDecoder(dim, stride, c, rngs=nnx.Rngs(i)) for i, (m, c) in
+                         enumerate(channels.items())}
+        self.band_spectra = band_spectra or {m: () for m in channels}
+
+
+def encoded(seed, rows, stats=()):
+    return Encoded(jax.random.normal(jax.random.key(seed), (rows, 2, 2, 4)), (), stats)
+
+
+def test_cross_modal_uses_only_rows_with_equal_record_index():
+    model = FakeModel({"optical": 3, "sar_l2": 2})
+    feats_sar = encoded(10, 2).features
+    batch = {"optical": {"pixels": normal(1, 3, 1.0)[[0, 1, 0]], "mask": token_mask()[[0, 1, 1]],
+                         "record_index": jnp.array([5, 7, -1])},
+             "sar_l2": {"pixels": normal(2, 2)[:2], "mask": token_mask(1)[:2],
+                        "record_index": jnp.array([7, -1])}}
+    outputs = {"optical": {"encoded": encoded(11, 3)}, "sar_l2": {"encoded": Encoded(feats_sar, (), ())}}
+    # Only optical row 1 <-> sar row 0 pair (record 7); -1 never pairs with -1.
+    opt_from_sar = masked_l1(model.decoders["optical"](feats_sar[:1]), batch["optical"]["pixels"][1:2],
+                             batch["optical"]["mask"][1:2], P)
+    sar_from_opt = masked_l1(model.decoders["sar_l2"](outputs["optical"]["encoded"].features[1:2]),
+                             batch["sar_l2"]["pixels"][:1], batch["sar_l2"]["mask"][:1], P)
+    loss = crossmodal.cross_modal_loss(model, outputs, batch)
+    np.testing.assert_allclose(loss, (opt_from_sar + sar_from_opt) / 2, rtol=1e-5)
+    # Pixels of unpaired rows do not matter.
+    batch["optical"]["pixels"] = batch["optical"]["pixels"].at[0].add(100.0).at[2].add(100.0)
+    np.testing.assert_allclose(crossmodal.cross_modal_loss(model, outputs, batch), loss, rtol=1e-5)
+    # No pairs at all: 0.
+    batch["sar_l2"]["record_index"] = jnp.array([1, 2])
+    assert float(crossmodal.cross_modal_loss(model, outputs, batch)) == 0.0
+
+
+# --- the total loss ------------------------------------------------------------------------------
+
+ALL = {"optical": 3, "multispectral": 12, "sar_l2": 2, "sar_l1": 8}
+
+
+def loss_inputs(seed=0):
+    def stats(c, i):
+        return {"mean": np.linspace(-1.0, 1.0, c) * (i + 1), "std": np.linspace(0.5, 2.0, c)}
+
+    spectra = {m: () for m in ALL}
+    spectra["multispectral"] = tuple((b[1], b[2]) for b in S2_L2A_BANDS)
+    model = FakeModel(ALL, band_spectra=spectra)
+    norm = {m: stats(c, i) for i, (m, c) in enumerate(ALL.items())}
+    batch, outputs = {}, {}
+    for i, (m, c) in enumerate(ALL.items()):
+        router = ({"modal": {"load_balance": jnp.float32(1.0 + i), "z_loss": jnp.float32(2.0)}},)
+        batch[m] = {"pixels": normal(seed + i, c), "mask": token_mask(i), "record_index": jnp.array([3, i + 10])}
+        outputs[m] = {"reconstruction": normal(seed + 20 + i, c), "encoded": encoded(i, B, router)}
+    return model, outputs, batch, norm
+
+
+def test_pretraining_loss_terms_total_and_weight_zero():
+    config = tiny.get_config()
+    cfg, moe = config.objectives, config.model.moe
+    cfg.cross_modal = True
+    model, outputs, batch, norm = loss_inputs()
+    total, terms = pretraining_loss(model, outputs, batch, cfg, moe, norm)
+    expected = {f"{m}/{t}" for m in ALL for t in ("simmim", "total")} | {
+        "sar_l1/span", "sar_l1/pauli", "sar_l2/speckle_nll", "sar_l2/xpol_ratio", "multispectral/sam",
+        "multispectral/index", "cross_modal", "router/load_balance", "router/z_loss", "router/total"}
+    assert set(terms) == expected
+    assert all(np.isfinite(float(v)) for v in terms.values())
+    # Router: the mean over modalities of router_loss (load balance 1, 2, 3, 4 -> 2.5).
+    assert float(terms["router/load_balance"]) == pytest.approx(2.5)
+    assert float(terms["router/total"]) == pytest.approx(1e-3 * 2.5 + moe.z_loss_weight * 2.0)
+    w = {"simmim": cfg.simmim, "span": cfg.span, "pauli": cfg.pauli, "speckle_nll": cfg.speckle_nll,
+         "xpol_ratio": cfg.xpol_ratio, "sam": cfg.sam, "index": cfg.index}
+    for m in ALL:
+        own = sum(w[k.split("/")[1]] * float(v) for k, v in terms.items()
+                  if k.startswith(m + "/") and not k.endswith("/total"))
+        assert float(terms[f"{m}/total"]) == pytest.approx(own, rel=1e-5)
+    assert float(total) == pytest.approx(sum(float(terms[f"{m}/total"]) for m in ALL)
+                                         + cfg.cross_modal_weight * float(terms["cross_modal"])
+                                         + float(terms["router/total"]), rel=1e-5)
+    # Weight 0 removes a term; cross_modal False removes the cross-modal term.
+    cfg.span, cfg.sam, cfg.cross_modal = 0.0, 0.0, False
+    _, fewer = pretraining_loss(model, outputs, batch, cfg, moe, norm)
+    assert set(terms) - set(fewer) == {"sar_l1/span", "multispectral/sam", "cross_modal"}
+
+
+def test_physics_terms_use_physical_units():
+    cfg, moe = tiny.get_config().objectives, tiny.get_config().model.moe
+    model, outputs, batch, norm = loss_inputs()
+    _, terms = pretraining_loss(model, outputs, batch, cfg, moe, norm)
+    stats = norm["sar_l2"]
+    rec = denormalize(outputs["sar_l2"]["reconstruction"], stats)
+    true = denormalize(batch["sar_l2"]["pixels"], stats)
+    np.testing.assert_allclose(terms["sar_l2/speckle_nll"],
+                               sar.speckle_nll_loss(rec, true, pixel_mask(batch["sar_l2"]["mask"], P), 4.4),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="norm_stats"):
+        pretraining_loss(model, outputs, batch, cfg, moe, {})
+
+
+def test_pretraining_loss_dense_model_has_zero_router_terms():
+    config = tiny.get_config()
+    model, outputs, batch, norm = loss_inputs()
+    outputs = {m: {**o, "encoded": o["encoded"]._replace(router_stats=({}, {}))} for m, o in outputs.items()}
+    _, terms = pretraining_loss(model, outputs, batch, config.objectives, config.model.moe, norm)
+    assert float(terms["router/total"]) == 0.0 and float(terms["router/load_balance"]) == 0.0
+
+
+def test_pretraining_loss_jits_and_has_finite_gradients_on_a_real_model():
+    from ringmoe.model.ringmoe import create_model
+    config = tiny.get_config()
+    c = config.model
+    c.image_size, c.depths, c.num_heads, c.embed_dim, c.cpb_hidden = 32, (1, 1), (1, 2), 16, 16
+    model = create_model(c, seed=0)
+    grid = c.image_size // c.patch_size
+    batch, norm = {}, {}
+    for i, (m, mc) in enumerate(c.modalities.items()):
+        k1, k2 = jax.random.split(jax.random.key(i))
+        batch[m] = {"pixels": jax.random.normal(k1, (2, 32, 32, mc.channels)),
+                    "mask": jax.random.bernoulli(k2, 0.6, (2, grid, grid)),
+                    "record_index": jnp.array([i, 100])}
+        norm[m] = {"mean": np.full(mc.channels, 0.1 if m != "sar_l2" else -15.0, np.float32),
+                   "std": np.full(mc.channels, 0.05 if m != "sar_l2" else 4.0, np.float32)}
+    config.objectives.cross_modal = True
+
+    @nnx.jit
+    def loss_and_grad(model, batch):
+        def fn(model):
+            outputs = model({m: {"pixels": b["pixels"], "mask": b["mask"]} for m, b in batch.items()})
+            return pretraining_loss(model, outputs, batch, config.objectives, c.moe, norm)
+        return nnx.value_and_grad(fn, has_aux=True)(model)
+
+    (total, terms), grads = loss_and_grad(model, batch)
+    assert np.isfinite(float(total)) and "sar_l1/pauli" in terms and "multispectral/index" in terms
+    assert float(terms["router/load_balance"]) > 0
+    leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
+    assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+    # The cross-modal decoders get gradient only through paired rows (here row 1, record 100).
+    assert float(jnp.abs(grads.decoders["optical"].proj.kernel[...]).sum()) > 0
