@@ -51,7 +51,7 @@ def _init(config, tx):
 def abstract_state(config, mesh):
     """(graphdef, abstract TrainState, its NamedShardings): shapes only, nothing allocated."""
     tx = make_optimizer(config)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: RingMoE(config.model, rngs=nnx.Rngs(config.seed))))
+    graphdef, _ = jax.eval_shape(lambda: nnx.split(RingMoE(config.model, rngs=nnx.Rngs(config.seed))))
     abstract = jax.eval_shape(lambda: _init(config, tx))
     return graphdef, abstract, state_shardings(abstract, mesh)
 

@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
@@ -183,6 +184,7 @@ def save_pictures(workdir, tag, graphdef, state, batch, metrics, norm_stats, lea
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
     initialize_distributed()

@@ -103,19 +103,18 @@ def _variable_names(variable) -> tuple | None:
     return metadata.get("out_sharding", metadata.get("sharding_names"))
 
 
-def state_specs(state) -> object:
-    """Mesh PartitionSpecs for an nnx State (abstract or concrete)."""
+def state_shardings(state, mesh: Mesh) -> object:
+    """NamedShardings for an nnx State (abstract or concrete), from its logical names.
+
+    The result has the state's exact tree structure (each Variable keeps its place,
+    holding a NamedSharding), so it can be zipped with the state or used as jit
+    in/out shardings.
+    """
     return jax.tree.map(
-        lambda v: logical_to_mesh(_variable_names(v)),
+        lambda v: v.replace(NamedSharding(mesh, logical_to_mesh(_variable_names(v)))),
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
-
-
-def state_shardings(state, mesh: Mesh) -> object:
-    """NamedShardings for every leaf of an nnx State, from its logical names."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
