@@ -4,7 +4,8 @@ Saves are asynchronous (training continues while arrays are written) and every
 process writes its own shards collectively. A step directory only becomes
 visible once Orbax has finalised it, so a save interrupted mid-way is never
 restored; a finalised step whose files were truncated or corrupted later is
-skipped with a warning naming it, and the next older one is restored.
+skipped with a warning naming it, moved aside to `<step>.unreadable` (kept for
+inspection, never deleted) and the next older one is restored.
 """
 from __future__ import annotations
 
@@ -51,8 +52,13 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                     meta=ocp.args.JsonRestore()))
             except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-                log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
-                            os.path.join(self.directory, str(step)), type(e).__name__, str(e).splitlines()[0][:200])
+                path = os.path.join(self.directory, str(step))
+                aside = f"{path}.unreadable"
+                log.warning("checkpoint %s is unreadable (%s: %s); moved to %s, trying the previous one",
+                            path, type(e).__name__, (str(e).splitlines() or [""])[0][:200], aside)
+                if jax.process_index() == 0:
+                    os.replace(path, aside)
+                self.manager.reload()
                 continue
             return step, restored.state, restored.data, restored.meta
         return None

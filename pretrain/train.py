@@ -84,12 +84,13 @@ def describe_nonfinite(metrics: dict) -> str:
     return "loss finite but gradients non-finite" if "grad_norm" in bad else "non-finite loss"
 
 
-def train(config, workdir: str) -> dict:
-    """Runs (or resumes) pretraining; returns the last logged metrics."""
+def train(config, workdir: str, devices=None) -> dict:
+    """Runs (or resumes) pretraining on `devices` (default: all); returns the last logged metrics."""
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     pipeline = Pipeline(config)
-    norm_stats = {m: {"mean": pipeline.specs[m].mean, "std": pipeline.specs[m].std} for m in pipeline.modalities}
+    norm_stats = {m: {"mean": pipeline.specs[m].mean, "std": pipeline.specs[m].std, "bands": pipeline.specs[m].bands}
+                  for m in pipeline.modalities}
     graphdef, abstract, shardings = abstract_state(config, mesh)
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
     lead = jax.process_index() == 0
@@ -185,6 +186,7 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
+    logging.getLogger("ringmoe").setLevel(logging.INFO)
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
     initialize_distributed()

@@ -343,12 +343,14 @@ def test_weight_zero_removes_terms_and_dense_router_terms_are_zero():
         pretraining_loss(model, outputs, batch, cfg, moe, {})
 
 
-def test_pretraining_loss_jits_with_finite_gradients_on_a_real_model():
+def test_pretraining_loss_jits_on_a_real_model():
+    """Forward + loss under nnx.jit on RingMoE itself (gradients: the test above; a backward
+    compile of even this model takes ~30 s on 2 cores)."""
     from ringmoe.model.ringmoe import create_model
     config = tiny.get_config()
     c = config.model
     c.image_size, c.depths, c.num_heads, c.embed_dim, c.cpb_hidden = 32, (1, 1), (1, 2), 16, 16
-    for m in ("optical", "sar_l2"):         # the two modalities with the most physics terms
+    for m in ("optical", "sar_l2"):         # keep the two modalities with the most physics terms
         del c.modalities[m]
     model = create_model(c, seed=0)
     grid = c.image_size // c.patch_size
@@ -362,15 +364,11 @@ def test_pretraining_loss_jits_with_finite_gradients_on_a_real_model():
     config.objectives.cross_modal = True
 
     @nnx.jit
-    def loss_and_grad(model, batch):
-        def fn(model):
-            outputs = model({m: {"pixels": b["pixels"], "mask": b["mask"]} for m, b in batch.items()})
-            return pretraining_loss(model, outputs, batch, config.objectives, c.moe, norm)
-        return nnx.value_and_grad(fn, has_aux=True)(model)
+    def loss(model, batch):
+        outputs = model({m: {"pixels": b["pixels"], "mask": b["mask"]} for m, b in batch.items()})
+        return pretraining_loss(model, outputs, batch, config.objectives, c.moe, norm)
 
-    (total, terms), grads = loss_and_grad(model, batch)
-    assert np.isfinite(float(total)) and "cross_modal" in terms
-    assert {"sar_l1/span", "sar_l1/pauli", "multispectral/sam", "multispectral/index"} <= set(terms)
+    total, terms = loss(model, batch)
+    assert np.isfinite(float(total)) and all(np.isfinite(float(v)) for v in terms.values())
+    assert {"sar_l1/span", "sar_l1/pauli", "multispectral/sam", "multispectral/index", "cross_modal"} <= set(terms)
     assert float(terms["router/load_balance"]) > 0
-    leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
-    assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
