@@ -1,6 +1,10 @@
 """Tiny RingMoE: CPU-sized, all four modalities, MoE in every block.
 
-    python -m tools.params --config configs/tiny.py
+    python -m tools.make_synthetic --out /tmp/syn64 --examples 256 --image-size 64 --seed 0 --labeled
+    python -m pretrain.train --config configs/tiny.py --workdir /tmp/tiny --config.data_dir=/tmp/syn64
+
+Expected (this 2-core CPU): ~0.9 s/step, every modality's masked reconstruction
+loss well below its step-0 value after 300 steps.
 """
 from configs.common import S2_L2A_BANDS, base_config, modality
 
@@ -24,4 +28,11 @@ def get_config():
     # Data: 64 px crops hold 4 x 4 mask blocks of 16 px.
     c.batch_size = 16
     c.data.mask_block_size = 16
+    # A CPU-sized schedule: a few hundred steps of 16 images.
+    c.total_steps = 300
+    c.log_every = 10
+    c.checkpoint_every = 100
+    c.optimizer.lr = 1e-3
+    c.optimizer.warmup_steps = 20
+    c.optimizer.end_lr = 1e-5
     return c
