@@ -14,7 +14,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from ringmoe.data import schema, shards
 from ringmoe.data.ingest import geotiff
 from ringmoe.data.schema import RecordError
-from tif_helpers import REPO, make_record, s1_db, s2_dn, write_csv, write_tif
+from tests.tif_helpers import REPO, make_record, s1_db, s2_dn, write_csv, write_tif
 
 
 def _dataset(path, n=3, shard_size=10):

@@ -13,7 +13,7 @@ import rasterio
 from ringmoe.data import sensors, shards
 from ringmoe.data.ingest import geotiff
 from ringmoe.data.schema import RecordError
-from tif_helpers import REAL, REAL_CSV, REAL_IDS, REPO, write_csv, write_tif
+from tests.tif_helpers import REAL, REAL_CSV, REAL_IDS, REPO, write_csv, write_tif
 
 needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason=f"real chips not found at {REAL}")
 

@@ -8,7 +8,7 @@ import pytest
 
 from ringmoe.data import schema, shards
 from ringmoe.data.schema import RecordError
-from tif_helpers import make_record
+from tests.tif_helpers import make_record
 
 
 def test_round_trip_and_shard_split(tmp_path):
