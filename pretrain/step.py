@@ -56,7 +56,7 @@ def make_train_step(graphdef, config, norm_stats: dict):
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         (loss, (terms, router)), grads = gradients(state.params, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
