@@ -13,8 +13,11 @@ S2_L2A_BANDS = (
 )
 
 
-def modality(channels: int, embed: str = "patch", bands=()) -> ConfigDict:
+def modality(channels: int, embed: str = "patch", bands=(), power_head: int = 0) -> ConfigDict:
     """One input modality: its channel count and patch-embedding kind.
+
+    power_head > 0 adds a second light decoder with that many channels, predicting
+    log polarimetric powers (SAR-L1: span + 3 Pauli = 4) for the span/Pauli terms.
 
     embed='patch' is a plain strided projection with fixed channels; embed='wavelength'
     generates the projection from each band's (wavelength, bandwidth), so any subset
@@ -22,7 +25,7 @@ def modality(channels: int, embed: str = "patch", bands=()) -> ConfigDict:
     """
     if embed == "wavelength" and len(bands) != channels:
         raise ValueError(f"wavelength embedding needs one band entry per channel ({channels})")
-    return ConfigDict({"channels": channels, "embed": embed, "bands": tuple(bands)})
+    return ConfigDict({"channels": channels, "embed": embed, "bands": tuple(bands), "power_head": power_head})
 
 
 def base_config() -> ConfigDict:
@@ -83,6 +86,8 @@ def base_config() -> ConfigDict:
     c.checkpoint_every = 1000         # async Orbax save every N steps (and on SIGTERM, and at the end)
     c.keep_checkpoints = 3
     c.image_every = 0                 # reconstruction / expert-load PNGs every N steps (0: at the end only)
+    c.eval_every = 0                  # loss on fixed batches every N steps, at step 0 and at the end (0: off)
+    c.eval_batches = 2                # those batches: drawn once with seed + 1 (same records, other crops/masks)
     c.max_nonfinite_steps = 5         # NaN/Inf updates skipped in a row before the run stops
     c.optimizer = ConfigDict({"lr": 2.5e-4, "init_lr": 1e-6, "end_lr": 5e-7, "warmup_steps": 200,
                               "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.05, "grad_clip": 5.0})
@@ -111,4 +116,19 @@ def base_config() -> ConfigDict:
     c.objectives.index_tolerance_nm = 35.0  # a band serves for an S2 one within this (B8A/OLI NIR for B8)
     c.objectives.sar_l1_polarizations = ("HH", "HV", "VH", "VV")  # Re/Im interleaved (sar_l1_quadpol)
     c.objectives.sar_l2_polarizations = ("VV", "VH")               # dB channels (sentinel1_db)
+
+    # Frozen-encoder evaluation (ringmoe/eval, `python -m tools.evaluate`). The linear heads
+    # are trained full-batch with AdamW on standardised features.
+    c.probe = ConfigDict({
+        "knn_k": 20,                      # neighbours voting in the kNN probe (DINO uses 20)
+        "linear_epochs": 300,             # full-batch AdamW steps of the scene-label logistic regression
+        "linear_lr": 1e-2,
+        "linear_weight_decay": 1e-4,      # on the weight matrix only, not the bias
+        "segmentation_stage": 1,          # encoder stage whose pre-merge map feeds the 1x1 head (stride 8)
+        "segmentation_epochs": 300,       # full-batch AdamW steps of the 1x1 segmentation head
+        "segmentation_lr": 1e-2,
+        "segmentation_weight_decay": 1e-4,
+        "test_fraction": 0.2,             # share of labelled records held out (unless the manifest has "splits")
+        "seed": 0,                        # train/test split and head initialisation
+    })
     return c

@@ -21,7 +21,7 @@ def get_config():
     m.modalities.optical = modality(3)         # RGB
     m.modalities.multispectral = modality(4)   # 4 bands in the reference
     m.modalities.sar_l2 = modality(3)          # amplitude copied to 3 channels (ref)
-    m.modalities.sar_l1 = modality(8)          # Re/Im of HH, HV, VH, VV
+    m.modalities.sar_l1 = modality(8, power_head=4)          # Re/Im of HH, HV, VH, VV
     m.moe.num_modal_experts = 4
     m.moe.num_collaborative_experts = 4
     m.moe.shared_expert = True

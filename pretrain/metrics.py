@@ -135,11 +135,11 @@ class MetricsWriter:
             timing["sec_per_step"] = seconds / steps
             if samples:
                 timing["samples_per_s"] = samples * steps / seconds
-        if self._first is None:
+        if self._first is None and samples:  # an evaluation-only write says nothing of the step rate
             self._first = (step, now)
         # ETA from the mean rate since the first write of this process (compile time
         # excluded once there are two writes), else from the last interval.
-        first_step, first_time = self._first
+        first_step, first_time = self._first or (step, now)
         rate = (now - first_time) / (step - first_step) if step > first_step else timing["sec_per_step"]
         eta = max(self.total_steps - step, 0) * rate if rate is not None else None
         self._last = (step, now)

@@ -1,4 +1,5 @@
-"""The jitted, donated train step: loss, gradients (with accumulation), guarded update."""
+"""The jitted, donated train step (loss, gradients with accumulation, guarded update)
+and the matching evaluation step (the same loss, no update)."""
 from __future__ import annotations
 
 import jax
@@ -17,6 +18,28 @@ def model_inputs(batch: dict) -> dict:
     return {m: {k: b[k] for k in MODEL_INPUTS if k in b} for m, b in batch.items()}
 
 
+def make_loss_fn(graphdef, config, norm_stats: dict):
+    """loss_fn(params, batch) -> (total, (terms, router statistics)): the pretraining objective."""
+    def loss_fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        outputs = model({m: {"pixels": b["pixels"], "mask": b["mask"]} for m, b in batch.items()})
+        total, terms = pretraining_loss(model, outputs, batch, config.objectives, config.model.moe, norm_stats)
+        router = {m: o["encoded"].router_stats for m, o in outputs.items()}
+        return total, (terms, router)
+    return loss_fn
+
+
+def make_eval_step(graphdef, config, norm_stats: dict):
+    """Returns eval_step(state, batch) -> {'loss', every objective term}: no gradients, no update."""
+    loss_fn = make_loss_fn(graphdef, config, norm_stats)
+
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        loss, (terms, _) = loss_fn(state.params, batch)
+        return {"loss": loss, **terms}
+
+    return eval_step
+
+
 def make_train_step(graphdef, config, norm_stats: dict):
     """Returns step(state, batch) -> (state, metrics), to be wrapped in jax.jit by the caller.
 
@@ -28,13 +51,7 @@ def make_train_step(graphdef, config, norm_stats: dict):
     schedule = learning_rate(config)
     accum = int(config.grad_accum_steps)
 
-    def loss_fn(params, batch):
-        model = nnx.merge(graphdef, params)
-        outputs = model({m: {"pixels": b["pixels"], "mask": b["mask"]} for m, b in batch.items()})
-        total, terms = pretraining_loss(model, outputs, batch, config.objectives, config.model.moe, norm_stats)
-        router = {m: o["encoded"].router_stats for m, o in outputs.items()}
-        return total, (terms, router)
-
+    loss_fn = make_loss_fn(graphdef, config, norm_stats)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def gradients(params, batch):

@@ -6,7 +6,9 @@
 Mesh from `config.mesh`; state created sharded; the jitted, donated step from
 `pretrain.step`; async Orbax checkpoints holding state + data-iterator state
 (`pretrain.checkpoint`); metrics to `workdir/metrics.jsonl`, TensorBoard and the
-console (`pretrain.metrics`); PNGs of reconstructions and expert loads. A
+console (`pretrain.metrics`); with `eval_every`, the loss on fixed batches at step
+0, every N steps and at the end (`eval/...` metrics: the same pixels and masks
+each time, so the curve is free of batch-to-batch noise); PNGs of reconstructions and expert loads. A
 workdir with checkpoints resumes from the newest readable one. SIGTERM saves a
 checkpoint and exits cleanly. Multi-host: `jax.distributed` is initialised from
 --coordinator_address/--num_processes/--process_id or the cluster environment.
@@ -30,7 +32,7 @@ from ml_collections import config_flags
 from pretrain.checkpoint import Checkpointer, abstract_with_shardings
 from pretrain.metrics import MetricsWriter, flatten_router_stats, router_load_matrices
 from pretrain.state import abstract_state, create_state
-from pretrain.step import make_train_step, model_inputs
+from pretrain.step import make_eval_step, make_train_step, model_inputs
 from ringmoe import flops, sharding, visualize
 from ringmoe.data.pipeline import Pipeline
 
@@ -76,6 +78,21 @@ def to_device(batch: dict, shardings: dict) -> dict:
     return out
 
 
+def fixed_eval_batches(config, shardings: dict) -> list[dict]:
+    """`config.eval_batches` device batches drawn once from the data set with seed + 1."""
+    with Pipeline(config, seed=config.seed + 1, num_workers=0) as pipeline:
+        return [to_device(next(pipeline), shardings) for _ in range(config.eval_batches)]
+
+
+def evaluate(eval_fn, state, batches: list[dict]) -> dict[str, float]:
+    """Mean of every loss term over the fixed batches, as 'eval/<term>'."""
+    sums: dict[str, float] = {}
+    for batch in batches:
+        for k, v in jax.device_get(eval_fn(state, batch)).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return {f"eval/{k}": v / len(batches) for k, v in sums.items()}
+
+
 def describe_nonfinite(metrics: dict) -> str:
     bad = [k for k, v in metrics.items() if k != "router" and not math.isfinite(float(v))]
     terms = [k for k in bad if k not in ("loss", "grad_norm")]
@@ -110,6 +127,10 @@ def train(config, workdir: str, devices=None) -> dict:
 
         writer = MetricsWriter(workdir, total_steps=config.total_steps, enabled=lead)
         writer.truncate_after(start)
+        eval_batches = fixed_eval_batches(config, in_batch) if config.eval_every else []
+        eval_fn = jax.jit(make_eval_step(graphdef, config, norm_stats), in_shardings=(shardings, in_batch))
+        if eval_batches and start == 0:
+            writer.write(0, evaluate(eval_fn, state, eval_batches))
         global_batch = {m: b * jax.process_count() for m, b in pipeline.batch_sizes.items()}
         step_flops = flops.model_flops_per_step(config.model, global_batch, training=True)
         peak, peak_source = flops.device_peak_flops(jax.devices()[0], config.model.dtype)
@@ -133,6 +154,11 @@ def train(config, workdir: str, devices=None) -> dict:
                                              f"{step}: {describe_nonfinite(jax.device_get(pending))}")
                 pending = metrics
                 done = step + 1
+                scores = {}
+                if eval_batches and (done % config.eval_every == 0 or done == config.total_steps):
+                    eval_start = time.perf_counter()
+                    scores = evaluate(eval_fn, state, eval_batches)
+                    window_start += time.perf_counter() - eval_start  # step timing leaves evaluation out
                 if done % config.log_every == 0 or done == config.total_steps:
                     host = jax.device_get(metrics)
                     seconds = (time.perf_counter() - window_start) / window_steps
@@ -145,9 +171,12 @@ def train(config, workdir: str, devices=None) -> dict:
                                     "nonfinite_total": float(state.nonfinite)})
                     if peak:
                         scalars["mfu"] = flops.mfu(step_flops, seconds, jax.device_count(), peak)
+                    scalars.update(scores)
                     writer.write(done, scalars, samples=sum(global_batch.values()))
                     last = {"step": done, **scalars}
                     window_start, window_steps = time.perf_counter(), 0
+                elif scores:
+                    writer.write(done, scores)
                 if config.image_every and done % config.image_every == 0:
                     save_pictures(workdir, done, graphdef, state, batch, metrics, norm_stats, lead)
                 preempted = stop["signal"] is not None or checkpointer.reached_preemption(done)

@@ -26,7 +26,7 @@ stage resolution as the blocks do):
     ffn        active FFNs per token x 4 T d (mlp_ratio d)
     router     2 T d E per routed group
     merging    2 (T/4) (4d) (2d)
-    decoder    2 B h w D_last (stride^2 C)
+    decoder    2 B h w D_last (stride^2 (C + power_head))
 
 Peaks: `PEAK_FLOPS` holds vendor dense (no sparsity) peaks; the CPU has no
 honest table entry, so its peak is measured on this host (`measure_cpu_peak`).
@@ -144,7 +144,8 @@ def forward_flops(model_config, modality: str, batch_size: int) -> dict[str, flo
     last = dim * 2 ** (num_stages - 1)
     stride = p * 2 ** (num_stages - 1)
     side = model_config.image_size // stride
-    out["decoder"] = _matmul(b * side * side, last, stride * stride * channels)
+    decoded = channels + mc.get("power_head", 0)  # pixels, plus the power decoder's maps
+    out["decoder"] = _matmul(b * side * side, last, stride * stride * decoded)
     return out
 
 

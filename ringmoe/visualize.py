@@ -206,13 +206,14 @@ def read_jsonl(path: str) -> list[dict]:
     return records
 
 
-def default_loss_keys(records: Sequence[Mapping]) -> tuple[list[str], list[str]]:
-    """(totals, terms): 'loss' and '<modality>/total'; then every other '<modality>/<term>'
-    (router and load statistics excluded)."""
+def default_loss_keys(records: Sequence[Mapping]) -> tuple[list[str], list[str], list[str]]:
+    """(totals, terms, eval): 'loss' and '<modality>/total'; every other '<modality>/<term>'
+    (router and load statistics excluded); the fixed-batch 'eval/loss' and 'eval/<modality>/simmim'."""
     names = sorted({k for r in records for k in r})
-    scoped = [k for k in names if k.count("/") == 1 and k.split("/")[0] not in ("router", "load")]
+    scoped = [k for k in names if k.count("/") == 1 and k.split("/")[0] not in ("router", "load", "eval")]
     totals = (["loss"] if "loss" in names else []) + [k for k in scoped if k.endswith("/total")]
-    return totals, [k for k in scoped if not k.endswith("/total")]
+    evals = [k for k in names if k == "eval/loss" or (k.startswith("eval/") and k.endswith("/simmim"))]
+    return totals, [k for k in scoped if not k.endswith("/total")], evals
 
 
 def save_loss_curves(path: str, metrics_jsonl_path: str, keys: Sequence[str] | None = None) -> str:
@@ -220,7 +221,8 @@ def save_loss_curves(path: str, metrics_jsonl_path: str, keys: Sequence[str] | N
     by default the total and per-modality totals, and beside them each objective term."""
     records = read_jsonl(metrics_jsonl_path) if os.path.exists(metrics_jsonl_path) else []
     panels = [("loss", list(keys))] if keys is not None else [
-        (title, ks) for title, ks in zip(("total and per modality", "objective terms"), default_loss_keys(records))
+        (title, ks) for title, ks in zip(("total and per modality", "objective terms", "fixed eval batches: loss and masked L1"),
+                                  default_loss_keys(records))
         if ks]
     fig = Figure(figsize=(6.5 * max(len(panels), 1), 4.2))
     if not panels or not records:

@@ -38,10 +38,24 @@ def reflectance(seed, channels=12):
     return jax.random.uniform(jax.random.key(seed), (B, H, H, channels), minval=0.02, maxval=0.5)
 
 
+def powers(x, layout=QUAD, p_ref=2.0, eps=1e-3):
+    """The power decoder's targets [log span, log Pauli k1..k3] of Re/Im pixels."""
+    return sar.power_targets(x, layout, jnp.float32(p_ref), eps)
+
+
+def span_of(r, t, w, layout=QUAD, p_ref=2.0, eps=1e-3):
+    """Span loss of a power decoder that predicted the powers of reconstruction r."""
+    return sar.span_loss(powers(r, layout, p_ref, eps)[..., 0], t, w, layout, jnp.float32(p_ref), eps)
+
+
+def pauli_of(r, t, w, layout=QUAD, p_ref=2.0):
+    return sar.pauli_loss(powers(r, layout, p_ref)[..., 1:], t, w, layout, jnp.float32(p_ref))
+
+
 # Every physics term as f(reconstruction, target, weights), on physical pixels of its modality.
 TERMS = {
-    "span": (lambda r, t, w: sar.span_loss(r, t, w, QUAD, jnp.float32(2.0)), lambda s: normal(s, 8)),
-    "pauli": (lambda r, t, w: sar.pauli_loss(r, t, w, QUAD, jnp.float32(2.0)), lambda s: normal(s, 8)),
+    "span": (span_of, lambda s: normal(s, 8)),
+    "pauli": (pauli_of, lambda s: normal(s, 8)),
     "speckle_nll": (lambda r, t, w: sar.speckle_nll_loss(r, t, w, 4.4), lambda s: normal(s, 2, 4.0, -15.0)),
     "xpol_ratio": (lambda r, t, w: sar.xpol_ratio_loss(r, t, w, S1), lambda s: normal(s, 2, 4.0, -15.0)),
     "sam": (spectral.sam_loss, reflectance),
@@ -101,12 +115,12 @@ def test_span_is_total_power_and_phase_invariant_while_pauli_sees_the_phase():
     rotated = jnp.stack([s[..., 0::2] * c - s[..., 1::2] * si, s[..., 0::2] * si + s[..., 1::2] * c],
                         -1).reshape(s.shape)
     w = weights()
-    assert float(sar.span_loss(rotated, s, w, QUAD, 2.0)) == pytest.approx(0, abs=1e-8)
-    assert float(sar.pauli_loss(rotated, s, w, QUAD, 2.0)) == pytest.approx(0, abs=1e-8)
+    assert float(span_of(rotated, s, w)) == pytest.approx(0, abs=1e-8)
+    assert float(pauli_of(rotated, s, w)) == pytest.approx(0, abs=1e-8)
     # Flipping the sign of S_VV swaps odd and even bounce: same span, different Pauli powers.
     flipped = s.at[..., 6:8].multiply(-1.0)
-    assert float(sar.span_loss(flipped, s, w, QUAD, 2.0)) == pytest.approx(0, abs=1e-8)
-    assert float(sar.pauli_loss(flipped, s, w, QUAD, 2.0)) > 0.1
+    assert float(span_of(flipped, s, w)) == pytest.approx(0, abs=1e-8)
+    assert float(pauli_of(flipped, s, w)) > 0.1
 
 
 def test_pauli_powers_sum_to_span_under_reciprocity():
@@ -119,7 +133,7 @@ def test_pauli_powers_sum_to_span_under_reciprocity():
 
 def test_span_of_scaled_amplitude_is_the_log_power_ratio():
     s, w = normal(5, 8), weights()
-    loss = sar.span_loss(2.0 * s, s, w, QUAD, jnp.float32(1.0), eps=1e-12)
+    loss = span_of(2.0 * s, s, w, p_ref=1.0, eps=1e-12)
     assert float(loss) == pytest.approx(math.log(4.0) ** 2, rel=1e-3)
 
 
@@ -131,8 +145,10 @@ def test_complex_layout_by_band_name_and_dual_pol():
     order = [layout[p][i] for p in ("HH", "HV", "VH", "VV") for i in (0, 1)]
     np.testing.assert_allclose(sar.pauli_powers(s, layout), sar.pauli_powers(s[..., order], QUAD), rtol=1e-6)
     dual = sar.complex_channels(4, ("VH", "VV"))    # Sentinel-1 SLC: span yes, Pauli no
-    assert sar.pauli_loss(normal(1, 4), normal(2, 4), weights(), dual, 1.0) is None
-    assert float(sar.span_loss(normal(1, 4), normal(2, 4), weights(), dual, 1.0)) > 0
+    assert sar.power_channels(dual) == 1 and sar.power_channels(QUAD) == 4
+    assert powers(normal(1, 4), dual).shape[-1] == 1
+    assert sar.pauli_loss(powers(normal(1, 4), dual), normal(2, 4), weights(), dual, 1.0) is None
+    assert float(span_of(normal(1, 4), normal(2, 4), weights(), dual, 1.0)) > 0
     with pytest.raises(ValueError, match="need 8"):
         sar.complex_channels(6, ("HH", "HV", "VH", "VV"))
 
@@ -285,6 +301,7 @@ def loss_inputs(seed=0):
         router = ({"modal": {"load_balance": jnp.float32(1.0 + i), "z_loss": jnp.float32(2.0)}},)
         batch[m] = {"pixels": normal(seed + i, c), "mask": token_mask(i), "record_index": jnp.array([3, i + 10])}
         outputs[m] = {"reconstruction": normal(seed + 20 + i, c), "encoded": encoded(i, B, router)}
+    outputs["sar_l1"]["log_power"] = normal(seed + 40, 4)   # the power decoder's span + Pauli maps
     return model, outputs, batch, norm
 
 
@@ -341,6 +358,9 @@ def test_weight_zero_removes_terms_and_dense_router_terms_are_zero():
     assert float(terms["optical/total"]) == 0.0
     with pytest.raises(ValueError, match="norm_stats"):
         pretraining_loss(model, outputs, batch, cfg, moe, {})
+    del outputs["sar_l1"]["log_power"]
+    with pytest.raises(ValueError, match="sar_l1: span/Pauli terms need a power decoder with 4 channels"):
+        pretraining_loss(model, outputs, batch, cfg, moe, norm)
 
 
 def test_pretraining_loss_jits_on_a_real_model():

@@ -100,9 +100,13 @@ def test_loss_curves_png(tmp_path):
             f.write(json.dumps({"step": step, "loss": 2.0 / step, "optical/total": 1.0 / step,
                                 "optical/simmim": 0.9 / step, "sar_l2/total": 1.0 / step ** 0.5,
                                 "router/total": 1e-3, "lr": 1e-4, "grad_norm": None}) + "\n")
+            if step % 10 == 0:
+                f.write(json.dumps({"step": step, "eval/loss": 1.0, "eval/optical/simmim": 0.5,
+                                    "eval/optical/total": 0.5}) + "\n")
         f.write('{"step": 21, "loss"')  # a line cut short
-    totals, terms = visualize.default_loss_keys(visualize.read_jsonl(str(metrics)))
+    totals, terms, evals = visualize.default_loss_keys(visualize.read_jsonl(str(metrics)))
     assert totals == ["loss", "optical/total", "sar_l2/total"] and terms == ["optical/simmim"]
+    assert evals == ["eval/loss", "eval/optical/simmim"]
     check_png(visualize.save_loss_curves(str(tmp_path / "loss.png"), str(metrics)))
     check_png(visualize.save_loss_curves(str(tmp_path / "lr.png"), str(metrics), keys=["lr"]))
     check_png(visualize.save_loss_curves(str(tmp_path / "empty.png"), str(tmp_path / "missing.jsonl")),

@@ -144,13 +144,15 @@ class Pipeline:
     """Iterator of batches (module docstring) for one process; also holds resume state and counters.
 
     Arguments default to the config: data_dir (c.data_dir), process_index/count
-    (jax), num_epochs (c.data.num_epochs, 0 = forever), num_workers (c.data.num_workers).
+    (jax), num_epochs (c.data.num_epochs, 0 = forever), num_workers (c.data.num_workers),
+    seed (c.seed; another seed draws another stream from the same records).
     train=False gives whole-image resizes without flips (evaluation); masks are still drawn."""
 
     def __init__(self, config, data_dir: str | None = None, *, process_index: int | None = None,
                  process_count: int | None = None, num_epochs: int | None = None,
-                 num_workers: int | None = None, train: bool = True):
+                 num_workers: int | None = None, train: bool = True, seed: int | None = None):
         d = config.data
+        seed = config.seed if seed is None else seed
         self.data_dir = data_dir or config.data_dir
         if not self.data_dir:
             raise ValueError("no data set: set config.data_dir or pass data_dir")
@@ -174,7 +176,7 @@ class Pipeline:
         epochs = d.num_epochs if num_epochs is None else num_epochs
         self.num_workers = d.num_workers if num_workers is None else num_workers
         self.max_bad_records = d.max_bad_records
-        self.shard = _ProcessShard(self.manifest["records"], config.seed, process_index, process_count,
+        self.shard = _ProcessShard(self.manifest["records"], seed, process_index, process_count,
                                    d.shuffle, epochs or None)
         if self.shard._len == 0:
             raise ValueError(f"{self.data_dir}: {self.manifest['records']} records leave none for process "
@@ -187,7 +189,7 @@ class Pipeline:
             crop_ratio=tuple(d.crop_ratio), flip=d.flip and train, random_crop=train,
             mask_block_size=d.mask_block_size, mask_ratio=d.mask_ratio, shared_mask=d.shared_mask)
         self.transform = RecordTransform(paths, [s["records"] for s in self.manifest["shards"]],
-                                         {k: self.specs[k] for k in self.modalities}, options, config.seed)
+                                         {k: self.specs[k] for k in self.modalities}, options, seed)
         rows = sum(self.batch_sizes.values())
         ds = self.shard.map(self.transform).to_iter_dataset(
             grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=max(2 * rows, 8)))
@@ -203,7 +205,7 @@ class Pipeline:
             ds = grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
         self._dataset = ds
         self._iter = None
-        self._fingerprint = {"records": self.manifest["records"], "seed": int(config.seed),
+        self._fingerprint = {"records": self.manifest["records"], "seed": int(seed),
                              "process_index": process_index, "process_count": process_count,
                              "batch_sizes": self.batch_sizes, "num_workers": self.num_workers,
                              "shuffle": bool(d.shuffle), "num_epochs": int(epochs or 0), "train": train}

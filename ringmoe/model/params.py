@@ -14,7 +14,7 @@ from flax import nnx
 from ringmoe.model.ringmoe import RingMoE
 
 # Module-tree names that belong to one modality.
-PER_MODALITY = ("embeddings", "decoders", "modal_experts")
+PER_MODALITY = ("embeddings", "decoders", "power_decoders", "modal_experts")
 
 
 def abstract_model(model_config) -> RingMoE:

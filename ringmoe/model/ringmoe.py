@@ -91,6 +91,10 @@ class RingMoE(nnx.Module):
         self.stride = config.patch_size * 2 ** (len(config.depths) - 1)
         self.decoders = nnx.Dict({m: SimMIMDecoder(self.out_dim, self.stride, config.modalities[m].channels,
                                                    rngs=rngs) for m in self.modalities})
+        # Physics targets that the pixels cannot carry (SAR-L1 log span / Pauli powers).
+        self.power_decoders = nnx.Dict({m: SimMIMDecoder(self.out_dim, self.stride, heads, rngs=rngs)
+                                        for m in self.modalities
+                                        if (heads := config.modalities[m].get("power_head", 0))})
 
     def spectra(self, modality: str) -> tuple[jax.Array, jax.Array]:
         """Central wavelengths and bandwidths (nm) of the configured bands."""
@@ -124,12 +128,15 @@ class RingMoE(nnx.Module):
     def __call__(self, batch: dict) -> dict:
         """batch[m] = {'pixels': (B_m, H, W, C_m), 'mask': (B_m, h, w) optional}.
 
-        Returns per modality {'reconstruction': (B_m, H, W, C_m), 'encoded': Encoded}.
+        Returns per modality {'reconstruction': (B_m, H, W, C_m), 'encoded': Encoded} and,
+        with a power decoder, 'log_power': (B_m, H, W, K).
         """
         out = {}
         for modality, inputs in batch.items():
             encoded = self.encode(inputs["pixels"], modality, inputs.get("mask"), inputs.get("spectra"))
             out[modality] = {"reconstruction": self.decoders[modality](encoded.features), "encoded": encoded}
+            if modality in self.power_decoders:
+                out[modality]["log_power"] = self.power_decoders[modality](encoded.features)
         return out
 
 

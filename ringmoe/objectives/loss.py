@@ -10,6 +10,7 @@ Terms by modality (DESIGN.md sections 2-4; the weights are `objectives.<term>`):
 |---------------|------------------------------------|---------------|
 | every one     | simmim                             | simmim.py     |
 | sar_l1        | span (the reference's), pauli      | sar.py        |
+|               | (from the power decoder's output)  |               |
 | sar_l2        | speckle_nll, xpol_ratio            | sar.py        |
 | multispectral | sam, index                         | spectral.py   |
 
@@ -70,9 +71,10 @@ def _wavelengths(model, modality: str, inputs: Mapping):
     return np.asarray(spectra, np.float64).reshape(-1, 2)[:, 0] if len(spectra) else np.zeros((0,))
 
 
-def physics_terms(model, modality: str, reconstruction: jax.Array, inputs: Mapping, weights: jax.Array,
+def physics_terms(model, modality: str, output: Mapping, inputs: Mapping, weights: jax.Array,
                   objectives_config, stats: Mapping | None) -> dict[str, jax.Array]:
-    """The enabled, applicable physics terms of one modality (unweighted)."""
+    """The enabled, applicable physics terms of one modality (unweighted); `output` is the
+    model's output for it ('reconstruction', and 'log_power' from a power decoder)."""
     cfg = objectives_config
     enabled = [t for t in PHYSICS_TERMS.get(modality, ()) if weight(cfg, t) > 0]
     if not enabled:
@@ -80,7 +82,7 @@ def physics_terms(model, modality: str, reconstruction: jax.Array, inputs: Mappi
     if stats is None:
         raise ValueError(f"physics terms {enabled} of {modality} need norm_stats['{modality}'] "
                          "(per-band mean/std of the manifest) to work in physical units")
-    rec = denormalize(reconstruction, stats)
+    rec = denormalize(output["reconstruction"], stats)
     true = denormalize(inputs["pixels"], stats)
     channels = rec.shape[-1]
     names = stats.get("bands")
@@ -89,10 +91,16 @@ def physics_terms(model, modality: str, reconstruction: jax.Array, inputs: Mappi
         layout = sar.complex_channels(channels, cfg.get("sar_l1_polarizations", ("HH", "HV", "VH", "VV")), names)
         p_ref = sar.reference_power(stats, layout)
         eps = float(cfg.get("power_eps", 1e-3))
+        predicted = output.get("log_power")
+        expected = sar.power_channels(layout)
+        if predicted is None or predicted.shape[-1] != expected:
+            raise ValueError(f"{modality}: span/Pauli terms need a power decoder with {expected} channels "
+                             f"(model.modalities.{modality}.power_head = {expected}), found "
+                             f"{'none' if predicted is None else predicted.shape[-1]}")
         if "span" in enabled:
-            out["span"] = sar.span_loss(rec, true, weights, layout, p_ref, eps)
+            out["span"] = sar.span_loss(predicted[..., 0], true, weights, layout, p_ref, eps)
         if "pauli" in enabled:
-            out["pauli"] = sar.pauli_loss(rec, true, weights, layout, p_ref, eps)
+            out["pauli"] = sar.pauli_loss(predicted[..., 1:], true, weights, layout, p_ref, eps)
     elif modality == "sar_l2":
         layout = sar.detected_channels(channels, cfg.get("sar_l2_polarizations", ("VV", "VH")), names)
         if "speckle_nll" in enabled:
@@ -133,7 +141,7 @@ def pretraining_loss(model, outputs: Mapping, batch: Mapping, objectives_config,
         raw = {}
         if weight(cfg, "simmim") > 0:
             raw["simmim"] = masked_l1(out["reconstruction"], inputs["pixels"], inputs["mask"], patch_size)
-        raw.update(physics_terms(model, m, out["reconstruction"], inputs, weights, cfg, norm_stats.get(m)))
+        raw.update(physics_terms(model, m, out, inputs, weights, cfg, norm_stats.get(m)))
         modality_total = jnp.zeros((), jnp.float32)
         for name, value in raw.items():
             terms[f"{m}/{name}"] = value

@@ -6,7 +6,11 @@ SAR-L1 (complex scattering matrix, Re/Im interleaved per polarisation):
   (the reference's physics target; with a dual-pol product it is the sum over
   the polarisations present). Compared in a normalised log space,
       q(P) = ln(P / P_ref + eps),
-  with a masked MSE between q(P(reconstruction)) and q(P(target)). P_ref =
+  with a masked MSE between the predicted q and q(P(target)). The prediction
+  comes from the modality's power decoder (`power_targets` lays out its
+  channels), not from the reconstructed Re/Im: single-look phase is uniform,
+  so the best Re/Im reconstruction under SimMIM's L1 is 0, while its power is
+  not; one decoder cannot serve both. P_ref =
   sum_c (mean_c^2 + std_c^2) over the span channels is the data set's mean span
   (E[x^2] = mean^2 + var per channel, from the manifest statistics), so q is
   unit-free (any calibration scale cancels) and the log matches the
@@ -111,12 +115,17 @@ def span(x: jax.Array, channels: Mapping[str, tuple[int, int]]) -> jax.Array:
     return sum(_power(*_complex(x, c)) for c in channels.values())
 
 
+def is_quad_pol(channels: Mapping[str, tuple[int, int]]) -> bool:
+    """HH, VV and a cross-pol channel: enough for the Pauli decomposition."""
+    return "HH" in channels and "VV" in channels and ("HV" in channels or "VH" in channels)
+
+
 def pauli_powers(x: jax.Array, channels: Mapping[str, tuple[int, int]]) -> jax.Array | None:
     """(..., 3) Pauli powers |HH+VV|^2/2, |HH-VV|^2/2, |HV+VH|^2/2 (2|X|^2 with one cross-pol);
     None when HH, VV or both cross-pol channels are absent."""
-    cross = [p for p in ("HV", "VH") if p in channels]
-    if "HH" not in channels or "VV" not in channels or not cross:
+    if not is_quad_pol(channels):
         return None
+    cross = [p for p in ("HV", "VH") if p in channels]
     hh_re, hh_im = _complex(x, channels["HH"])
     vv_re, vv_im = _complex(x, channels["VV"])
     if len(cross) == 2:
@@ -142,23 +151,37 @@ def log_power(p: jax.Array, p_ref: jax.Array, eps: float) -> jax.Array:
     return jnp.log(jnp.maximum(p, 0.0) / p_ref + eps)
 
 
-def span_loss(reconstruction: jax.Array, target: jax.Array, weights: jax.Array,
+def power_channels(channels: Mapping[str, tuple[int, int]]) -> int:
+    """Channels of the power targets: span and the three Pauli powers (quad-pol), else the span."""
+    return 4 if is_quad_pol(channels) else 1
+
+
+def power_targets(x: jax.Array, channels: Mapping[str, tuple[int, int]], p_ref: jax.Array,
+                  eps: float = 1e-3) -> jax.Array:
+    """(..., K) log powers q of the span and, for quad-pol, the Pauli powers k1, k2, k3 of physical
+    Re/Im pixels: the maps a SAR-L1 power decoder predicts (K = power_channels(channels))."""
+    q = [log_power(span(x, channels), p_ref, eps)[..., None]]
+    k = pauli_powers(x, channels)
+    if k is not None:
+        q.append(log_power(k, p_ref, eps))
+    return jnp.concatenate(q, axis=-1)
+
+
+def span_loss(predicted: jax.Array, target: jax.Array, weights: jax.Array,
               channels: Mapping[str, tuple[int, int]], p_ref: jax.Array, eps: float = 1e-3) -> jax.Array:
-    """Masked MSE of ln(P / P_ref + eps) between reconstruction and target (physical Re/Im)."""
-    q_rec = log_power(span(reconstruction, channels), p_ref, eps)
-    q_true = log_power(span(target, channels), p_ref, eps)
-    return masked_mean((q_rec - q_true) ** 2, weights)
+    """Masked MSE between a predicted log span q (...) and q(span(target)) of physical Re/Im."""
+    return masked_mean((predicted - log_power(span(target, channels), p_ref, eps)) ** 2, weights)
 
 
-def pauli_loss(reconstruction: jax.Array, target: jax.Array, weights: jax.Array,
+def pauli_loss(predicted: jax.Array, target: jax.Array, weights: jax.Array,
                channels: Mapping[str, tuple[int, int]], p_ref: jax.Array,
                eps: float = 1e-3) -> jax.Array | None:
-    """Masked MSE of ln(k_i / P_ref + eps), averaged over the three Pauli powers; None if not quad-pol."""
-    k_rec, k_true = pauli_powers(reconstruction, channels), pauli_powers(target, channels)
-    if k_rec is None:
+    """Masked MSE between predicted log Pauli powers (..., 3) and those of the target, averaged
+    over the three; None if not quad-pol."""
+    k_true = pauli_powers(target, channels)
+    if k_true is None:
         return None
-    diff = log_power(k_rec, p_ref, eps) - log_power(k_true, p_ref, eps)
-    return masked_mean(diff ** 2, weights)
+    return masked_mean(jnp.mean((predicted - log_power(k_true, p_ref, eps)) ** 2, -1), weights)
 
 
 # --- SAR-L2: speckle likelihood and cross-pol ratio ---------------------------------------------
