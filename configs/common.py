@@ -126,7 +126,7 @@ def base_config() -> ConfigDict:
         "linear_weight_decay": 1e-4,      # on the weight matrix only, not the bias
         "segmentation_stage": 1,          # encoder stage whose pre-merge map feeds the 1x1 head (stride 8)
         "segmentation_epochs": 300,       # full-batch AdamW steps of the 1x1 segmentation head
-        "segmentation_lr": 1e-2,
+        "segmentation_lr": 5e-2,          # 300 steps at 5e-2 reach what 3000 at 1e-2 do on stage maps
         "segmentation_weight_decay": 1e-4,
         "test_fraction": 0.2,             # share of labelled records held out (unless the manifest has "splits")
         "seed": 0,                        # train/test split and head initialisation

@@ -36,6 +36,7 @@ def get_config():
     c.data.prefetch = 0
     c.total_steps = 6
     c.log_every = 1
+    c.eval_every = 3
     c.checkpoint_every = 2
     c.keep_checkpoints = 3
     c.optimizer.warmup_steps = 2
@@ -57,9 +58,9 @@ def run_args(setup, workdir, *extra):
             f"--workdir={workdir}", f"--config.data_dir={setup / 'data'}", "--config.image_every=0", *extra]
 
 
-def final_losses(workdir) -> dict[int, float]:
+def final_losses(workdir, key="loss") -> dict[int, float]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
 
 def env():
@@ -73,6 +74,8 @@ def test_exact_resume_after_sigkill_and_corrupt_checkpoint_fallback(setup, tmp_p
     subprocess.run(run_args(setup, uninterrupted), cwd=REPO, env=env(), check=True, capture_output=True)
     reference = final_losses(uninterrupted)
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    # The fixed-batch evaluation: at step 0, every eval_every steps and at the end.
+    assert sorted(final_losses(uninterrupted, "eval/loss")) == [0, 3, 6]
 
     killed = tmp_path / "b"
     proc = subprocess.Popen(run_args(setup, killed), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
@@ -88,6 +91,8 @@ def test_exact_resume_after_sigkill_and_corrupt_checkpoint_fallback(setup, tmp_p
     resumed = final_losses(killed)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # no duplicated or missing metric lines
     np.testing.assert_allclose(resumed[6], reference[6], rtol=0, atol=1e-6)
+    evaluated = final_losses(killed, "eval/optical/simmim")
+    np.testing.assert_allclose(evaluated[6], final_losses(uninterrupted, "eval/optical/simmim")[6], atol=1e-6)
 
     # Corrupt the newest checkpoint of the finished run: training resumes from step 4.
     newest = uninterrupted / "checkpoints" / "6"

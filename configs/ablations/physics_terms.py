@@ -1,0 +1,23 @@
+"""Each physics-informed objective on and off, SimMIM and the router losses always on.
+
+    python -m tools.ablate --grid configs/ablations/physics_terms.py --workdir /tmp/abl_phys \
+        --grid.data_dir=/tmp/syn64
+
+Points: every term at its configured weight; SimMIM alone (the plain reference
+minus its span target); then each term switched off on its own.
+"""
+from ml_collections import ConfigDict
+
+TERMS = ("span", "pauli", "speckle_nll", "xpol_ratio", "sam", "index")
+
+
+def get_config():
+    points = [("all_terms", {}), ("simmim_only", {f"objectives.{t}": 0.0 for t in TERMS})]
+    points += [(f"no_{t}", {f"objectives.{t}": 0.0}) for t in TERMS]
+    return ConfigDict({
+        "base": "configs/tiny.py",
+        "data_dir": "",
+        "budget": {"total_steps": 150, "log_every": 10, "checkpoint_every": 1000, "eval_every": 0},
+        "probe": "linear",
+        "points": tuple(points),
+    })

@@ -1,0 +1,1 @@
+"""Frozen-encoder evaluation: kNN, linear and segmentation probes on extracted features."""

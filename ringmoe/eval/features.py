@@ -1,0 +1,262 @@
+"""Frozen RingMoE features of a whole data set, and the probes scored on them.
+
+A pretrained encoder is restored read-only from a training run's Orbax
+checkpoints (its config comes from the checkpoint's metadata, so nothing has to
+be re-specified). Every record carrying the probed modality is encoded exactly
+once, as the training pipeline prepares it minus the randomness: the whole
+image resized to the model's input size, normalised with the manifest's band
+statistics, no crop, no flip, no mask. `evaluate` runs a probe on these
+features and, as the baseline that says what pretraining bought, on those of
+the same model at its initialisation (same config and seed, same split).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from configs.common import base_config
+from pretrain.checkpoint import abstract_with_shardings
+from pretrain.state import abstract_state
+from ringmoe import sharding
+from ringmoe.data import shards
+from ringmoe.data.pipeline import modality_specs
+from ringmoe.data.schema import RecordError
+from ringmoe.data.transform import RecordTransform, TransformOptions
+from ringmoe.eval.probes import dataset_split, knn_accuracy, linear_probe, segmentation_probe
+from ringmoe.model.ringmoe import RingMoE, create_model
+
+log = logging.getLogger("ringmoe.eval")
+
+PROBES = {"knn": "top1_accuracy", "linear": "top1_accuracy", "segmentation": "miou"}
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint, or none that restores; the message names the directory."""
+
+
+def config_from_json(value):
+    """A config saved as JSON back as a ConfigDict, with lists turned back into tuples."""
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+    return ConfigDict(tuples(value))
+
+
+def _one_device_mesh():
+    """Every mesh axis of size 1: the restored and the freshly initialised model share one
+    layout, so the encoder compiles once for both."""
+    return sharding.make_mesh({}, jax.devices()[:1])
+
+
+def _checkpoint_directory(path: str) -> str:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    inner = os.path.join(path, "checkpoints")
+    return os.path.abspath(inner if os.path.isdir(inner) else path)
+
+
+def load_pretrained(checkpoint_dir: str) -> tuple[ConfigDict, RingMoE, int]:
+    """(config, model, step) from the newest readable checkpoint of a run.
+
+    `checkpoint_dir` is a training workdir or its `checkpoints/` directory. The
+    parameters are restored onto one device. Unlike the trainer's restore, this
+    never moves an unreadable step aside: evaluation leaves a run untouched.
+    """
+    directory = _checkpoint_directory(checkpoint_dir)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                           enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(directory, options=options)
+    errors = []
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"{directory}: no checkpoint found")
+        mesh = _one_device_mesh()
+        for step in steps:
+            try:
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                config = config_from_json(meta["config"])
+                graphdef, abstract, shardings = abstract_state(config, mesh)
+                target = abstract_with_shardings(abstract, shardings)
+                state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+            except Exception as e:  # Orbax/TensorStore raise many types for damaged or foreign files
+                reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                errors.append(f"step {step}: {reason}")
+                log.warning("checkpoint %s/%d is unreadable (%s); trying an older one", directory, step, reason)
+                continue
+            return config, nnx.merge(graphdef, state.params), int(step)
+    finally:
+        manager.close()
+    raise CheckpointError(f"{directory}: no readable checkpoint ({'; '.join(errors)})")
+
+
+def random_init_model(config) -> RingMoE:
+    """The model the pretraining run started from (same config, same seed): the baseline."""
+    return create_model(config.model, seed=config.seed, mesh=_one_device_mesh())
+
+
+def probe_settings(config) -> ConfigDict:
+    """`config.probe`, with the defaults of configs/common.py for keys a run's config lacks."""
+    settings = base_config().probe
+    if "probe" in config:
+        settings.update(config.probe)
+    return settings
+
+
+def available_modalities(config, model: RingMoE, manifest: dict, data_dir: str) -> list[str]:
+    """The model's modalities that the data set holds (and the run served), in model order."""
+    specs = modality_specs(manifest, config, data_dir)
+    return [m for m in model.modalities if m in specs]
+
+
+@functools.partial(nnx.jit, static_argnames=("modality", "stage"))
+def _encode(model: RingMoE, pixels, modality: str, stage: int | None):
+    encoded = model.encode(pixels, modality)
+    patch = None if stage is None else encoded.stage_features[stage].astype(jnp.float32)
+    return encoded.features.mean((1, 2)), patch
+
+
+def extract(model: RingMoE, config, data_dir: str, modality: str, *, stage: int | None = None,
+            batch_size: int = 32) -> dict[str, np.ndarray | None]:
+    """Encodes every record of `data_dir` that carries `modality`, once, in record order.
+
+    Returns numpy arrays: pooled (N, D) (mean of the final stride-32 features),
+    patch (N, h, w, D_stage) = the stage's map before merging (None without
+    `stage`), scene_label (N,), label_map (N, S, S) and record_index (N,).
+    A bad record is a RecordError naming its shard file and index.
+    """
+    manifest = shards.read_manifest(data_dir)
+    specs = modality_specs(manifest, config, data_dir)
+    if modality not in specs:
+        raise ValueError(f"{data_dir}: modality {modality!r} is not served (have {sorted(specs)})")
+    if stage is not None and not 0 <= stage < len(model.stages):
+        raise ValueError(f"stage {stage} not in [0, {len(model.stages)})")
+    size = config.model.image_size
+    options = TransformOptions(image_size=size, patch_size=config.model.patch_size, flip=False,
+                               random_crop=False, mask_block_size=size, mask_ratio=0.0)
+    transform = RecordTransform(shards.shard_paths(data_dir), [s["records"] for s in manifest["shards"]],
+                                {modality: specs[modality]}, options, seed=0)
+    elements = grain.MapDataset.range(manifest["records"]).map(lambda i: (0, i)).map(transform).to_iter_dataset(
+        grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=2 * batch_size))
+    out: dict[str, list] = {"pooled": [], "patch": [], "scene_label": [], "label_map": [], "record_index": []}
+    pending: list[np.ndarray] = []
+
+    def run_batch():
+        n = len(pending)
+        pixels = np.stack(pending + [np.zeros_like(pending[0])] * (batch_size - n))  # one compiled shape
+        pooled, patch = jax.device_get(_encode(model, jnp.asarray(pixels), modality, stage))
+        out["pooled"].append(pooled[:n])
+        if patch is not None:
+            out["patch"].append(patch[:n])
+        pending.clear()
+
+    for element in elements:
+        if element["bad"]:
+            raise RecordError(f"{data_dir}/{element['bad']}")
+        image = element["images"].get(modality)
+        if image is None:
+            continue
+        pending.append(image["pixels"])
+        out["scene_label"].append(element["scene_label"])
+        out["label_map"].append(element["label_map"])
+        out["record_index"].append(element["record_index"])
+        if len(pending) == batch_size:
+            run_batch()
+    if pending:
+        run_batch()
+    if not out["record_index"]:
+        raise ValueError(f"{data_dir}: no record carries {modality}")
+    return {"pooled": np.concatenate(out["pooled"]),
+            "patch": np.concatenate(out["patch"]) if out["patch"] else None,
+            "scene_label": np.asarray(out["scene_label"], np.int64),
+            "label_map": np.stack(out["label_map"]).astype(np.int64),
+            "record_index": np.asarray(out["record_index"], np.int64)}
+
+
+def _score(probe: str, features: dict, train: np.ndarray, test: np.ndarray, settings, num_classes: int) -> dict:
+    """The probe's metric on features of the `train` / `test` records."""
+    tr, te = np.isin(features["record_index"], train), np.isin(features["record_index"], test)
+    if probe == "segmentation":
+        f, y = features["patch"], features["label_map"]
+        scores = segmentation_probe(f[tr], y[tr], f[te], y[te], num_classes=num_classes,
+                                    epochs=settings.segmentation_epochs, lr=settings.segmentation_lr,
+                                    weight_decay=settings.segmentation_weight_decay, seed=settings.seed)
+        return {"value": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]}
+    x, y = features["pooled"], features["scene_label"]
+    if probe == "knn":
+        return {"value": knn_accuracy(x[tr], y[tr], x[te], y[te], settings.knn_k)}
+    return {"value": linear_probe(x[tr], y[tr], x[te], y[te], num_classes=num_classes,
+                                  epochs=settings.linear_epochs, lr=settings.linear_lr,
+                                  weight_decay=settings.linear_weight_decay, seed=settings.seed)}
+
+
+def evaluate(config, model: RingMoE, data_dir: str, probe: str, modality: str | None = None, *,
+             baseline: bool = True) -> dict:
+    """Runs one probe on `model` (and, with `baseline`, on its random initialisation).
+
+    kNN / linear use each record's scene label (0 = none: such records are left
+    out); segmentation uses the label maps (records without a labelled pixel are
+    left out). Returns {"probe", "metric", "value", "random_init_value" (None
+    without baseline), "modality", "train_records", "test_records"} plus, for
+    segmentation, "stage", "pixel_accuracy" and "random_init_pixel_accuracy".
+    """
+    return evaluate_probes(config, model, data_dir, (probe,), modality, baseline=baseline)[0]
+
+
+def evaluate_probes(config, model: RingMoE, data_dir: str, probes, modality: str | None = None, *,
+                    baseline: bool = True) -> list[dict]:
+    """`evaluate` for several probes of one modality, encoding the data set once per model."""
+    unknown = [p for p in probes if p not in PROBES]
+    if unknown or not probes:
+        raise ValueError(f"unknown probe {unknown[0] if unknown else None!r} (one of {', '.join(PROBES)})")
+    manifest = shards.read_manifest(data_dir)
+    available = available_modalities(config, model, manifest, data_dir)
+    if modality is None and not available:
+        raise ValueError(f"{data_dir}: holds none of the model's modalities ({', '.join(model.modalities)})")
+    modality = modality or available[0]
+    if modality not in available:
+        raise ValueError(f"unknown modality {modality!r} for this model and data set (available: "
+                         f"{', '.join(available) or 'none'})")
+    settings = probe_settings(config)
+    stage = settings.segmentation_stage if "segmentation" in probes else None
+    features = extract(model, config, data_dir, modality, stage=stage)
+    random_features = (extract(random_init_model(config), config, data_dir, modality, stage=stage)
+                       if baseline else None)
+    names = len(manifest["label_names"])   # label_names[i] names class id i; id 0 = unlabelled / none
+    results = []
+    for probe in probes:
+        segmentation = probe == "segmentation"
+        if segmentation:
+            labels = features["label_map"]
+            labelled = labels.reshape(len(labels), -1).max(1) > 0
+            num_classes = max(names - 1, int(labels.max()))               # classes 1..K
+        else:
+            labelled = features["scene_label"] > 0
+            num_classes = max(names, int(features["scene_label"].max()) + 1)  # ids used as is, 0 unused
+        if not labelled.any():
+            kind = "label maps" if segmentation else "scene labels"
+            raise ValueError(f"{data_dir}: no {modality} record has {kind}; the {probe} probe needs them")
+        train, test = dataset_split(manifest, features["record_index"][labelled],
+                                    settings.test_fraction, settings.seed)
+        scores = _score(probe, features, train, test, settings, num_classes)
+        result = {"probe": probe, "metric": PROBES[probe], "value": scores["value"], "random_init_value": None,
+                  "modality": modality, "train_records": int(len(train)), "test_records": int(len(test))}
+        if segmentation:
+            result.update(stage=stage, pixel_accuracy=scores["pixel_accuracy"], random_init_pixel_accuracy=None)
+        if random_features is not None:
+            random_scores = _score(probe, random_features, train, test, settings, num_classes)
+            result["random_init_value"] = random_scores["value"]
+            if segmentation:
+                result["random_init_pixel_accuracy"] = random_scores["pixel_accuracy"]
+        results.append(result)
+    return results

@@ -1,0 +1,173 @@
+"""Evaluation probes: each one on features whose answer is known, then end to end on a checkpoint."""
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from configs.common import base_config
+from ringmoe.data import synthetic
+from ringmoe.data.schema import RecordError
+from ringmoe.eval import probes
+from ringmoe.eval.features import CheckpointError, evaluate, extract, load_pretrained
+
+_P = base_config().probe   # the defaults must solve these easy cases
+LINEAR = {"epochs": _P.linear_epochs, "lr": _P.linear_lr, "weight_decay": _P.linear_weight_decay, "seed": 0}
+SEGMENT = {"epochs": _P.segmentation_epochs, "lr": _P.segmentation_lr,
+           "weight_decay": _P.segmentation_weight_decay, "seed": 0}
+
+
+def _clusters(rng, n, classes, dim, spread):
+    centres = rng.normal(size=(classes, dim)) * 5
+    y = rng.integers(0, classes, n)
+    return centres[y] + spread * rng.normal(size=(n, dim)), y
+
+
+def test_linear_probe_separates_linearly_separable_features():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(800, 16))
+    w = rng.normal(size=(16, 3))
+    y = np.argmax(x @ w, 1)
+    scores = np.sort(x @ w, 1)
+    keep = scores[:, -1] - scores[:, -2] > 1.5                 # a margin, so the classes are separable
+    x, y = x[keep], y[keep]
+    acc = probes.linear_probe(x[:300], y[:300], x[300:], y[300:], num_classes=3, **LINEAR)
+    assert acc >= 0.99
+
+
+def test_knn_on_separated_clusters_and_chance_on_random_labels():
+    rng = np.random.default_rng(1)
+    x, y = _clusters(rng, 500, 5, 8, 0.3)
+    assert probes.knn_accuracy(x[:400], y[:400], x[400:], y[400:], k=20) >= 0.99
+    assert probes.knn_accuracy(x[:3], y[:3], x[400:], y[400:], k=20) <= 1.0   # k clipped to n_train
+    x, y = rng.normal(size=(800, 8)), rng.integers(0, 2, 800)
+    assert probes.knn_accuracy(x[:600], y[:600], x[600:], y[600:], k=20) < 0.6
+    assert probes.linear_probe(x[:600], y[:600], x[600:], y[600:], num_classes=2, **LINEAR) < 0.6
+
+
+def test_segmentation_probe_on_one_hot_patch_features_ignores_unlabelled_pixels():
+    rng = np.random.default_rng(2)
+    classes, stride = 4, 4
+    regions = rng.integers(1, classes + 1, (16, 4, 4))
+    blocks = np.repeat(np.repeat(regions, 2, 1), 2, 2)            # (N, 8, 8) class of each patch
+    features = np.eye(classes)[blocks - 1]                         # one-hot patch features
+    labels = np.repeat(np.repeat(blocks, stride, 1), stride, 2)    # (N, 32, 32)
+    labels[rng.random(labels.shape) < 0.3] = 0                     # counted, pixel accuracy would be < 0.7
+    # Unlabelled training images whose features all look like class 2 and outnumber it:
+    # trained as any class, they would pull class 2 away.
+    decoys = np.broadcast_to(np.eye(classes)[1], (8, 8, 8, classes))
+    train_f = np.concatenate([features[:8], decoys])
+    train_lab = np.concatenate([labels[:8], np.zeros((8, 32, 32), int)])
+    scores = probes.segmentation_probe(train_f, train_lab, features[8:], labels[8:], num_classes=classes, **SEGMENT)
+    assert scores["miou"] > 0.95 and scores["pixel_accuracy"] > 0.95
+
+
+def test_split_is_deterministic_and_disjoint():
+    indices = np.arange(3, 103)
+    train, test = probes.split_indices(indices, 0.2, seed=0)
+    again = probes.split_indices(indices[::-1], 0.2, seed=0)
+    assert np.array_equal(train, again[0]) and np.array_equal(test, again[1])
+    assert len(test) == 20 and not set(train) & set(test) and set(train) | set(test) == set(indices)
+    assert not np.array_equal(test, probes.split_indices(indices, 0.2, seed=1)[1])
+    train, test = probes.split_indices([5, 9], 0.01, seed=0)
+    assert len(train) == len(test) == 1
+    with pytest.raises(ValueError, match="at least 2 labelled records"):
+        probes.split_indices([4], 0.2, seed=0)
+    manifest = {"splits": {"train": [1, 2, 3], "test": [7, 8]}}
+    train, test = probes.dataset_split(manifest, [1, 2, 7, 9], 0.2, seed=0)
+    assert list(train) == [1, 2] and list(test) == [7]
+
+
+def _small_config():
+    config = tiny.get_config()
+    c = config.model
+    c.image_size, c.depths, c.num_heads, c.embed_dim, c.cpb_hidden = 32, (1, 1), (1, 2), 16, 16
+    for m in ("multispectral", "sar_l1"):
+        del c.modalities[m]
+    config.data.mask_block_size = 16
+    config.probe.segmentation_stage = 0
+    config.probe.linear_epochs = config.probe.segmentation_epochs = 100
+    return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A synthetic labelled data set and a run directory holding the initial state as step 1."""
+    from pretrain.checkpoint import Checkpointer
+    from pretrain.state import create_state
+    from ringmoe import sharding
+    root = tmp_path_factory.mktemp("probe_run")
+    data_dir = str(root / "data")
+    synthetic.write(data_dir, 24, 32, 0, labeled=True)
+    config = _small_config()
+    config.data_dir = data_dir
+    _, state, _ = create_state(config, sharding.make_mesh({}, jax.devices()[:1]))
+    checkpointer = Checkpointer(str(root / "run"), keep=1, save_every=1)
+    checkpointer.save(1, state, {}, {"config": json.loads(config.to_json()), "step": 1}, force=True)
+    checkpointer.close()
+    return str(root / "run"), data_dir
+
+
+def test_evaluate_end_to_end_on_a_checkpoint(run):
+    workdir, data_dir = run
+    config, model, step = load_pretrained(workdir)
+    assert step == 1 and config.model.depths == (1, 1) and config.probe.segmentation_stage == 0
+    features = extract(model, config, data_dir, "optical", stage=0, batch_size=16)
+    assert features["pooled"].shape == (24, 32) and features["patch"].shape == (24, 8, 8, 16)
+    assert list(features["record_index"]) == list(range(24)) and features["label_map"].shape == (24, 32, 32)
+    # Routing groups are single images, so batch size and padding leave every record's features alone.
+    np.testing.assert_allclose(extract(model, config, data_dir, "optical")["pooled"], features["pooled"], atol=1e-5)
+
+    knn = evaluate(config, model, data_dir, "knn")
+    assert {"probe", "metric", "value", "random_init_value", "modality", "train_records", "test_records"} <= set(knn)
+    assert knn["modality"] == "optical" and knn["metric"] == "top1_accuracy"
+    assert knn["train_records"] + knn["test_records"] == 24
+    # The checkpoint holds the initial state, so the restored model is the baseline exactly.
+    assert knn["value"] == knn["random_init_value"] and 0 <= knn["value"] <= 1
+
+    seg = evaluate(config, model, data_dir, "segmentation", "sar_l2")
+    assert seg["metric"] == "miou" and seg["modality"] == "sar_l2"
+    for key in ("value", "random_init_value", "pixel_accuracy", "random_init_pixel_accuracy"):
+        assert 0 <= seg[key] <= 1
+    with pytest.raises(ValueError, match="available: optical, sar_l2"):
+        evaluate(config, model, data_dir, "knn", "sar_l1")
+
+
+def test_evaluate_cli_prints_json_last_and_one_line_errors(run, capsys):
+    from tools.evaluate import main
+    workdir, data_dir = run
+    main(["--checkpoint", workdir, "--data", data_dir, "--probe", "knn", "--no-baseline"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["probe"] == "knn" and result["random_init_value"] is None and 0 <= result["value"] <= 1
+    for args, message in ((["--probe", "nope"], "unknown probe 'nope'"),
+                          (["--probe", "knn", "--modality", "sar_l1"], "unknown modality 'sar_l1'")):
+        with pytest.raises(SystemExit, match=message):
+            main(["--checkpoint", workdir, "--data", data_dir] + args)
+    with pytest.raises(SystemExit, match="no such data set directory"):
+        main(["--checkpoint", workdir, "--data", data_dir + "-missing", "--probe", "knn"])
+
+
+def test_extract_names_a_bad_record(run, tmp_path):
+    workdir, data_dir = run
+    config, model, _ = load_pretrained(workdir)
+    damaged = tmp_path / "data"
+    shutil.copytree(data_dir, damaged)
+    shard = damaged / "shard-00000.array_record"
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    with pytest.raises(RecordError, match=f"{damaged}/shard-00000.array_record record 0 .*unreadable"):
+        extract(model, config, str(damaged), "optical")
+
+
+def test_load_pretrained_names_empty_and_unreadable_directories(run, tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path}.*no checkpoint found"):
+        load_pretrained(str(tmp_path))
+    damaged = tmp_path / "run"
+    shutil.copytree(run[0], damaged)
+    for f in (damaged / "checkpoints" / "1" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[:f.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match="no readable checkpoint .step 1: "):
+        load_pretrained(str(damaged))
+    assert (damaged / "checkpoints" / "1").is_dir()   # left where it was
