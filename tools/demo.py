@@ -1,6 +1,6 @@
 """`make demo`: the main job end to end at tiny size, on this machine, in minutes.
 
-    python -m tools.demo [--out demo_out] [--steps 200]
+    python -m tools.demo [--out demo_out] [--steps 150]
 
 1. labelled synthetic data (tools.make_synthetic): a pretraining set and, from
    another seed, a probe set of unseen scenes; the real Sentinel-1/2 chips cut
@@ -63,9 +63,9 @@ def _report(path: str, figures: dict, pictures: list[str]) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out", help="output directory (replaced)")
-    p.add_argument("--steps", type=int, default=200, help="pretraining steps")
+    p.add_argument("--steps", type=int, default=150, help="pretraining steps")
     p.add_argument("--examples", type=int, default=256, help="synthetic scenes to pretrain on")
-    p.add_argument("--probe-examples", type=int, default=512, help="synthetic scenes to probe on")
+    p.add_argument("--probe-examples", type=int, default=384, help="synthetic scenes to probe on")
     a = p.parse_args(argv)
     start, n = time.perf_counter(), 5
     shutil.rmtree(a.out, ignore_errors=True)
@@ -94,17 +94,18 @@ def main(argv=None) -> None:
     last = train(config, run)
     train_seconds = time.perf_counter() - t
 
-    from ringmoe.eval.features import evaluate_probes, load_pretrained
+    from ringmoe.eval.features import evaluate_probes, load_pretrained, random_init_model
     from ringmoe.visualize import read_jsonl
     trained, model, _ = load_pretrained(run)
+    random_init = random_init_model(trained)
     probes = []
     for modality in model.modalities:
         _step(3, n, f"linear and kNN probes of {modality} on the probe set, pretrained and random init", start)
-        probes += [{**r, "data": "synthetic (unseen)"}
-                   for r in evaluate_probes(trained, model, probe_set, ("linear", "knn"), modality)]
+        probes += [{**r, "data": "synthetic (unseen)"} for r in evaluate_probes(
+            trained, model, probe_set, ("linear", "knn"), modality, baseline_model=random_init)]
     _step(3, n, "segmentation probe on the real chips (multispectral), pretrained and random init", start)
-    probes += [{**r, "data": "real chips"}
-               for r in evaluate_probes(trained, model, real, ("segmentation",), "multispectral")]
+    probes += [{**r, "data": "real chips"} for r in evaluate_probes(
+        trained, model, real, ("segmentation",), "multispectral", baseline_model=random_init)]
 
     _step(4, n, "writing the report", start)
     records = read_jsonl(os.path.join(run, "metrics.jsonl"))

@@ -214,8 +214,10 @@ def evaluate(config, model: RingMoE, data_dir: str, probe: str, modality: str | 
 
 
 def evaluate_probes(config, model: RingMoE, data_dir: str, probes, modality: str | None = None, *,
-                    baseline: bool = True) -> list[dict]:
-    """`evaluate` for several probes of one modality, encoding the data set once per model."""
+                    baseline: bool = True, baseline_model: RingMoE | None = None) -> list[dict]:
+    """`evaluate` for several probes of one modality, encoding the data set once per model.
+    `baseline_model` (default: `random_init_model(config)`, built here) lets a caller that
+    probes several modalities initialise the baseline once."""
     unknown = [p for p in probes if p not in PROBES]
     if unknown or not probes:
         raise ValueError(f"unknown probe {unknown[0] if unknown else None!r} (one of {', '.join(PROBES)})")
@@ -230,8 +232,10 @@ def evaluate_probes(config, model: RingMoE, data_dir: str, probes, modality: str
     settings = probe_settings(config)
     stage = settings.segmentation_stage if "segmentation" in probes else None
     features = extract(model, config, data_dir, modality, stage=stage)
-    random_features = (extract(random_init_model(config), config, data_dir, modality, stage=stage)
-                       if baseline else None)
+    random_features = None
+    if baseline:
+        baseline_model = baseline_model or random_init_model(config)
+        random_features = extract(baseline_model, config, data_dir, modality, stage=stage)
     names = len(manifest["label_names"])   # label_names[i] names class id i; id 0 = unlabelled / none
     results = []
     for probe in probes:

@@ -1,0 +1,59 @@
+"""The ablation runner's grid handling and report (training itself: tests/test_train.py)."""
+import json
+import os
+
+import pytest
+from ml_collections import ConfigDict
+
+from configs.ablations import moe_vs_dense, physics_terms
+from ringmoe import flops
+from ringmoe.eval import ablate
+
+
+def test_grids_apply_to_the_tiny_config():
+    grid = moe_vs_dense.get_config()
+    grid.data_dir = "/data"
+    configs = {name: ablate.point_config(grid, dict(o)) for name, o in grid.points}
+    assert configs["hierarchical"].data_dir == "/data" and configs["hierarchical"].total_steps == 150
+    assert configs["hierarchical"].eval_every == 150   # fixed-batch losses at step 0 and at the end
+    dense, moe = configs["dense_equal_flops"].model, configs["hierarchical"].model
+    assert not dense.moe.enabled and configs["modal_only"].model.moe.num_collaborative_experts == 0
+    # The dense point has the hierarchical model's active FFN FLOPs.
+    batch = {m: 1 for m in moe.modalities}
+    ffn = lambda c: sum(flops.forward_flops(c, m, 1)["ffn"] for m in batch)  # noqa: E731
+    assert ffn(dense) == pytest.approx(ffn(moe), rel=1e-6)
+
+    grid = physics_terms.get_config()
+    configs = {name: ablate.point_config(grid, dict(o)) for name, o in grid.points}
+    assert len(configs) == 2 + len(physics_terms.TERMS)
+    assert configs["no_span"].objectives.span == 0.0 and configs["no_span"].objectives.pauli > 0
+    assert all(configs["simmim_only"].objectives[t] == 0.0 for t in physics_terms.TERMS)
+
+
+def test_unknown_override_and_missing_data_are_errors():
+    grid = moe_vs_dense.get_config()
+    with pytest.raises(KeyError, match="model.moe.no_such_key"):
+        ablate.point_config(grid, {"model.moe.no_such_key": 1})
+    with pytest.raises(ValueError, match="--grid.data_dir"):
+        ablate.run(grid, "/tmp/unused")
+    grid.data_dir = "/data"
+    grid.points = (("a", {}), ("a", {}))
+    with pytest.raises(ValueError, match="duplicate point names"):
+        ablate.run(grid, "/tmp/unused")
+
+
+def test_report_table_and_plot(tmp_path):
+    results = []
+    for i, name in enumerate(("hierarchical", "dense")):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for step in range(1, 6):
+                f.write(json.dumps({"step": step, "loss": (i + 2.0) / step}) + "\n")
+        results.append({"name": name, "total_steps": 5, "probe": "linear", "metric": "top1_accuracy",
+                        "active_tflops_per_image": 0.01, "loss": 0.5, "simmim": {"optical": 0.4},
+                        "probe_value": {"optical": 0.6 + i / 10}, "probe_mean": 0.6 + i / 10})
+    md, png = ablate.write_report(results, str(tmp_path), "moe_vs_dense.py")
+    table = open(md).read()
+    assert "| hierarchical | 5 | 0.0100 | 0.500 | 0.400 | 0.600 | 0.600 |" in table
+    assert "| dense |" in table
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
