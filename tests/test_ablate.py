@@ -14,8 +14,8 @@ def test_grids_apply_to_the_tiny_config():
     grid = moe_vs_dense.get_config()
     grid.data_dir = "/data"
     configs = {name: ablate.point_config(grid, dict(o)) for name, o in grid.points}
-    assert configs["hierarchical"].data_dir == "/data" and configs["hierarchical"].total_steps == 150
-    assert configs["hierarchical"].eval_every == 150   # fixed-batch losses at step 0 and at the end
+    assert configs["hierarchical"].data_dir == "/data" and configs["hierarchical"].total_steps == 100
+    assert configs["hierarchical"].eval_every == 100   # fixed-batch losses at step 0 and at the end
     dense, moe = configs["dense_equal_flops"].model, configs["hierarchical"].model
     assert not dense.moe.enabled and configs["modal_only"].model.moe.num_collaborative_experts == 0
     # The dense point has the hierarchical model's active FFN FLOPs.
@@ -37,6 +37,9 @@ def test_unknown_override_and_missing_data_are_errors():
     with pytest.raises(ValueError, match="--grid.data_dir"):
         ablate.run(grid, "/tmp/unused")
     grid.data_dir = "/data"
+    grid.only = "hierarchical,nope"
+    with pytest.raises(ValueError, match="unknown points"):
+        ablate.run(grid, "/tmp/unused")
     grid.points = (("a", {}), ("a", {}))
     with pytest.raises(ValueError, match="duplicate point names"):
         ablate.run(grid, "/tmp/unused")

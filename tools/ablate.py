@@ -1,20 +1,24 @@
 """Ablation grids: train every point under one budget, probe each, write a table and a plot.
 
     python -m tools.make_synthetic --out /tmp/syn64 --examples 256 --image-size 64 --seed 0 --labeled
+    python -m tools.make_synthetic --out /tmp/probe_set --examples 1024 --image-size 64 --seed 1 --labeled
     python -m tools.ablate --grid configs/ablations/moe_vs_dense.py --workdir /tmp/abl_moe \\
-        --grid.data_dir=/tmp/syn64 [--grid.budget.total_steps=300]
+        --grid.data_dir=/tmp/syn64 --grid.probe_data_dir=/tmp/probe_set [--grid.budget.total_steps=300]
     python -m tools.ablate --grid configs/ablations/physics_terms.py --workdir /tmp/abl_phys \\
-        --grid.data_dir=/tmp/syn64
+        --grid.data_dir=/tmp/syn64 --grid.probe_data_dir=/tmp/probe_set
 
 Writes DIR/<point>/ (a training run), DIR/ablation.md and DIR/ablation.png, and
 prints, last, JSON with the grid's points and their figures. Re-running skips
-finished points and resumes interrupted ones.
+finished points and resumes interrupted ones; --grid.only=a,b runs those points
+alone. Programs are cached in DIR/.jax_cache, so points sharing an architecture
+compile it once.
 """
 import json
 import logging
 import os
 import time
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -33,6 +37,8 @@ def main(argv):
         raise app.UsageError("--grid and --workdir are required")
     start = time.perf_counter()
     grid = _GRID.value
+    # Points share most programs (initialiser, probe encoders): compile each once.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(_WORKDIR.value), ".jax_cache"))
     try:
         results = ablate.run(grid, _WORKDIR.value)
     except (ValueError, KeyError, FileNotFoundError) as e:

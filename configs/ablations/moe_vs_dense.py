@@ -2,7 +2,7 @@
 collaborative-only halves, all under one training budget.
 
     python -m tools.ablate --grid configs/ablations/moe_vs_dense.py --workdir /tmp/abl_moe \
-        --grid.data_dir=/tmp/syn64
+        --grid.data_dir=/tmp/syn64 --grid.probe_data_dir=/tmp/probe_set
     # at scale: --grid.base=configs/base.py --grid.budget.total_steps=20000 ...
 
 Active FFN FLOPs per token: hierarchical = modal top-1 + collaborative top-1 +
@@ -16,8 +16,10 @@ def get_config():
     return ConfigDict({
         "base": "configs/tiny.py",
         "data_dir": "",
-        "budget": {"total_steps": 150, "log_every": 10, "checkpoint_every": 1000, "eval_every": 0},
+        "probe_data_dir": "",
+        "budget": {"total_steps": 100, "log_every": 10, "checkpoint_every": 1000, "eval_every": 0},
         "probe": "linear",
+        "only": "",
         "points": (
             ("hierarchical", {}),
             ("dense_equal_flops", {"model.moe.enabled": False, "model.mlp_ratio": 12.0}),

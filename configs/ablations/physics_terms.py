@@ -1,7 +1,7 @@
 """Each physics-informed objective on and off, SimMIM and the router losses always on.
 
     python -m tools.ablate --grid configs/ablations/physics_terms.py --workdir /tmp/abl_phys \
-        --grid.data_dir=/tmp/syn64
+        --grid.data_dir=/tmp/syn64 --grid.probe_data_dir=/tmp/probe_set
 
 Points: every term at its configured weight; SimMIM alone (the plain reference
 minus its span target); then each term switched off on its own.
@@ -17,7 +17,9 @@ def get_config():
     return ConfigDict({
         "base": "configs/tiny.py",
         "data_dir": "",
-        "budget": {"total_steps": 150, "log_every": 10, "checkpoint_every": 1000, "eval_every": 0},
+        "probe_data_dir": "",
+        "budget": {"total_steps": 100, "log_every": 10, "checkpoint_every": 1000, "eval_every": 0},
         "probe": "linear",
+        "only": "",
         "points": tuple(points),
     })

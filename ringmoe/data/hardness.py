@@ -11,36 +11,16 @@ classifier gets from the raw pixels. This module measures that floor per modalit
   the extra view "sar_l1_log_power" (log10 |S_pq|^2 per polarisation) shows
   the information is there once the phase is discarded.
 
-Chance is the majority-class rate of the test split. Plain numpy, seeded, no
-training framework: the figures are reproducible and cheap (seconds).
+Chance is the majority-class rate of the test split. The classifier is the
+evaluation's linear probe (ringmoe/eval/probes.py), seeded: the figures are
+reproducible, cheap (seconds) and comparable with probes on encoder features.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ringmoe.data import shards
-
-
-def logistic_regression_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                                 y_test: np.ndarray, *, steps: int = 400, lr: float = 0.5,
-                                 l2: float = 1e-4) -> float:
-    """Test accuracy of a softmax regression fitted by full-batch gradient descent
-    on standardised features (labels are arbitrary integers)."""
-    classes = np.unique(np.concatenate([y_train, y_test]))
-    lookup = {c: i for i, c in enumerate(classes)}
-    ytr = np.array([lookup[c] for c in y_train])
-    yte = np.array([lookup[c] for c in y_test])
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-8
-    xtr = np.hstack([(x_train - mu) / sd, np.ones((len(x_train), 1))])
-    xte = np.hstack([(x_test - mu) / sd, np.ones((len(x_test), 1))])
-    w = np.zeros((xtr.shape[1], len(classes)))
-    onehot = np.eye(len(classes))[ytr]
-    for _ in range(steps):
-        logits = xtr @ w
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        w -= lr * (xtr.T @ (p - onehot) / len(xtr) + l2 * w)
-    return float(np.mean(np.argmax(xte @ w, 1) == yte))
+from ringmoe.eval.probes import linear_probe
 
 
 def log_power(slc: np.ndarray) -> np.ndarray:
@@ -58,7 +38,9 @@ def _probe(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, test_fraction
     order = rng.permutation(len(y))
     n_test = max(1, int(len(y) * test_fraction))
     te, tr = order[:n_test], order[n_test:]
-    return {"accuracy": round(logistic_regression_accuracy(x[tr], y[tr], x[te], y[te]), 4),
+    accuracy = linear_probe(x[tr], y[tr], x[te], y[te], num_classes=int(y.max()) + 1, epochs=400, lr=0.05,
+                            weight_decay=1e-4, seed=0)
+    return {"accuracy": round(accuracy, 4),
             "chance": round(chance(y[te]), 4), "n_train": int(len(tr)), "n_test": int(len(te))}
 
 

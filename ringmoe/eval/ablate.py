@@ -2,10 +2,12 @@
 
 A grid file (configs/ablations/NAME.py) returns a ConfigDict with
   base       the config file every point starts from (configs/tiny.py);
-  data_dir   the pretraining data set, also the probe data (labelled records);
+  data_dir   the pretraining data set;
+  probe_data_dir  labelled records to probe on (default: data_dir; better: unseen scenes);
   budget     config overrides shared by all points (total_steps, ...);
   probe      the probe run on each point's frozen encoder (knn | linear);
-  points     ((name, {dotted config key: value}), ...).
+  points     ((name, {dotted config key: value}), ...);
+  only       optional comma-separated point names to run (default: all).
 Each point trains in DIR/<name> through the one trainer (`pretrain.train.train`),
 so a re-run resumes or skips finished points; `result.json` there holds its
 figures. The fixed-batch masked reconstruction loss (eval/<modality>/simmim, at
@@ -58,7 +60,7 @@ def point_config(grid: ConfigDict, overrides: dict) -> ConfigDict:
     return config
 
 
-def run_point(name: str, config: ConfigDict, workdir: str, probe: str) -> dict:
+def run_point(name: str, config: ConfigDict, workdir: str, probe: str, probe_data_dir: str) -> dict:
     """Trains (or resumes) one point, probes every modality, writes and returns result.json."""
     from pretrain.train import train
     from ringmoe.eval.features import evaluate, load_pretrained
@@ -81,7 +83,7 @@ def run_point(name: str, config: ConfigDict, workdir: str, probe: str) -> dict:
               "loss": final.get("loss"), "simmim": {}, "probe_value": {}}
     for m in modalities:
         result["simmim"][m] = final.get(f"eval/{m}/simmim")
-        scores = evaluate(trained, model, config.data_dir, probe, m, baseline=False)
+        scores = evaluate(trained, model, probe_data_dir, probe, m, baseline=False)
         result["probe_value"][m] = scores["value"]
         result["metric"] = scores["metric"]
     result["probe_mean"] = float(np.mean(list(result["probe_value"].values())))
@@ -97,11 +99,16 @@ def run(grid: ConfigDict, workdir: str) -> list[dict]:
     names = [name for name, _ in grid.points]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate point names in the grid: {names}")
-    configs = [(name, point_config(grid, dict(overrides))) for name, overrides in grid.points]  # fail early
+    only = [n for n in str(grid.get("only", "") or "").split(",") if n]
+    if set(only) - set(names):
+        raise ValueError(f"--grid.only names unknown points {sorted(set(only) - set(names))} (have {names})")
+    configs = [(name, point_config(grid, dict(overrides))) for name, overrides in grid.points
+               if not only or name in only]  # every config is built before any training: fail early
     results = []
     for i, (name, config) in enumerate(configs):
         log.info("point %d/%d: %s", i + 1, len(configs), name)
-        results.append(run_point(name, config, os.path.join(workdir, name), grid.probe))
+        results.append(run_point(name, config, os.path.join(workdir, name), grid.probe,
+                                 grid.get("probe_data_dir") or grid.data_dir))
     return results
 
 
