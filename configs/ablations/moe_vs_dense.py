@@ -9,21 +9,13 @@ Active FFN FLOPs per token: hierarchical = modal top-1 + collaborative top-1 +
 shared = 3 FFNs of width 4D; dense = one FFN of width 12D (the same FLOPs);
 modal-only and collaborative-only drop one routed group (2 FFNs per token).
 """
-from ml_collections import ConfigDict
+from configs.ablations.common import grid
 
 
 def get_config():
-    return ConfigDict({
-        "base": "configs/tiny.py",
-        "data_dir": "",
-        "probe_data_dir": "",
-        "budget": {"total_steps": 100, "log_every": 10, "checkpoint_every": 1000, "eval_every": 0},
-        "probe": "linear",
-        "only": "",
-        "points": (
-            ("hierarchical", {}),
-            ("dense_equal_flops", {"model.moe.enabled": False, "model.mlp_ratio": 12.0}),
-            ("modal_only", {"model.moe.num_collaborative_experts": 0}),
-            ("collaborative_only", {"model.moe.num_modal_experts": 0}),
-        ),
-    })
+    return grid((
+        ("hierarchical", {}),
+        ("dense_equal_flops", {"model.moe.enabled": False, "model.mlp_ratio": 12.0}),
+        ("modal_only", {"model.moe.num_collaborative_experts": 0}),
+        ("collaborative_only", {"model.moe.num_modal_experts": 0}),
+    ))

@@ -6,7 +6,7 @@
 Points: every term at its configured weight; SimMIM alone (the plain reference
 minus its span target); then each term switched off on its own.
 """
-from ml_collections import ConfigDict
+from configs.ablations.common import grid
 
 TERMS = ("span", "pauli", "speckle_nll", "xpol_ratio", "sam", "index")
 
@@ -14,12 +14,4 @@ TERMS = ("span", "pauli", "speckle_nll", "xpol_ratio", "sam", "index")
 def get_config():
     points = [("all_terms", {}), ("simmim_only", {f"objectives.{t}": 0.0 for t in TERMS})]
     points += [(f"no_{t}", {f"objectives.{t}": 0.0}) for t in TERMS]
-    return ConfigDict({
-        "base": "configs/tiny.py",
-        "data_dir": "",
-        "probe_data_dir": "",
-        "budget": {"total_steps": 100, "log_every": 10, "checkpoint_every": 1000, "eval_every": 0},
-        "probe": "linear",
-        "only": "",
-        "points": tuple(points),
-    })
+    return grid(points)
