@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -38,11 +39,17 @@ from ringmoe.data.pipeline import Pipeline
 
 log = logging.getLogger("ringmoe.train")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, PNGs.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_FLAGS = SimpleNamespace()
+
+
+def define_flags() -> None:
+    """The command line. Defined only when this module runs as the program, so that tools
+    with flags of their own (tools.ablate's --workdir) can import `train`."""
+    _FLAGS.config = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
+    _FLAGS.workdir = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, PNGs.")
+    _FLAGS.coordinator = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+    _FLAGS.num_processes = flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
+    _FLAGS.process_id = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 
 
 class NonFiniteError(RuntimeError):
@@ -51,10 +58,10 @@ class NonFiniteError(RuntimeError):
 
 def initialize_distributed() -> None:
     """Starts JAX's multi-controller runtime when flags or a cluster environment ask for it."""
-    explicit = _COORDINATOR.value is not None
+    explicit = _FLAGS.coordinator.value is not None
     cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"))
     if explicit:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        jax.distributed.initialize(_FLAGS.coordinator.value, _FLAGS.num_processes.value, _FLAGS.process_id.value)
     elif cluster:
         jax.distributed.initialize()  # JAX detects SLURM / TPU VM / env settings itself
 
@@ -216,15 +223,16 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
     logging.getLogger("ringmoe").setLevel(logging.INFO)
-    if _CONFIG.value is None or not _WORKDIR.value:
+    if _FLAGS.config.value is None or not _FLAGS.workdir.value:
         raise app.UsageError("--config and --workdir are required")
     initialize_distributed()
     try:
-        last = train(_CONFIG.value, _WORKDIR.value)
+        last = train(_FLAGS.config.value, _FLAGS.workdir.value)
     except NonFiniteError as e:
         raise SystemExit(f"pretrain.train: stopped: {e}") from None
     print(json.dumps(last))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
