@@ -123,7 +123,7 @@ def test_normalisation_uses_manifest_stats(mixed):
 
 
 def test_mask_ratio_and_blocks(mixed):
-    with pl.Pipeline(config(), mixed, process_index=0, process_count=1) as p:
+    with pl.Pipeline(config(mask_block_size=16), mixed, process_index=0, process_count=1) as p:
         batch = next(p)
     masks = np.concatenate([a["mask"] for a in batch.values()])
     assert masks.shape[1:] == (16, 16)                    # 64 px / patch 4
