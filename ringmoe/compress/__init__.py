@@ -1,0 +1,1 @@
+"""The compression pass: 14.7B hierarchical MoE -> one modality -> pruned -> dense SwinV2."""
