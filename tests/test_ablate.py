@@ -57,6 +57,6 @@ def test_report_table_and_plot(tmp_path):
                         "probe_value": {"optical": 0.6 + i / 10}, "probe_mean": 0.6 + i / 10})
     md, png = ablate.write_report(results, str(tmp_path), "moe_vs_dense.py")
     table = open(md).read()
-    assert "| hierarchical | 5 | 0.0100 | 0.500 | 0.400 | 0.600 | 0.600 |" in table
+    assert "| hierarchical | 5 | 10.00 | 0.500 | 0.400 | 0.600 | 0.600 |" in table
     assert "| dense |" in table
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

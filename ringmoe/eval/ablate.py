@@ -120,11 +120,11 @@ def write_report(results: list[dict], workdir: str, title: str) -> tuple[str, st
     """DIR/ablation.md (one row per point) and DIR/ablation.png (probe per point, loss curves)."""
     modalities = sorted({m for r in results for m in r["probe_value"]})
     metric = results[0].get("metric", "") if results else ""
-    head = (["point", "steps", "active TFLOP/image", "final loss"] + [f"SimMIM {m}" for m in modalities]
+    head = (["point", "steps", "forward GFLOP/image", "final loss"] + [f"SimMIM {m}" for m in modalities]
             + [f"{metric} {m}" for m in modalities] + [f"{metric} mean"])
     lines = [f"# Ablation: {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        row = ([r["name"], str(r["total_steps"]), _fmt(r["active_tflops_per_image"], 4), _fmt(r["loss"])]
+        row = ([r["name"], str(r["total_steps"]), _fmt(1e3 * r["active_tflops_per_image"], 2), _fmt(r["loss"])]
                + [_fmt(r["simmim"].get(m)) for m in modalities]
                + [_fmt(r["probe_value"].get(m)) for m in modalities] + [_fmt(r["probe_mean"])])
         lines.append("| " + " | ".join(row) + " |")
