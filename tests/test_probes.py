@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
 from configs.common import base_config
 from ringmoe.data import synthetic
 from ringmoe.data.schema import RecordError
 from ringmoe.eval import probes
 from ringmoe.eval.features import CheckpointError, evaluate, extract, load_pretrained
+from tests.small import micro_config
 
 _P = base_config().probe   # the defaults must solve these easy cases
 LINEAR = {"epochs": _P.linear_epochs, "lr": _P.linear_lr, "weight_decay": _P.linear_weight_decay, "seed": 0}
@@ -81,11 +81,7 @@ def test_split_is_deterministic_and_disjoint():
 
 
 def _small_config():
-    config = tiny.get_config()
-    c = config.model
-    c.image_size, c.depths, c.num_heads, c.embed_dim, c.cpb_hidden = 32, (1, 1), (1, 2), 16, 16
-    for m in ("multispectral", "sar_l1"):
-        del c.modalities[m]
+    config = micro_config(("optical", "sar_l2"))
     config.data.mask_block_size = 16
     config.probe.segmentation_stage = 0
     config.probe.linear_epochs = config.probe.segmentation_epochs = 100

@@ -3,19 +3,15 @@ and on one device with identical parameters (Orbax sharded restore onto the targ
 import jax
 import numpy as np
 
-from configs import tiny
 from pretrain.checkpoint import Checkpointer, abstract_with_shardings
 from pretrain.state import abstract_state, create_state
 from ringmoe import sharding
+from tests.small import micro_config
 
 
 def small_config():
-    c = tiny.get_config()
-    m = c.model
-    m.image_size, m.depths, m.num_heads, m.embed_dim, m.cpb_hidden = 32, (1, 1), (1, 2), 16, 16
-    for name in ("multispectral", "sar_l2"):
-        del m.modalities[name]
-    m.moe.num_modal_experts = m.moe.num_collaborative_experts = 4
+    c = micro_config(("optical", "sar_l1"))
+    c.model.moe.num_modal_experts = c.model.moe.num_collaborative_experts = 4
     return c
 
 
