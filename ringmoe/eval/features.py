@@ -234,7 +234,7 @@ def evaluate_probes(config, model: RingMoE, data_dir: str, probes, modality: str
     features = extract(model, config, data_dir, modality, stage=stage)
     random_features = None
     if baseline:
-        baseline_model = baseline_model or random_init_model(config)
+        baseline_model = baseline_model if baseline_model is not None else random_init_model(config)
         random_features = extract(baseline_model, config, data_dir, modality, stage=stage)
     names = len(manifest["label_names"])   # label_names[i] names class id i; id 0 = unlabelled / none
     results = []
