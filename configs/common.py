@@ -42,6 +42,8 @@ def base_config() -> ConfigDict:
     c.model.mlp_ratio = 4.0           # (ref)
     c.model.cpb_hidden = 512          # SwinV2 continuous position bias MLP width
     c.model.dtype = "float32"         # compute dtype; parameters stay float32
+    c.model.remat = "none"            # none | block | dots_with_no_batch_dims_saveable | dots_saveable:
+                                      # what each SwinV2 block keeps for the backward pass (model/ringmoe.py)
     c.model.modalities = ConfigDict()
 
     c.model.moe = ConfigDict()

@@ -91,3 +91,27 @@ def test_reference_parameter_counts():
         assert 2.3e9 < n < 2.5e9, m
     dense = count(abstract_model(ringmoe_1b.get_config().model))
     assert abs(dense["total"] / 1.06e9 - 1) < 0.02
+
+
+def test_remat_changes_nothing_but_memory():
+    """Rematerialised blocks give the loss and the gradients of no remat."""
+    def loss_and_grads(remat):
+        config = small_config()
+        config.remat = remat
+        model = create_model(config, seed=0)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(params):
+            out = nnx.merge(graphdef, params)(random_batch(config))
+            return sum(jnp.mean(o["reconstruction"] ** 2) for o in out.values())
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    reference_loss, reference_grads = loss_and_grads("none")
+    value, grads = loss_and_grads("block")
+    np.testing.assert_allclose(value, reference_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(reference_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="unknown model.remat 'most'"):
+        config = small_config()
+        config.remat = "most"
+        create_model(config, seed=0)

@@ -9,6 +9,11 @@
 Each modality of a batch runs through the backbone in its own call, so a
 modality's batch size (and channel count) is its own and a token of m can only
 reach m's modal experts.
+
+Rematerialisation (`config.remat`, see `REMAT`) wraps each SwinV2 block in
+`nnx.remat`: the backward pass recomputes what the policy did not save, so the
+activations kept for the gradient shrink from every intermediate of every block
+to (at most) the block inputs. It changes memory and recompute, never values.
 """
 from __future__ import annotations
 
@@ -26,6 +31,23 @@ from ringmoe.sharding import constrain, partitioned, state_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# config.remat -> what a rematerialised block keeps for its backward pass (None: no remat).
+# "block" keeps only the block's inputs (jax.checkpoint's default: everything recomputed);
+# the others are `jax.checkpoint_policies` of that name.
+REMAT = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def remat_policy(name: str):
+    """The checkpoint policy of a `config.remat` name (None for "none"); unknown names are errors."""
+    if name not in REMAT:
+        raise ValueError(f"unknown model.remat {name!r}; choose one of {sorted(REMAT)}")
+    return REMAT[name]
+
 
 class Encoded(NamedTuple):
     features: jax.Array            # (B, h, w, D_last), after the final norm
@@ -34,10 +56,14 @@ class Encoded(NamedTuple):
 
 
 class Stage(nnx.Module):
-    """`depth` SwinV2 blocks (alternating plain / shifted windows), then patch merging."""
+    """`depth` SwinV2 blocks (alternating plain / shifted windows), then patch merging.
+
+    With `config.remat` other than "none" each block runs under `nnx.remat`."""
 
     def __init__(self, dim, depth, num_heads, resolution, config, modalities, *, merge, dtype, rngs):
         hidden = int(dim * config.mlp_ratio)
+        self.remat = config.get("remat", "none")
+        remat_policy(self.remat)  # an unknown name fails at construction, not at the first step
 
         def ffn():
             if config.moe.enabled:
@@ -51,9 +77,14 @@ class Stage(nnx.Module):
         self.merging = PatchMerging(dim, dtype=dtype, rngs=rngs) if merge else None
 
     def __call__(self, x, modality):
+        def run(block, x):
+            return block(x, modality)
+
+        if self.remat != "none":
+            run = nnx.remat(run, policy=remat_policy(self.remat))
         stats = []
         for block in self.blocks:
-            x, block_stats = block(x, modality)
+            x, block_stats = run(block, x)
             stats.append(block_stats)
         before_merge = x
         if self.merging is not None:
