@@ -86,3 +86,12 @@ def make_train_step(graphdef, config, norm_stats: dict):
         return new_state, metrics
 
     return step
+
+
+def jit_train_step(graphdef, config, norm_stats: dict, state_shardings: TrainState, batch_shardings: dict):
+    """The step as the trainer runs it (and `tools.aot` compiles it): jitted, the state donated,
+    state and batch in their shardings, the new state in the same shardings and the metrics
+    replicated, so that every process can read them."""
+    return jax.jit(make_train_step(graphdef, config, norm_stats), donate_argnums=0,
+                   in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, state_shardings.step))

@@ -10,8 +10,17 @@ console (`pretrain.metrics`); with `eval_every`, the loss on fixed batches at st
 0, every N steps and at the end (`eval/...` metrics: the same pixels and masks
 each time, so the curve is free of batch-to-batch noise); PNGs of reconstructions and expert loads. A
 workdir with checkpoints resumes from the newest readable one. SIGTERM saves a
-checkpoint and exits cleanly. Multi-host: `jax.distributed` is initialised from
---coordinator_address/--num_processes/--process_id or the cluster environment.
+checkpoint and exits cleanly.
+
+Multi-process (one process per TPU VM host, or per GPU / node under SLURM):
+`jax.distributed` is initialised from --coordinator_address/--num_processes/
+--process_id or by JAX's own cluster detection (`pretrain.distributed`); each
+process reads its own disjoint share of the records and contributes its rows to
+the global batch; checkpoints are written collectively (each process its array
+shards; the data-iterator states of all processes gathered into the checkpoint);
+metrics, TensorBoard and PNGs come from process 0 only. Preemption: a single
+process stops on SIGTERM; several processes stop together at the step that JAX's
+preemption sync manager agrees on (`Checkpointer.reached_preemption`).
 """
 from __future__ import annotations
 
@@ -30,10 +39,11 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
+from pretrain import distributed
 from pretrain.checkpoint import Checkpointer, abstract_with_shardings
 from pretrain.metrics import MetricsWriter, flatten_router_stats, router_load_matrices
 from pretrain.state import abstract_state, create_state
-from pretrain.step import make_eval_step, make_train_step, model_inputs
+from pretrain.step import MODEL_INPUTS, jit_train_step, make_eval_step, model_inputs
 from ringmoe import flops, sharding, visualize
 from ringmoe.data.pipeline import Pipeline
 
@@ -50,28 +60,32 @@ def define_flags() -> None:
     _FLAGS.coordinator = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
     _FLAGS.num_processes = flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
     _FLAGS.process_id = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+    _FLAGS.log_records = flags.DEFINE_bool(
+        "log_records", False, "Audit: each process appends the record indices of every batch it reads to "
+        "workdir/records/process_<i>.jsonl.")
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive NaN/Inf updates; the message names the modality and term."""
 
 
-def initialize_distributed() -> None:
-    """Starts JAX's multi-controller runtime when flags or a cluster environment ask for it."""
-    explicit = _FLAGS.coordinator.value is not None
-    cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"))
-    if explicit:
-        jax.distributed.initialize(_FLAGS.coordinator.value, _FLAGS.num_processes.value, _FLAGS.process_id.value)
-    elif cluster:
-        jax.distributed.initialize()  # JAX detects SLURM / TPU VM / env settings itself
+def initialize_distributed() -> bool:
+    """Starts JAX's multi-controller runtime from the flags or the cluster JAX detects (if any)."""
+    return distributed.initialize(_FLAGS.coordinator.value, _FLAGS.num_processes.value, _FLAGS.process_id.value)
 
 
-def batch_shardings(pipeline: Pipeline, mesh) -> dict:
-    """Every batch array split over the data-like mesh axes along its first dim."""
-    spec = pipeline.batch_spec()
+def batch_shardings(spec: dict, mesh) -> dict:
+    """Every model-input array of a batch spec (`Pipeline.batch_spec()`) split over the data-like
+    mesh axes along its first dim."""
     return {m: {k: jax.sharding.NamedSharding(mesh, sharding.logical_to_mesh(("batch",) + (None,) * (len(s) - 1)))
-                for k, (s, _) in spec[m].items() if k in ("pixels", "mask", "record_index")}
+                for k, (s, _) in spec[m].items() if k in MODEL_INPUTS}
             for m in spec}
+
+
+def device_dtype(dtype) -> np.dtype:
+    """The dtype a batch array has on the device: int64 (record indices) becomes JAX's int32."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.int32) if dtype == np.int64 else dtype
 
 
 def to_device(batch: dict, shardings: dict) -> dict:
@@ -80,9 +94,16 @@ def to_device(batch: dict, shardings: dict) -> dict:
     for m, arrays in model_inputs(batch).items():
         out[m] = {}
         for k, x in arrays.items():
-            x = x.astype(np.int32) if x.dtype == np.int64 else x
+            x = x.astype(device_dtype(x.dtype), copy=False)
             out[m][k] = jax.make_array_from_process_local_data(shardings[m][k], x)
     return out
+
+
+def abstract_batch(spec: dict, shardings: dict) -> dict:
+    """ShapeDtypeStructs of the device batch that `to_device` makes, for ahead-of-time lowering;
+    `spec` holds GLOBAL shapes (every process's rows)."""
+    return {m: {k: jax.ShapeDtypeStruct(shape, device_dtype(name), sharding=shardings[m][k])
+                for k, (shape, name) in spec[m].items() if k in shardings[m]} for m in spec}
 
 
 def fixed_eval_batches(config, shardings: dict) -> list[dict]:
@@ -108,8 +129,46 @@ def describe_nonfinite(metrics: dict) -> str:
     return "loss finite but gradients non-finite" if "grad_norm" in bad else "non-finite loss"
 
 
-def train(config, workdir: str, devices=None) -> dict:
-    """Runs (or resumes) pretraining on `devices` (default: all); returns the last logged metrics."""
+def own_data_state(data_state: dict) -> dict:
+    """This process's iterator state out of a checkpoint's data item (`gathered_data_state`)."""
+    if "processes" not in data_state:  # a checkpoint from before the states were gathered
+        return data_state
+    states = data_state["processes"]
+    if len(states) != jax.process_count():
+        raise ValueError(f"the checkpoint's data state is from {len(states)} processes, this run has "
+                         f"{jax.process_count()}: the data stream cannot resume exactly")
+    return states[jax.process_index()]
+
+
+def gathered_data_state(pipeline: Pipeline) -> dict:
+    """Every process's iterator state, in process order (collective), for the checkpoint."""
+    return {"processes": distributed.allgather_json(pipeline.get_state())}
+
+
+class RecordLog:
+    """Audit trail (--log_records): the record indices of every batch this process read."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.file = None
+        if enabled:
+            os.makedirs(os.path.join(workdir, "records"), exist_ok=True)
+            self.file = open(os.path.join(workdir, "records", f"process_{jax.process_index()}.jsonl"), "a")
+
+    def write(self, step: int, batch: dict) -> None:
+        if self.file is not None:
+            rows = {m: [int(i) for i in b["record_index"]] for m, b in batch.items()}
+            self.file.write(json.dumps({"step": step, "records": rows}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def train(config, workdir: str, devices=None, *, log_records: bool = False) -> dict:
+    """Runs (or resumes) pretraining on `devices` (default: all); returns the last logged metrics.
+
+    log_records: each process appends its batches' record indices to workdir/records/."""
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh, devices)
     pipeline = Pipeline(config)
@@ -123,19 +182,19 @@ def train(config, workdir: str, devices=None) -> dict:
         restored = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings))
         if restored is not None:
             start, state, data_state, _ = restored
-            pipeline.set_state(data_state)
+            pipeline.set_state(own_data_state(data_state))
             log.info("resumed from step %d", start)
         else:
             start = 0
             graphdef, state, _ = create_state(config, mesh)
-        in_batch = batch_shardings(pipeline, mesh)
-        step_fn = jax.jit(make_train_step(graphdef, config, norm_stats), donate_argnums=0,
-                          in_shardings=(shardings, in_batch), out_shardings=(shardings, None))
+        in_batch = batch_shardings(pipeline.batch_spec(), mesh)
+        step_fn = jit_train_step(graphdef, config, norm_stats, shardings, in_batch)
 
         writer = MetricsWriter(workdir, total_steps=config.total_steps, enabled=lead)
         writer.truncate_after(start)
         eval_batches = fixed_eval_batches(config, in_batch) if config.eval_every else []
-        eval_fn = jax.jit(make_eval_step(graphdef, config, norm_stats), in_shardings=(shardings, in_batch))
+        eval_fn = jax.jit(make_eval_step(graphdef, config, norm_stats), in_shardings=(shardings, in_batch),
+                          out_shardings=shardings.step)  # replicated: every process can read the losses
         if eval_batches and start == 0:
             writer.write(0, evaluate(eval_fn, state, eval_batches))
         global_batch = {m: b * jax.process_count() for m, b in pipeline.batch_sizes.items()}
@@ -144,14 +203,21 @@ def train(config, workdir: str, devices=None) -> dict:
         meta = {"config": json.loads(config.to_json()), "mesh": dict(mesh.shape), "peak_flops_source": peak_source}
 
         stop = {"signal": None}
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+        # Several processes must stop at the same step: there JAX's preemption sync manager
+        # owns SIGTERM (a Python handler would replace its notifier) and reached_preemption
+        # says when; a single process stops on the signal itself.
+        single = jax.process_count() == 1
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)) if single else None
+        records = RecordLog(workdir, log_records)
         last, nonfinite_run, pending = {}, 0, None
         window_start, window_steps = time.perf_counter(), 0
         batch = None
         try:
             for step in range(start, config.total_steps):
                 batch = next(pipeline)
-                state, metrics = step_fn(state, to_device(batch, in_batch))
+                records.write(step + 1, batch)
+                device_batch = to_device(batch, in_batch)
+                state, metrics = step_fn(state, device_batch)
                 window_steps += 1
                 # The previous step's flag is read only now, so the device never idles for it.
                 if pending is not None:
@@ -185,30 +251,44 @@ def train(config, workdir: str, devices=None) -> dict:
                 elif scores:
                     writer.write(done, scores)
                 if config.image_every and done % config.image_every == 0:
-                    save_pictures(workdir, done, graphdef, state, batch, metrics, norm_stats, lead)
+                    save_pictures(workdir, done, graphdef, state, device_batch, metrics, norm_stats, lead)
                 preempted = stop["signal"] is not None or checkpointer.reached_preemption(done)
                 if checkpointer.should_save(done) or preempted or done == config.total_steps:
-                    checkpointer.save(done, state, pipeline.get_state(), {**meta, "step": done}, force=True)
+                    checkpointer.save(done, state, gathered_data_state(pipeline), {**meta, "step": done}, force=True)
                 if preempted:
                     log.warning("stopping at step %d on request (signal %s); checkpoint saved", done, stop["signal"])
                     break
-            if batch is not None and stop["signal"] is None:
-                save_pictures(workdir, "final", graphdef, state, batch, metrics, norm_stats, lead)
+            if batch is not None and not preempted:
+                save_pictures(workdir, "final", graphdef, state, device_batch, metrics, norm_stats, lead)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if single:
+                signal.signal(signal.SIGTERM, previous)
+            records.close()
             checkpointer.close()
             writer.close()
             pipeline.close()
     return last
 
 
-def save_pictures(workdir, tag, graphdef, state, batch, metrics, norm_stats, lead) -> None:
-    """Reconstructions of the current batch, the expert-load heatmap and the loss curves."""
+PICTURE_ROWS = 4  # images per modality in the reconstruction PNG
+
+
+def save_pictures(workdir, tag, graphdef, state, device_batch, metrics, norm_stats, lead) -> None:
+    """Reconstructions of the first rows of the current global batch, the expert-load heatmap and
+    the loss curves. Every process runs the forward pass (it is collective); process 0 draws."""
+    model = nnx.merge(graphdef, state.params)
+    replicated = jax.sharding.NamedSharding(state.step.sharding.mesh, jax.sharding.PartitionSpec())
+
+    def first_rows(model, batch):
+        inputs = {m: {"pixels": b["pixels"], "mask": b["mask"]} for m, b in batch.items()}
+        out = model(inputs)
+        head = lambda x: x[:PICTURE_ROWS]  # noqa: E731
+        return ({m: jax.tree.map(head, inputs[m]) for m in inputs},
+                {m: {k: head(v) for k, v in o.items() if k in ("reconstruction", "log_power")} for m, o in out.items()})
+
+    batch, outputs = jax.device_get(nnx.jit(first_rows, out_shardings=replicated)(model, device_batch))
     if not lead:
         return
-    model = nnx.merge(graphdef, state.params)
-    inputs = {m: {"pixels": b["pixels"], "mask": b["mask"]} for m, b in batch.items()}
-    outputs = jax.device_get(nnx.jit(lambda model, x: model(x))(model, inputs))
     out_dir = os.path.join(workdir, "pictures")
     os.makedirs(out_dir, exist_ok=True)
     visualize.save_reconstructions(os.path.join(out_dir, f"reconstructions_{tag}.png"), batch, outputs, model,
@@ -227,7 +307,7 @@ def main(argv):
         raise app.UsageError("--config and --workdir are required")
     initialize_distributed()
     try:
-        last = train(_FLAGS.config.value, _FLAGS.workdir.value)
+        last = train(_FLAGS.config.value, _FLAGS.workdir.value, log_records=_FLAGS.log_records.value)
     except NonFiniteError as e:
         raise SystemExit(f"pretrain.train: stopped: {e}") from None
     print(json.dumps(last))

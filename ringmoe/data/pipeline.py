@@ -118,6 +118,32 @@ def modality_batch_sizes(rows: int, weights: dict[str, float]) -> dict[str, int]
     return sizes
 
 
+def process_batch_sizes(config, modalities, process_count: int = 1) -> dict[str, int]:
+    """Rows per modality of ONE process's batch: config.batch_size / process_count split over the
+    served `modalities` by data.modality_weights (`modality_batch_sizes`). The global batch of a
+    modality is this times process_count."""
+    if config.batch_size % process_count:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {process_count} processes")
+    weights = {m: float(config.data.modality_weights.get(m, 1.0)) for m in modalities}
+    return modality_batch_sizes(config.batch_size // process_count, weights)
+
+
+def served_modalities(config) -> tuple[str, ...]:
+    """The modalities a data set holding all of them would serve: the model's, with positive weight."""
+    weights = config.data.modality_weights
+    return tuple(m for m in MODALITIES if m in config.model.modalities and weights.get(m, 1.0) > 0)
+
+
+def batch_spec(config, batch_sizes: dict[str, int]) -> dict:
+    """{modality: {key: (shape, dtype name)}} of a batch with `batch_sizes[m]` rows of modality m
+    (the module docstring's format; channels from the model config, which the data must match)."""
+    s = config.model.image_size
+    g = s // config.model.patch_size
+    return {m: {"pixels": ((b, s, s, config.model.modalities[m].channels), "float32"),
+                "mask": ((b, g, g), "bool"), "label_map": ((b, s, s), "int32"), "scene_label": ((b,), "int32"),
+                "record_index": ((b,), "int64")} for m, b in batch_sizes.items()}
+
+
 def modality_specs(manifest: dict, config, data_dir: str) -> dict[str, ModalitySpec]:
     """Served modalities with their band statistics; channel mismatches are one-line ValueErrors."""
     weights = dict(config.data.modality_weights)
@@ -153,6 +179,7 @@ class Pipeline:
                  num_workers: int | None = None, train: bool = True, seed: int | None = None):
         d = config.data
         seed = config.seed if seed is None else seed
+        self.config = config
         self.data_dir = data_dir or config.data_dir
         if not self.data_dir:
             raise ValueError("no data set: set config.data_dir or pass data_dir")
@@ -162,15 +189,12 @@ class Pipeline:
             process_count = jax.process_count() if process_count is None else process_count
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        if config.batch_size % process_count:
-            raise ValueError(f"batch_size {config.batch_size} is not divisible by {process_count} processes")
         self.manifest = shards.read_manifest(self.data_dir)
         paths = shards.shard_paths(self.data_dir)
         m = config.model
         masking.check_geometry(m.image_size, m.patch_size, d.mask_block_size, d.mask_ratio)
         self.specs = modality_specs(self.manifest, config, self.data_dir)
-        weights = {k: float(d.modality_weights.get(k, 1.0)) for k in self.specs}
-        self.batch_sizes = modality_batch_sizes(config.batch_size // process_count, weights)
+        self.batch_sizes = process_batch_sizes(config, tuple(self.specs), process_count)
         self.modalities = tuple(self.batch_sizes)
         self.image_size, self.patch_size = m.image_size, m.patch_size
         epochs = d.num_epochs if num_epochs is None else num_epochs
@@ -275,10 +299,7 @@ class Pipeline:
 
     def batch_spec(self) -> dict:
         """{modality: {key: (shape, dtype name)}} of every batch, for abstract model init."""
-        s, g = self.image_size, self.image_size // self.patch_size
-        return {m: {"pixels": ((b, s, s, self.specs[m].channels), "float32"), "mask": ((b, g, g), "bool"),
-                    "label_map": ((b, s, s), "int32"), "scene_label": ((b,), "int32"),
-                    "record_index": ((b,), "int64")} for m, b in self.batch_sizes.items()}
+        return batch_spec(self.config, self.batch_sizes)
 
     def close(self) -> None:
         """Stops worker processes / threads (also done on garbage collection)."""

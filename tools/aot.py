@@ -1,0 +1,201 @@
+"""Ahead-of-time compile of the real train step for a target machine: does it fit, how fast could it be.
+
+    python -m tools.aot --config configs/ringmoe_14b.py --topology h100-64 [--config.mesh.fsdp=16 ...]
+
+Builds the abstract sharded train state (`pretrain.state.abstract_state`: shapes
+only, nothing allocated) on the target's device mesh (`sharding.make_mesh`),
+the global batch the target's processes would feed (`pipeline.process_batch_sizes`
+per process, times the processes), and the trainer's own jitted step
+(`pretrain.step.jit_train_step`: the same function, shardings and donation);
+lowers and compiles it, and prints per-device argument / output / temporary
+bytes, FLOPs per step and the step time at the target's peak and at 50 % MFU.
+
+Devices: a TPU target uses `jax.experimental.topologies.get_topology_desc`
+(compile-only TPU devices) when libtpu is installed; otherwise, and for GPU
+targets, the step is compiled by the CPU compiler for the same number of fake
+CPU devices, and the output says so (`compiled_for`). The per-device bytes are
+then the CPU compiler's buffer assignment of the partitioned program: the state
+and batch shards are exact, temporaries an estimate (GPU/TPU schedule and fuse
+differently). The MoE dispatch `auto` is resolved for the target's platform,
+not for the CPU that compiles.
+
+FLOPs: `model_flops_per_step` is the analytic model count (`ringmoe.flops`:
+active experts only, 3 x forward, the figure MFU is defined on); the step times
+use it. `xla_flops_per_step` is XLA's cost analysis of the compiled program
+summed over devices (with recomputation, dispatch and padding).
+
+Exceeding the device memory exits with status 1 and a message naming the
+largest buffers. The last stdout line is JSON: topology, devices,
+per_device_bytes, device_memory_bytes, fits, and the rest of the figures.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from pretrain.state import abstract_state
+from pretrain.step import jit_train_step
+from pretrain.train import abstract_batch, batch_shardings
+from ringmoe import flops, sharding, topology
+from ringmoe.data.pipeline import batch_spec, process_batch_sizes, served_modalities
+from ringmoe.model import dispatch
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
+_TOPOLOGY = flags.DEFINE_enum("topology", None, list(topology.TOPOLOGIES), "Target machine (ringmoe/topology.py).")
+_TOP = flags.DEFINE_integer("largest", 8, "How many of the largest per-device buffers to name.")
+
+_START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    print(f"[aot {time.perf_counter() - _START:7.1f}s] {message}", flush=True)
+
+
+def use_fake_cpu_devices(count: int) -> None:
+    """Makes the CPU backend hold `count` devices; must run before anything initialises a backend."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)  # wins over any --xla_force_host_platform_device_count
+
+
+def target_devices(target: topology.Topology) -> tuple[list, str, str]:
+    """(devices, compiled_for, why): compile-only TPU devices if JAX can describe the slice,
+    else the fake CPU devices."""
+    if target.tpu_topology:
+        from jax.experimental import topologies
+        try:
+            devices = topologies.get_topology_desc(platform="tpu", **target.tpu_topology).devices
+            return list(devices), "tpu-topology", f"TPU topology {target.tpu_topology['topology_name']} from libtpu"
+        except Exception as e:  # RuntimeError without libtpu; anything else libtpu may raise
+            why = f"no TPU topology available to JAX ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    else:
+        why = "JAX has no compile-only GPU topology without a CUDA backend"
+    devices = jax.devices("cpu")
+    if len(devices) != target.devices:
+        raise RuntimeError(f"{len(devices)} CPU devices, need {target.devices}: the backend was initialised "
+                           "before use_fake_cpu_devices")
+    return devices, "cpu-fake-devices", f"{why}; compiled by the CPU compiler for {target.devices} fake devices"
+
+
+def for_target(config, target: topology.Topology):
+    """The config as the target runs it: MoE dispatch `auto` resolved for the target's platform."""
+    config = config.copy_and_resolve_references()
+    if config.model.moe.dispatch == "auto":
+        config.model.moe.dispatch = dispatch.default_path(target.platform)
+    return config
+
+
+def placeholder_norm_stats(config) -> dict:
+    """Per-band statistics of a data set (mean 0, std 1): they are constants of the step, so
+    their values change nothing compiled; band names from the config where it has them."""
+    stats = {}
+    for m, mc in config.model.modalities.items():
+        names = tuple(b[0] for b in mc.get("bands", ()) or ()) or None
+        stats[m] = {"mean": np.zeros(mc.channels, np.float32), "std": np.ones(mc.channels, np.float32),
+                    "bands": names}
+    return stats
+
+
+def per_device_bytes(abstract, shardings) -> list[tuple[str, int]]:
+    """(path, bytes on one device) of every array of a tree, from its sharding's shard shape."""
+    out = []
+    for (path, a), s in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(shardings)):
+        shard = s.shard_shape(a.shape) if a.shape else ()
+        out.append((jax.tree_util.keystr(path), math.prod(shard) * np.dtype(a.dtype).itemsize))
+    return out
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def main(argv):
+    del argv
+    target = topology.get(_TOPOLOGY.value)
+    use_fake_cpu_devices(target.devices)
+    config = for_target(_CONFIG.value, target)
+    devices, compiled_for, why = target_devices(target)
+    progress(f"target {target.describe()}")
+    progress(f"compiled for: {compiled_for} ({why})")
+
+    mesh = sharding.make_mesh(config.mesh, devices)
+    graphdef, abstract, shardings = abstract_state(config, mesh)
+    rows = process_batch_sizes(config, served_modalities(config), target.processes)
+    global_rows = {m: b * target.processes for m, b in rows.items()}
+    spec = batch_spec(config, global_rows)
+    in_batch = batch_shardings(spec, mesh)
+    batch = abstract_batch(spec, in_batch)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    progress(f"mesh {dict(mesh.shape)}; global batch {global_rows} ({target.processes} processes x {rows}); "
+             f"remat {config.model.remat}, dtype {config.model.dtype}, dispatch {config.model.moe.dispatch}, "
+             f"grad_accum_steps {config.grad_accum_steps}")
+
+    step = jit_train_step(graphdef, config, placeholder_norm_stats(config), shardings, in_batch)
+    progress("lowering ...")
+    with jax.set_mesh(mesh):
+        lowered = step.lower(state, batch)
+        lower_s = time.perf_counter() - _START
+        progress("compiling ...")
+        compiled = lowered.compile()
+    compile_s = time.perf_counter() - _START - lower_s
+    progress(f"compiled in {compile_s:.1f} s")
+
+    memory = compiled.memory_analysis()
+    args, outs = memory.argument_size_in_bytes, memory.output_size_in_bytes
+    temps, alias = memory.temp_size_in_bytes, memory.alias_size_in_bytes
+    total = args + outs + temps - alias
+    state_buffers = per_device_bytes(abstract, shardings)
+    state_bytes = sum(n for _, n in state_buffers)
+    batch_bytes = sum(n for _, n in per_device_bytes(batch, jax.tree.map(lambda b: b.sharding, batch)))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost.get("flops", 0.0)) * target.devices if cost else None
+    model_flops = flops.model_flops_per_step(config.model, global_rows, training=True)
+    at_peak = model_flops / (target.devices * target.peak_flops)
+    fits = total <= target.memory_bytes
+    largest = sorted(state_buffers, key=lambda x: -x[1])[:_TOP.value]
+
+    print(f"per device: arguments {gb(args)} (train state {gb(state_bytes)}, batch {gb(batch_bytes)}), "
+          f"outputs {gb(outs)}, temporaries {gb(temps)}, aliased (donated) {gb(alias)}")
+    print(f"per device total {gb(total)} of {gb(target.memory_bytes)}: "
+          f"{'fits' if fits else 'DOES NOT FIT'} ({100 * total / target.memory_bytes:.0f} %)")
+    print(f"model FLOPs per step {model_flops:.4g} (analytic, active experts, 3 x forward); "
+          f"XLA-counted {xla_flops:.4g}" if xla_flops else "XLA cost analysis: none")
+    print(f"step time at {target.peak_flops / 1e12:.0f} TFLOP/s peak per device: {at_peak:.3f} s; "
+          f"at 50 % MFU: {2 * at_peak:.3f} s")
+    result = {
+        "topology": target.name, "devices": target.devices, "processes": target.processes,
+        "compiled_for": compiled_for, "note": why,
+        "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+        "mesh": dict(mesh.shape), "batch_size": config.batch_size, "global_batch": global_rows,
+        "grad_accum_steps": config.grad_accum_steps, "remat": config.model.remat, "dtype": config.model.dtype,
+        "dispatch": config.model.moe.dispatch,
+        "per_device_bytes": int(total), "argument_bytes": int(args), "output_bytes": int(outs),
+        "temp_bytes": int(temps), "alias_bytes": int(alias), "state_bytes_per_device": int(state_bytes),
+        "batch_bytes_per_device": int(batch_bytes), "device_memory_bytes": target.memory_bytes, "fits": fits,
+        "model_flops_per_step": model_flops, "xla_flops_per_step": xla_flops,
+        "peak_flops_per_device": target.peak_flops, "step_s_at_peak": at_peak, "step_s_at_50pct_mfu": 2 * at_peak,
+        "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
+        "largest_state_buffers_per_device": [[name, n] for name, n in largest],
+    }
+    if not fits:
+        named = "; ".join(f"{name} {gb(n)}" for name, n in largest)
+        print(f"tools.aot: {target.name}: {gb(total)} per device exceeds the {gb(target.memory_bytes)} of a "
+              f"device (arguments {gb(args)}, outputs {gb(outs)}, temporaries {gb(temps)}, aliased {gb(alias)}); "
+              f"largest state buffers per device: {named}", file=sys.stderr)
+    print(json.dumps(result), flush=True)
+    if not fits:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(main)
