@@ -27,4 +27,23 @@ def get_config():
     m.moe.shared_expert = True
     m.moe.top_k = 1
     m.moe.capacity_factor = 1.2
+    # The SAR-L2 physics terms need each channel's polarisation: one (VV) amplitude in
+    # all three, so there is no cross-pol pair and no xpol_ratio term.
+    c.objectives.sar_l2_polarizations = ("VV", "VV", "VV")
+    # Pod settings (README "Running on a pod"; checked by `python -m tools.aot`):
+    # bf16 compute with float32 master weights and AdamW state; each SwinV2 block
+    # rematerialised (only block inputs kept for the backward pass); `sort` dispatch,
+    # whose per-image expert buffers GSPMD keeps sharded and moves by all-to-all
+    # (`ragged`, what `auto` picks on GPU/TPU, argsorts the whole global batch,
+    # which GSPMD replicates on every device).
+    m.dtype = "bfloat16"
+    m.remat = "block"
+    m.moe.dispatch = "sort"
+    # Experts over `expert` (4 = the experts per group); parameters and AdamW state
+    # FSDP-sharded over all remaining devices (16 on 64 devices, 64 on 256), so the
+    # 206 GB of state is about 3.2 GB per device on 64. The token batch is split over
+    # all of them: each modality's global batch must be a multiple of the device count
+    # (batch_size 256 = 64 images per modality on 64 devices; 1024 on 256).
+    c.mesh.update({"data": 1, "fsdp": -1, "expert": 4, "tensor": 1})
+    c.batch_size = 256
     return c

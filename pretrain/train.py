@@ -177,6 +177,8 @@ def train(config, workdir: str, devices=None, *, log_records: bool = False) -> d
     graphdef, abstract, shardings = abstract_state(config, mesh)
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
     lead = jax.process_index() == 0
+    # Outside the mesh context: on CPU this times a matmul on one local device.
+    peak, peak_source = flops.device_peak_flops(jax.local_devices()[0], config.model.dtype)
 
     with jax.set_mesh(mesh):
         restored = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings))
@@ -199,7 +201,6 @@ def train(config, workdir: str, devices=None, *, log_records: bool = False) -> d
             writer.write(0, evaluate(eval_fn, state, eval_batches))
         global_batch = {m: b * jax.process_count() for m, b in pipeline.batch_sizes.items()}
         step_flops = flops.model_flops_per_step(config.model, global_batch, training=True)
-        peak, peak_source = flops.device_peak_flops(jax.devices()[0], config.model.dtype)
         meta = {"config": json.loads(config.to_json()), "mesh": dict(mesh.shape), "peak_flops_source": peak_source}
 
         stop = {"signal": None}

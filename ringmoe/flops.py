@@ -170,7 +170,7 @@ def measure_cpu_peak(dtype="float32", *, size: int = 2048, budget_s: float = 1.0
     name = _dtype_name(dtype)
     if name in _CPU_PEAK:
         return _CPU_PEAK[name][0]
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's own: others cannot be written to
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.device_put(jax.random.normal(ka, (size, size), jnp.float32).astype(name), cpu)
     b = jax.device_put(jax.random.normal(kb, (size, size), jnp.float32).astype(name), cpu)

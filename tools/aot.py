@@ -14,15 +14,19 @@ Devices: a TPU target uses `jax.experimental.topologies.get_topology_desc`
 (compile-only TPU devices) when libtpu is installed; otherwise, and for GPU
 targets, the step is compiled by the CPU compiler for the same number of fake
 CPU devices, and the output says so (`compiled_for`). The per-device bytes are
-then the CPU compiler's buffer assignment of the partitioned program: the state
-and batch shards are exact, temporaries an estimate (GPU/TPU schedule and fuse
-differently). The MoE dispatch `auto` is resolved for the target's platform,
-not for the CPU that compiles.
+then the CPU compiler's buffer assignment of the SPMD-partitioned program: the
+state and batch shards are exact, temporaries an estimate (GPU/TPU compilers
+schedule and fuse differently). On CPU the tool stops at that buffer assignment
+(`ringmoe.compile_memory`: the same numbers as `memory_analysis()`) instead of
+building the CPU executable, which takes hours for the 14.7B step;
+`--full_compile` builds it. The MoE dispatch `auto` is resolved for the
+target's platform, not for the CPU that compiles.
 
 FLOPs: `model_flops_per_step` is the analytic model count (`ringmoe.flops`:
 active experts only, 3 x forward, the figure MFU is defined on); the step times
-use it. `xla_flops_per_step` is XLA's cost analysis of the compiled program
-summed over devices (with recomputation, dispatch and padding).
+use it. `xla_flops_per_step` is XLA's cost analysis (with recomputation,
+dispatch and padding): of the compiled per-device program times the devices,
+or, when the CPU executable is not built, of the lowered global program.
 
 Exceeding the device memory exits with status 1 and a message naming the
 largest buffers. The last stdout line is JSON: topology, devices,
@@ -30,6 +34,7 @@ per_device_bytes, device_memory_bytes, fits, and the rest of the figures.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -44,12 +49,16 @@ from ml_collections import config_flags
 from pretrain.state import abstract_state
 from pretrain.step import jit_train_step
 from pretrain.train import abstract_batch, batch_shardings
-from ringmoe import flops, sharding, topology
+from ringmoe import compile_memory, flops, sharding, topology
 from ringmoe.data.pipeline import batch_spec, process_batch_sizes, served_modalities
 from ringmoe.model import dispatch
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
 _TOPOLOGY = flags.DEFINE_enum("topology", None, list(topology.TOPOLOGIES), "Target machine (ringmoe/topology.py).")
+_MEMORY = flags.DEFINE_integer("memory_bytes", None, "Device memory to check against (default: the topology's).")
+_FULL = flags.DEFINE_bool("full_compile", False, "On fake CPU devices, build the CPU executable and read "
+                          "memory_analysis() rather than stopping at the buffer assignment (hours at 14.7B).")
+_DUMP = flags.DEFINE_string("dump_to", None, "On fake CPU devices: keep XLA's dump (HLO, buffer assignment) here.")
 _TOP = flags.DEFINE_integer("largest", 8, "How many of the largest per-device buffers to name.")
 
 _START = time.perf_counter()
@@ -113,6 +122,27 @@ def per_device_bytes(abstract, shardings) -> list[tuple[str, int]]:
     return out
 
 
+def compile_step(lowered, compiled_for: str, devices: int) -> dict:
+    """memory (per device), temporaries (the largest, where known), xla_flops (per step),
+    xla_flops_source, running (a compile thread is left running)."""
+    if compiled_for == "cpu-fake-devices" and not _FULL.value:
+        jax.config.update("jax_enable_compilation_cache", False)  # a cache hit would dump nothing
+        memory, temporaries = compile_memory.cpu_buffer_assignment(lowered, "jit_step", keep_dump=_DUMP.value,
+                                                                   largest=_TOP.value)
+        return {"memory": memory, "temporaries": temporaries, "xla_flops": _flops(lowered.cost_analysis()),
+                "xla_flops_source": "lowered global program", "running": True}
+    compiled = lowered.compile()
+    per_device = _flops(compiled.cost_analysis())
+    return {"memory": compile_memory.from_compiled(compiled), "temporaries": [],
+            "xla_flops": per_device * devices if per_device is not None else None,
+            "xla_flops_source": "compiled per-device program x devices", "running": False}
+
+
+def _flops(cost) -> float | None:
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
@@ -120,6 +150,8 @@ def gb(n: float) -> str:
 def main(argv):
     del argv
     target = topology.get(_TOPOLOGY.value)
+    if _MEMORY.value is not None:
+        target = dataclasses.replace(target, memory_bytes=_MEMORY.value)
     use_fake_cpu_devices(target.devices)
     config = for_target(_CONFIG.value, target)
     devices, compiled_for, why = target_devices(target)
@@ -141,23 +173,23 @@ def main(argv):
     step = jit_train_step(graphdef, config, placeholder_norm_stats(config), shardings, in_batch)
     progress("lowering ...")
     with jax.set_mesh(mesh):
+        lower_start = time.perf_counter()
         lowered = step.lower(state, batch)
-        lower_s = time.perf_counter() - _START
-        progress("compiling ...")
-        compiled = lowered.compile()
-    compile_s = time.perf_counter() - _START - lower_s
+        lower_s = time.perf_counter() - lower_start
+        partial = compiled_for == "cpu-fake-devices" and not _FULL.value
+        progress(f"lowered in {lower_s:.1f} s; compiling" + (" up to the buffer assignment ..." if partial else " ..."))
+        compile_start = time.perf_counter()
+        compiled = compile_step(lowered, compiled_for, target.devices)
+    compile_s = time.perf_counter() - compile_start
     progress(f"compiled in {compile_s:.1f} s")
 
-    memory = compiled.memory_analysis()
-    args, outs = memory.argument_size_in_bytes, memory.output_size_in_bytes
-    temps, alias = memory.temp_size_in_bytes, memory.alias_size_in_bytes
-    total = args + outs + temps - alias
+    memory, xla_flops, running = compiled["memory"], compiled["xla_flops"], compiled["running"]
+    args, outs, temps, alias = memory.argument_bytes, memory.output_bytes, memory.temp_bytes, memory.alias_bytes
+    total = memory.total_bytes
+    temporaries = compiled["temporaries"]
     state_buffers = per_device_bytes(abstract, shardings)
     state_bytes = sum(n for _, n in state_buffers)
     batch_bytes = sum(n for _, n in per_device_bytes(batch, jax.tree.map(lambda b: b.sharding, batch)))
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float(cost.get("flops", 0.0)) * target.devices if cost else None
     model_flops = flops.model_flops_per_step(config.model, global_rows, training=True)
     at_peak = model_flops / (target.devices * target.peak_flops)
     fits = total <= target.memory_bytes
@@ -168,7 +200,7 @@ def main(argv):
     print(f"per device total {gb(total)} of {gb(target.memory_bytes)}: "
           f"{'fits' if fits else 'DOES NOT FIT'} ({100 * total / target.memory_bytes:.0f} %)")
     print(f"model FLOPs per step {model_flops:.4g} (analytic, active experts, 3 x forward); "
-          f"XLA-counted {xla_flops:.4g}" if xla_flops else "XLA cost analysis: none")
+          f"XLA-counted {xla_flops:.4g} ({compiled['xla_flops_source']})" if xla_flops else "XLA cost analysis: none")
     print(f"step time at {target.peak_flops / 1e12:.0f} TFLOP/s peak per device: {at_peak:.3f} s; "
           f"at 50 % MFU: {2 * at_peak:.3f} s")
     result = {
@@ -181,17 +213,26 @@ def main(argv):
         "per_device_bytes": int(total), "argument_bytes": int(args), "output_bytes": int(outs),
         "temp_bytes": int(temps), "alias_bytes": int(alias), "state_bytes_per_device": int(state_bytes),
         "batch_bytes_per_device": int(batch_bytes), "device_memory_bytes": target.memory_bytes, "fits": fits,
-        "model_flops_per_step": model_flops, "xla_flops_per_step": xla_flops,
+        "model_flops_per_step": model_flops, "xla_flops_per_step": xla_flops, "xla_flops_source": compiled["xla_flops_source"],
+        "memory_source": "buffer assignment (CPU executable not built)" if running else "compiled.memory_analysis()",
         "peak_flops_per_device": target.peak_flops, "step_s_at_peak": at_peak, "step_s_at_50pct_mfu": 2 * at_peak,
         "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
         "largest_state_buffers_per_device": [[name, n] for name, n in largest],
+        "largest_temporaries_per_device": [[name, shape, n] for name, shape, n in temporaries],
     }
+    if temporaries:
+        print("largest temporaries per device: " + "; ".join(f"{n} {s} {gb(b)}" for n, s, b in temporaries))
     if not fits:
         named = "; ".join(f"{name} {gb(n)}" for name, n in largest)
+        temps_named = "; ".join(f"{n} {s} {gb(b)}" for n, s, b in temporaries)
         print(f"tools.aot: {target.name}: {gb(total)} per device exceeds the {gb(target.memory_bytes)} of a "
               f"device (arguments {gb(args)}, outputs {gb(outs)}, temporaries {gb(temps)}, aliased {gb(alias)}); "
-              f"largest state buffers per device: {named}", file=sys.stderr)
+              + (f"largest temporaries: {temps_named}; " if temporaries else "")
+              + f"largest state buffers per device: {named}", file=sys.stderr)
     print(json.dumps(result), flush=True)
+    sys.stderr.flush()
+    if running:  # the CPU compile thread is still building the executable nobody needs
+        os._exit(0 if fits else 1)
     if not fits:
         sys.exit(1)
 

@@ -17,7 +17,10 @@ every path zeroes the same dropped assignments.
   path; on the CPU it ran ~16x slower than a dense matmul (DESIGN.md s.3).
 
 Under a mesh the (E, G, C, D) buffers of `einsum` and `sort` are constrained
-to be split over the `expert` axis, so GSPMD inserts the all-to-all.
+to be split over the `expert` axis and their groups over the data axes, so
+GSPMD inserts the all-to-all and every device runs its experts on its own share
+of the tokens. `sort` gathers and scatters per group (vmapped), so the
+partitioner keeps each group's tokens on the devices that hold the group.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def _expert_ffn(weights, xe: jax.Array) -> jax.Array:
     """Applies expert e to row block xe[e]: (E, N, D) -> (E, N, D)."""
     w_in, b_in, w_out, b_out = weights
     h = jax.nn.gelu(jnp.einsum("end,edf->enf", xe, w_in) + b_in[:, None])
-    h = constrain(h, "act_expert", None, "act_mlp")
+    h = constrain(h, "act_expert", "batch", "act_mlp")   # tokens stay split: no gather of the batch
     return jnp.einsum("enf,efd->end", h, w_out) + b_out[:, None]
 
 
@@ -70,24 +73,26 @@ def einsum(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
 
 
 def sort(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
-    groups, tokens, dim = x.shape
+    _, tokens, dim = x.shape
     num_experts, cap = weights[0].shape[0], plan.capacity
-    top_k = plan.expert_index.shape[-1]
-    g = jnp.arange(groups)[:, None, None]
-    s = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32)[None, :, None], plan.slot.shape)
-    # Which token fills each (expert, slot); empty slots point at an appended zero row.
-    # Dropped assignments have slot >= cap and are discarded by mode="drop".
-    slot_token = jnp.full((groups, num_experts, cap), tokens, jnp.int32)
-    slot_token = slot_token.at[g, plan.expert_index, plan.slot].set(s, mode="drop")
-    padded = jnp.concatenate([x, jnp.zeros((groups, 1, dim), x.dtype)], axis=1)
-    buffer = jnp.take_along_axis(padded, slot_token.reshape(groups, num_experts * cap, 1), axis=1)
-    buffer = jnp.swapaxes(buffer.reshape(groups, num_experts, cap, dim), 0, 1)
-    out = jnp.swapaxes(_through_experts(weights, buffer), 0, 1).reshape(groups, num_experts * cap, dim)
-    # Gather each assignment's result back; dropped ones read slot 0 and get gate 0.
-    flat = plan.expert_index * cap + jnp.minimum(plan.slot, cap - 1)
-    picked = jnp.take_along_axis(out, flat.reshape(groups, tokens * top_k, 1), axis=1)
-    picked = picked.reshape(groups, tokens, top_k, dim)
-    return jnp.einsum("gskd,gsk->gsd", picked, plan.gate.astype(x.dtype))
+
+    def fill(x, expert_index, slot):
+        """One group: (S, D) tokens -> (E, C, D) expert buffer."""
+        # Which token fills each (expert, slot); empty slots point at an appended zero row.
+        # Dropped assignments have slot >= cap and are discarded by mode="drop".
+        token = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32)[:, None], slot.shape)
+        slot_token = jnp.full((num_experts, cap), tokens, jnp.int32).at[expert_index, slot].set(token, mode="drop")
+        return jnp.concatenate([x, jnp.zeros((1, dim), x.dtype)])[slot_token]
+
+    def collect(out, expert_index, slot, gate):
+        """One group: (E, C, D) expert outputs -> (S, D); dropped assignments read slot 0, gate 0."""
+        picked = out[expert_index, jnp.minimum(slot, cap - 1)]                  # (S, K, D)
+        return jnp.einsum("skd,sk->sd", picked, gate.astype(x.dtype))
+
+    buffer = jnp.swapaxes(jax.vmap(fill)(x, plan.expert_index, plan.slot), 0, 1)   # (E, G, C, D)
+    out = jnp.swapaxes(_through_experts(weights, buffer), 0, 1)                     # (G, E, C, D)
+    out = constrain(out, "batch", None, None, "act_embed")   # back to the groups' devices: all-to-all
+    return jax.vmap(collect)(out, plan.expert_index, plan.slot, plan.gate)
 
 
 def ragged(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
