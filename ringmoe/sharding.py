@@ -117,6 +117,19 @@ def state_shardings(state, mesh: Mesh) -> object:
     )
 
 
+def cast_sharded(variable: nnx.Variable, dtype) -> jax.Array:
+    """The variable's value in `dtype`, pinned to the variable's own sharding.
+
+    Under FSDP a matmul needs the whole weight; pinning the cast copy to the
+    parameter's layout makes GSPMD gather the (bfloat16) cast rather than the
+    float32 master: half the bytes moved and held. Outside a mesh, or for a
+    variable without logical names, a plain cast.
+    """
+    value = variable[...].astype(dtype)
+    names = _variable_names(variable)
+    return value if names is None else constrain(value, *names)
+
+
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     """Annotates an activation with logical axes; a no-op outside a mesh context."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -15,7 +15,7 @@ from flax import nnx
 from ringmoe.model import dispatch
 from ringmoe.model.ffn import DEFAULT_INIT
 from ringmoe.model.router import Router, route
-from ringmoe.sharding import partitioned
+from ringmoe.sharding import cast_sharded, partitioned
 
 
 class Experts(nnx.Module):
@@ -35,8 +35,8 @@ class Experts(nnx.Module):
         return self.w_in.shape[0]
 
     def weights(self) -> tuple[jax.Array, ...]:
-        """The four weight arrays in the compute dtype."""
-        return tuple(p[...].astype(self.dtype) for p in (self.w_in, self.b_in, self.w_out, self.b_out))
+        """The four weight arrays in the compute dtype (cast before any FSDP gather)."""
+        return tuple(cast_sharded(p, self.dtype) for p in (self.w_in, self.b_in, self.w_out, self.b_out))
 
 
 class RoutedExperts(nnx.Module):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ringmoe.sharding import partitioned
+from ringmoe.sharding import cast_sharded, partitioned
 
 DEFAULT_INIT = nnx.initializers.truncated_normal(0.02)
 
@@ -29,6 +29,7 @@ class FeedForward(nnx.Module):
 
 
 def _linear(layer: nnx.Linear, x: jax.Array, dtype) -> jax.Array:
-    """A Linear in the compute dtype; the float32 parameters are cast, not stored, in it."""
-    y = jnp.dot(x.astype(dtype), layer.kernel[...].astype(dtype))
-    return y + layer.bias[...].astype(dtype)
+    """A Linear in the compute dtype; the float32 parameters are cast (before any FSDP gather),
+    not stored, in it."""
+    y = jnp.dot(x.astype(dtype), cast_sharded(layer.kernel, dtype))
+    return y + cast_sharded(layer.bias, dtype)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ringmoe.sharding import constrain, partitioned
+from ringmoe.sharding import cast_sharded, constrain, partitioned
 
 # Swin initialises every Linear weight from a truncated normal with std 0.02.
 DENSE_INIT = nnx.initializers.truncated_normal(stddev=0.02)
@@ -155,7 +155,7 @@ class WindowAttention(nnx.Module):
         if n != self.window_size ** 2:
             raise ValueError(f"WindowAttention: expected {self.window_size ** 2} tokens per window, got {n}")
         dt = self.dtype
-        qkv = jnp.einsum("bnd,dthk->tbnhk", x.astype(dt), self.qkv[...].astype(dt))
+        qkv = jnp.einsum("bnd,dthk->tbnhk", x.astype(dt), cast_sharded(self.qkv, dt))
         q = qkv[0] + self.q_bias[...].astype(dt)
         k = qkv[1]
         v = qkv[2] + self.v_bias[...].astype(dt)
