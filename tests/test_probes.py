@@ -10,7 +10,8 @@ from configs.common import base_config
 from ringmoe.data import synthetic
 from ringmoe.data.schema import RecordError
 from ringmoe.eval import probes
-from ringmoe.eval.features import CheckpointError, evaluate, extract, load_pretrained
+from ringmoe.eval.features import evaluate, extract
+from ringmoe.model.checkpoint import CheckpointError, load_pretrained
 from tests.small import micro_config
 
 _P = base_config().probe   # the defaults must solve these easy cases

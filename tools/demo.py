@@ -94,7 +94,8 @@ def main(argv=None) -> None:
     last = train(config, run)
     train_seconds = time.perf_counter() - t
 
-    from ringmoe.eval.features import evaluate_probes, load_pretrained, random_init_model
+    from ringmoe.eval.features import evaluate_probes, random_init_model
+    from ringmoe.model.checkpoint import load_pretrained
     from ringmoe.visualize import read_jsonl
     trained, model, _ = load_pretrained(run)
     random_init = random_init_model(trained)
