@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ringmoe.model.ringmoe import RingMoE
+from ringmoe.model.ringmoe import ParamKeys, RingMoE
 
 Path = tuple
 
@@ -36,7 +36,7 @@ def build(config, params: Mapping[Path, np.ndarray]) -> RingMoE:
     A path the stage's model has and `params` lacks, or a shape that differs, is an
     error naming the path: a stage never silently keeps an initial value.
     """
-    graphdef, abstract = jax.eval_shape(lambda: nnx.split(RingMoE(config.model, rngs=nnx.Rngs(0)), nnx.Param))
+    graphdef, abstract = jax.eval_shape(lambda: nnx.split(RingMoE(config.model, rngs=ParamKeys(0)), nnx.Param))
     leaves = []
     for path, variable in nnx.to_flat_state(abstract):
         name = "/".join(map(str, path))

@@ -25,7 +25,7 @@ from ml_collections import ConfigDict
 from pretrain.checkpoint import abstract_with_shardings
 from pretrain.state import abstract_state
 from ringmoe import sharding
-from ringmoe.model.ringmoe import RingMoE
+from ringmoe.model.ringmoe import ParamKeys, RingMoE
 
 log = logging.getLogger("ringmoe.checkpoint")
 
@@ -58,7 +58,7 @@ def checkpoint_directory(path: str) -> str:
 
 def _abstract_params(config, mesh):
     """(graphdef, abstract params carrying their shardings) of `config.model`; nothing allocated."""
-    graphdef, params = jax.eval_shape(lambda: nnx.split(RingMoE(config.model, rngs=nnx.Rngs(0)), nnx.Param))
+    graphdef, params = jax.eval_shape(lambda: nnx.split(RingMoE(config.model, rngs=ParamKeys(0)), nnx.Param))
     return graphdef, abstract_with_shardings(params, sharding.state_shardings(params, mesh))
 
 
