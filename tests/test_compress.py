@@ -223,6 +223,7 @@ def test_compress_runs_every_stage_and_saves_loadable_models(micro_run, tmp_path
         assert os.path.getsize(os.path.join(out, "statistics", name)) > 0
     assert os.path.exists(os.path.join(out, "distill", "loss_curves.png"))
     assert set(report["export"]) == {"safetensors", "sidecar", "checkpoint"}
+    assert "| dense | " in open(os.path.join(out, "report.md")).read()
     assert all(np.isfinite(v) for v in report["distill_last"].values())
 
 

@@ -9,7 +9,8 @@
 
 Every stage's model is saved (`save_model`) and loads with `load_pretrained`. With
 `probe_data_dir`, the linear probe of the evaluation module scores every stage
-and the teacher (the full model), as `report.json` and `report.md`.
+and the teacher (the full model). Everything is summed up in `report.json` and
+`report.md`.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def compress(checkpoint: str, config, modality: str, out: str, *, keep: float, m
                                                 max_images=settings.calibration_images)
     report["statistics"]["pruned"] = statistics.save(pruned_stats, os.path.join(out, "statistics"), "pruned")
     dense, merge_report = merge_experts(flat_params(pruned), configs["dense"], pruned_stats, modality)
-    report["merge"] = merge_report
+    report["merge_ranks"] = merge_report
     stage("dense_svd", dense, configs["dense"])
 
     if distill_steps:
@@ -133,7 +134,28 @@ def compress(checkpoint: str, config, modality: str, out: str, *, keep: float, m
     report["seconds"] = time.perf_counter() - started
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
+    write_markdown(report, os.path.join(out, "report.md"))
     return report
+
+
+def write_markdown(report: dict, path: str) -> None:
+    """The stages with their parameters (and probe accuracies), and the merge's ranks."""
+    probes = report.get("linear_probe") or {}
+    lines = [f"# Compression of {report['checkpoint']} to a dense {report['modality']} model", "",
+             f"Collaborative experts kept: {report['keep_collaborative']:.0%} per layer; merge: {report['merge']}"
+             f"; distillation steps: {report['distill_steps']}.", "",
+             "| stage | parameters | linear probe |", "|---|---|---|"]
+    for stage in report["stages"]:
+        probe = probes.get(stage["name"])
+        lines.append(f"| {stage['name']} | {stage['params']:,} | {'-' if probe is None else f'{probe:.3f}'} |")
+    lines += ["", "SVD merge, per block: hidden units given to each expert (rank) and the share of its",
+              "[W_in^T | w W_out] energy they keep.", "", "| block | expert: group, mean gate, rank, energy |",
+              "|---|---|"]
+    for i, block in enumerate(report["merge_ranks"]):
+        cells = ", ".join(f"{e['group']} {e['weight']:.2f} r{e['rank']} {e['energy_kept']:.0%}" for e in block)
+        lines.append(f"| {i} | {cells} |")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def probe_stages(models: dict, configs: dict, data_dir: str, modality: str) -> dict[str, float]:

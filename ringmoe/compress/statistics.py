@@ -74,8 +74,9 @@ def shares(statistics: dict, modality: str, group: str, key: str) -> np.ndarray:
 
 
 def save(statistics: dict, directory: str, name: str) -> dict[str, str]:
-    """Writes `<name>.json` and `<name>.png` (one heatmap panel per modality, group and
-    measure: layers x experts) under `directory`; returns their paths."""
+    """Writes `<name>.json` and `<name>.png` under `directory`; returns their paths. The PNG
+    has, per modality and group, two layers x experts panels: 'routed' (share of the
+    layer's tokens each expert processed) and 'gate' (its mean gate per token)."""
     os.makedirs(directory, exist_ok=True)
     json_path = os.path.join(directory, f"{name}.json")
     with open(json_path, "w", encoding="utf-8") as f:
@@ -84,7 +85,7 @@ def save(statistics: dict, directory: str, name: str) -> dict[str, str]:
     for modality, entry in statistics["modalities"].items():
         for group in ("modal", "collaborative"):
             if entry["layers"] and group in entry["layers"][0]:
-                panels[f"{modality}/{group} tokens routed"] = shares(statistics, modality, group, "routed")
-                panels[f"{modality}/{group} mean gate"] = shares(statistics, modality, group, "gate_mass")
+                panels[f"{modality}/{group} routed"] = shares(statistics, modality, group, "routed")
+                panels[f"{modality}/{group} gate"] = shares(statistics, modality, group, "gate_mass")
     png_path = visualize.save_expert_load_heatmap(os.path.join(directory, f"{name}.png"), panels)
     return {"json": json_path, "png": png_path}
