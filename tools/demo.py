@@ -76,8 +76,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=150, help="pretraining steps")
     p.add_argument("--examples", type=int, default=256, help="synthetic scenes to pretrain on")
     p.add_argument("--probe-examples", type=int, default=384, help="synthetic scenes to probe on")
-    a = p.parse_args(argv)
     p.add_argument("--distill-steps", type=int, default=100, help="distillation steps of the compressed model")
+    a = p.parse_args(argv)
     start, n = time.perf_counter(), 6
     shutil.rmtree(a.out, ignore_errors=True)
     os.makedirs(a.out)
