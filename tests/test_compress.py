@@ -1,8 +1,25 @@
-"""Compression stages: configs and parameter counts of each stage, argument checks."""
+"""The compression pass: each stage's config and parameter count, the stage transforms on a
+micro model, the export (names, layouts, a fresh-process reload), the whole pass and its
+argument checks."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from configs import ringmoe_14b, ringmoe_1b, tiny
-from ringmoe.compress import stages
+from ringmoe.compress import merging, pruning, stages, statistics
+from ringmoe.compress.export import export
+from ringmoe.compress.extraction import extract_modality, flat_params
+from ringmoe.compress.run import compress
+from ringmoe.data.transform import ModalitySpec
+from ringmoe.model.checkpoint import load_pretrained
+from ringmoe.model.ringmoe import create_model
+from tests.small import initial_run, micro_config
 
 
 def test_dry_run_of_the_14b_model_matches_the_reference_chain():
@@ -38,27 +55,6 @@ def test_kept_experts_and_bad_arguments():
     assert config.model.moe.enabled and len(config.model.modalities) == 4   # the input is not modified
 
 
-# ---- the compression pass on a micro model -------------------------------------------------
-
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
-
-from ringmoe.compress import merging, pruning, statistics  # noqa: E402
-from ringmoe.compress.export import export, swinv2_state_dict  # noqa: E402
-from ringmoe.compress.extraction import extract_modality, flat_params  # noqa: E402
-from ringmoe.compress.run import compress  # noqa: E402
-from ringmoe.data import synthetic  # noqa: E402
-from ringmoe.data.transform import ModalitySpec  # noqa: E402
-from ringmoe.model.checkpoint import load_pretrained  # noqa: E402
-from ringmoe.model.ringmoe import create_model  # noqa: E402
-from tests.small import micro_config  # noqa: E402
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -72,19 +68,9 @@ def _micro():
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     """A synthetic data set and a run directory holding a micro model's initial state."""
-    from pretrain.checkpoint import Checkpointer
-    from pretrain.state import create_state
-    from ringmoe import sharding
-    root = tmp_path_factory.mktemp("compress")
-    data_dir = str(root / "data")
-    synthetic.write(data_dir, 16, 32, 0, labeled=True)
     config = _micro()
-    config.data_dir = data_dir
-    _, state, _ = create_state(config, sharding.make_mesh({}, jax.devices()[:1]))
-    checkpointer = Checkpointer(str(root / "run"), keep=1, save_every=1)
-    checkpointer.save(1, state, {}, {"config": json.loads(config.to_json()), "step": 1}, force=True)
-    checkpointer.close()
-    return config, str(root / "run"), data_dir
+    run, data_dir = initial_run(tmp_path_factory.mktemp("compress"), config, 16)
+    return config, run, data_dir
 
 
 def _pixels(n=3, channels=3, size=32, seed=0):
