@@ -133,4 +133,15 @@ def base_config() -> ConfigDict:
         "test_fraction": 0.2,             # share of labelled records held out (unless the manifest has "splits")
         "seed": 0,                        # train/test split and head initialisation
     })
+
+    # Compression to a dense model (ringmoe/compress, `python -m tools.compress`).
+    c.compress = ConfigDict({
+        "calibration_images": 512,        # images of the modality whose routing picks and weights experts
+        "keep_collaborative": 0.25,       # (ref) share of collaborative experts kept per layer
+        "distill_steps": 1000,            # ours: the reference stops after the SVD merge
+        "distill_lr": 1e-4,               # peak AdamW rate (warm-up, cosine) of the dense student
+        "distill_warmup_steps": 50,
+        "feature_weight": 1.0,            # MSE of layer-normalised stage features, student vs teacher
+        "reconstruction_weight": 1.0,     # the pretraining objective of the modality, on masked input
+    })
     return c

@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from ringmoe import sharding
-from ringmoe.model.ringmoe import RingMoE
+from ringmoe.model.ringmoe import ParamKeys, RingMoE
 
 
 class TrainState(NamedTuple):
@@ -43,7 +43,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def _init(config, tx):
-    params = nnx.state(RingMoE(config.model, rngs=nnx.Rngs(config.seed)), nnx.Param)
+    params = nnx.state(RingMoE(config.model, rngs=ParamKeys(config.seed)), nnx.Param)
     return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
                       rng=jax.random.key_data(jax.random.key(config.seed)), nonfinite=jnp.zeros((), jnp.int32))
 
@@ -51,7 +51,7 @@ def _init(config, tx):
 def abstract_state(config, mesh):
     """(graphdef, abstract TrainState, its NamedShardings): shapes only, nothing allocated."""
     tx = make_optimizer(config)
-    graphdef, _ = jax.eval_shape(lambda: nnx.split(RingMoE(config.model, rngs=nnx.Rngs(config.seed))))
+    graphdef, _ = jax.eval_shape(lambda: nnx.split(RingMoE(config.model, rngs=ParamKeys(config.seed))))
     abstract = jax.eval_shape(lambda: _init(config, tx))
     return graphdef, abstract, state_shardings(abstract, mesh)
 

@@ -40,23 +40,26 @@ def make_eval_step(graphdef, config, norm_stats: dict):
     return eval_step
 
 
-def make_train_step(graphdef, config, norm_stats: dict):
-    """Returns step(state, batch) -> (state, metrics), to be wrapped in jax.jit by the caller.
+def make_train_step(graphdef, config, norm_stats: dict, loss_fn=None):
+    """Returns step(state, batch, *frozen) -> (state, metrics), to be wrapped in jax.jit by the caller.
 
     metrics: 'loss', every objective term, 'grad_norm', 'lr', 'finite' (1.0 when the
     update was applied; a NaN/Inf loss or gradient skips it and bumps
     state.nonfinite) and 'router' (per modality, per block route() statistics).
+    `loss_fn(params, batch, *frozen) -> (total, (terms, router))` defaults to the
+    pretraining objective; `frozen` are inputs that get no gradient (the teacher's
+    parameters when distilling).
     """
     tx = make_optimizer(config)
     schedule = learning_rate(config)
     accum = int(config.grad_accum_steps)
 
-    loss_fn = make_loss_fn(graphdef, config, norm_stats)
+    loss_fn = loss_fn or make_loss_fn(graphdef, config, norm_stats)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def gradients(params, batch):
+    def gradients(params, batch, frozen):
         if accum == 1:
-            return grad_fn(params, batch)
+            return grad_fn(params, batch, *frozen)
 
         def split(x):
             if x.shape[0] % accum:
@@ -64,15 +67,16 @@ def make_train_step(graphdef, config, norm_stats: dict):
             return x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
 
         def body(acc, micro):
-            return jax.tree.map(jnp.add, acc, grad_fn(params, micro)), None
+            return jax.tree.map(jnp.add, acc, grad_fn(params, micro, *frozen)), None
 
         micro = jax.tree.map(split, batch)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro)))
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro),
+                                                            *frozen))
         total, _ = jax.lax.scan(body, zeros, micro)
         return jax.tree.map(lambda x: x / accum, total)
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        (loss, (terms, router)), grads = gradients(state.params, batch)
+    def step(state: TrainState, batch: dict, *frozen) -> tuple[TrainState, dict]:
+        (loss, (terms, router)), grads = gradients(state.params, batch, frozen)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

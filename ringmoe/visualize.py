@@ -171,7 +171,7 @@ def save_expert_load_heatmap(path: str, load: Mapping[str, np.ndarray]) -> str:
     rows = math.ceil(len(groups) / cols)
     layers = max(g.shape[0] for _, g in groups)
     experts = max(g.shape[1] for _, g in groups)
-    fig = Figure(figsize=(cols * (1.8 + 0.55 * experts), rows * (1.0 + 0.3 * layers)))
+    fig = Figure(figsize=(cols * max(3.8, 1.8 + 0.55 * experts), rows * (1.0 + 0.3 * layers)))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)

@@ -1,5 +1,11 @@
-"""The smallest useful RingMoE config for tests: tiny shrunk to 32 px, two stages of one block."""
+"""The smallest useful RingMoE config for tests (tiny shrunk to 32 px, two stages of one block),
+and a run directory holding a model's initial state."""
+import json
+
+import jax
+
 from configs import tiny
+from ringmoe.data import synthetic
 
 
 def micro_config(modalities):
@@ -11,3 +17,19 @@ def micro_config(modalities):
         if name not in modalities:
             del m.modalities[name]
     return config
+
+
+def initial_run(root, config, examples: int) -> tuple[str, str]:
+    """(run dir, data dir) under `root`: `examples` labelled 32 px synthetic scenes and a
+    run directory whose one checkpoint (step 1) holds `config`'s initial state."""
+    from pretrain.checkpoint import Checkpointer
+    from pretrain.state import create_state
+    from ringmoe import sharding
+    data_dir = str(root / "data")
+    synthetic.write(data_dir, examples, 32, 0, labeled=True)
+    config.data_dir = data_dir
+    _, state, _ = create_state(config, sharding.make_mesh({}, jax.devices()[:1]))
+    checkpointer = Checkpointer(str(root / "run"), keep=1, save_every=1)
+    checkpointer.save(1, state, {}, {"config": json.loads(config.to_json()), "step": 1}, force=True)
+    checkpointer.close()
+    return str(root / "run"), data_dir

@@ -1,8 +1,25 @@
-"""Compression stages: configs and parameter counts of each stage, argument checks."""
+"""The compression pass: each stage's config and parameter count, the stage transforms on a
+micro model, the export (names, layouts, a fresh-process reload), the whole pass and its
+argument checks."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from configs import ringmoe_14b, ringmoe_1b, tiny
-from ringmoe.compress import stages
+from ringmoe.compress import merging, pruning, stages, statistics
+from ringmoe.compress.export import export
+from ringmoe.compress.extraction import extract_modality, flat_params
+from ringmoe.compress.run import compress
+from ringmoe.data.transform import ModalitySpec
+from ringmoe.model.checkpoint import load_pretrained
+from ringmoe.model.ringmoe import create_model
+from tests.small import initial_run, micro_config
 
 
 def test_dry_run_of_the_14b_model_matches_the_reference_chain():
@@ -36,3 +53,175 @@ def test_kept_experts_and_bad_arguments():
     assert list(sar["extracted"].model.modalities) == ["sar_l1"]
     assert sar["pruned"].model.moe.num_collaborative_experts == 1 and not sar["dense"].model.moe.enabled
     assert config.model.moe.enabled and len(config.model.modalities) == 4   # the input is not modified
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _micro():
+    config = micro_config(("optical", "sar_l2"))
+    config.data.mask_block_size = 16
+    config.compress.calibration_images = 8
+    return config
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """A synthetic data set and a run directory holding a micro model's initial state."""
+    config = _micro()
+    run, data_dir = initial_run(tmp_path_factory.mktemp("compress"), config, 16)
+    return config, run, data_dir
+
+
+def _pixels(n=3, channels=3, size=32, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, size, size, channels)).astype(np.float32)
+
+
+def test_merge_keeps_a_full_width_expert_exactly_and_apportions_by_gate():
+    rng = np.random.default_rng(0)
+    d, f = 4, 8
+    expert = ("shared", rng.normal(size=(d, f)), rng.normal(size=f), rng.normal(size=(f, d)), rng.normal(size=d), 1.0)
+    dense, report = merging.merge_block([expert], f)
+    x = rng.normal(size=(5, d))
+    gelu = lambda h: np.asarray(jax.nn.gelu(h))  # noqa: E731
+    reference = gelu(x @ expert[1] + expert[2]) @ expert[3] + expert[4]
+    merged = gelu(x @ dense["fc1_kernel"] + dense["fc1_bias"]) @ dense["fc2_kernel"] + dense["fc2_bias"]
+    np.testing.assert_allclose(merged, reference, rtol=1e-5, atol=1e-5)
+    assert report == [{"group": "shared", "weight": 1.0, "rank": f, "energy_kept": 1.0}]
+    # F / N units per group, split inside a group by mean gate; an unused expert gets none.
+    assert merging.apportion(12, [1.0, 1.0, 1.0], [12] * 3) == [4, 4, 4]
+    assert merging.apportion(4, [0.6, 0.2, 0.0], [8] * 3) == [3, 1, 0]
+    assert merging.apportion(6, [0.9, 0.1], [2, 8]) == [2, 4]
+
+
+def test_statistics_extraction_and_pruning_on_a_micro_model(micro_run):
+    config, _, data_dir = micro_run
+    model = create_model(config.model, seed=0)
+    stats = statistics.expert_statistics(model, config, data_dir, ["optical", "sar_l2"], max_images=5)
+    layer = stats["modalities"]["optical"]["layers"][0]
+    assert stats["modalities"]["optical"]["images"] == 5 and layer["tokens"] == 5 * 8 * 8
+    for group in ("modal", "collaborative"):   # top-1: each token reaches at most one expert of a group
+        assert 0 < sum(layer[group]["routed"]) <= layer["tokens"]
+        assert 0 < sum(layer[group]["gate_mass"]) <= sum(layer[group]["routed"])
+
+    configs = stages.stage_configs(config, "optical", 0.5)
+    params = flat_params(model)
+    extracted = extract_modality(params, configs["extracted"])
+    x = _pixels()
+    np.testing.assert_array_equal(np.asarray(extracted.encode(x, "optical").features),
+                                  np.asarray(model.encode(x, "optical").features))
+    assert extracted.modalities == ("optical",) and "sar_l2" not in extracted.embeddings
+
+    # Keeping every expert is the identity; keeping one keeps the most-used per layer.
+    whole, kept_all = pruning.prune_collaborative(params, stages.pruned_config(configs["extracted"], 1.0),
+                                                  stats, "optical")
+    assert kept_all == [[0, 1]] * 2
+    np.testing.assert_array_equal(np.asarray(whole.encode(x, "optical").features),
+                                  np.asarray(model.encode(x, "optical").features))
+    _, kept = pruning.prune_collaborative(params, configs["pruned"], stats, "optical")
+    routed = statistics.shares(stats, "optical", "collaborative", "routed")
+    assert kept == [[int(np.argmax(row))] for row in routed]
+
+
+def _expected_swinv2_shapes(config, modality):
+    """timm SwinTransformerV2's parameter names and shapes, from the config alone."""
+    m = config.model
+    c, p, cpb = m.modalities[modality].channels, m.patch_size, m.cpb_hidden
+    shapes = {"patch_embed.proj.weight": (m.embed_dim, c, p, p), "patch_embed.proj.bias": (m.embed_dim,),
+              "patch_embed.norm.weight": (m.embed_dim,), "patch_embed.norm.bias": (m.embed_dim,)}
+    for i, (depth, heads) in enumerate(zip(m.depths, m.num_heads)):
+        d = m.embed_dim * 2 ** i
+        f = int(d * m.mlp_ratio)
+        if i:
+            shapes.update({f"layers.{i}.downsample.reduction.weight": (d, 2 * d),
+                           f"layers.{i}.downsample.norm.weight": (d,), f"layers.{i}.downsample.norm.bias": (d,)})
+        for j in range(depth):
+            b = f"layers.{i}.blocks.{j}"
+            shapes.update({
+                f"{b}.attn.qkv.weight": (3 * d, d), f"{b}.attn.q_bias": (d,), f"{b}.attn.v_bias": (d,),
+                f"{b}.attn.logit_scale": (heads, 1, 1), f"{b}.attn.proj.weight": (d, d), f"{b}.attn.proj.bias": (d,),
+                f"{b}.attn.cpb_mlp.0.weight": (cpb, 2), f"{b}.attn.cpb_mlp.0.bias": (cpb,),
+                f"{b}.attn.cpb_mlp.2.weight": (heads, cpb),
+                f"{b}.norm1.weight": (d,), f"{b}.norm1.bias": (d,), f"{b}.norm2.weight": (d,), f"{b}.norm2.bias": (d,),
+                f"{b}.mlp.fc1.weight": (f, d), f"{b}.mlp.fc1.bias": (f,), f"{b}.mlp.fc2.weight": (d, f),
+                f"{b}.mlp.fc2.bias": (d,)})
+    last = m.embed_dim * 2 ** (len(m.depths) - 1)
+    shapes.update({"norm.weight": (last,), "norm.bias": (last,)})
+    return shapes
+
+
+def test_export_names_shapes_layouts_and_a_fresh_process_reload(tmp_path):
+    config = stages.dense_config(stages.extracted_config(_micro(), "optical"))
+    model = create_model(config.model, seed=3)
+    spec = ModalitySpec(bands=("red", "green", "blue"), mean=np.zeros(3, np.float32), std=np.ones(3, np.float32))
+    paths = export(str(tmp_path / "export"), model, config, "optical", spec)
+
+    tensors = load_file(paths["safetensors"])
+    assert {k: v.shape for k, v in tensors.items()} == _expected_swinv2_shapes(config, "optical")
+    sidecar = json.load(open(paths["sidecar"]))
+    assert sidecar["modality"] == "optical" and [b["name"] for b in sidecar["bands"]] == ["red", "green", "blue"]
+    assert sidecar["timm_arguments"]["depths"] == [1, 1] and sidecar["parameters"] == sum(
+        v.size for v in tensors.values())
+    # Layouts, not just shapes: the PyTorch conv / linear conventions reproduce our computations.
+    x = _pixels(1)
+    w, bias = tensors["patch_embed.proj.weight"], tensors["patch_embed.proj.bias"]
+    conv = np.einsum("hiwjc,dcij->hwd", x[0].reshape(8, 4, 8, 4, 3), w) + bias
+    np.testing.assert_allclose(conv, np.asarray(model.embeddings["optical"].proj(
+        x[0].reshape(8, 4, 8, 4, 3).transpose(0, 2, 1, 3, 4).reshape(8, 8, 48))), rtol=1e-4, atol=1e-5)
+    tokens = np.random.default_rng(1).normal(size=(2, 16)).astype(np.float32)
+    attn = model.stages[0].blocks[0].attn
+    qkv = np.einsum("nd,dthk->tnhk", tokens, np.asarray(attn.qkv[...])).reshape(3, 2, 16)
+    np.testing.assert_allclose(tokens @ tensors["layers.0.blocks.0.attn.qkv.weight"].T, qkv.transpose(1, 0, 2)
+                               .reshape(2, 48), rtol=1e-4, atol=1e-6)
+    fc1 = model.stages[0].blocks[0].ffn.ffn.fc1
+    np.testing.assert_allclose(tokens @ tensors["layers.0.blocks.0.mlp.fc1.weight"].T, np.asarray(fc1(tokens)) -
+                               np.asarray(fc1.bias[...]), rtol=1e-4, atol=1e-6)
+
+    inputs = _pixels(2, seed=5)
+    np.save(tmp_path / "x.npy", inputs)
+    in_memory = np.asarray(model.encode(inputs, "optical").features)
+    script = ("import sys, numpy as np\n"
+              "from ringmoe.model.checkpoint import load_pretrained\n"
+              "config, model, _ = load_pretrained(sys.argv[1])\n"
+              "np.save(sys.argv[3], np.asarray(model.encode(np.load(sys.argv[2]), 'optical').features))\n")
+    subprocess.run([sys.executable, "-c", script, paths["checkpoint"], str(tmp_path / "x.npy"),
+                    str(tmp_path / "y.npy")], check=True, cwd=REPO, env={**os.environ, "XLA_FLAGS": ""})
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), in_memory)
+    reloaded_config, _, _ = load_pretrained(paths["checkpoint"])
+    assert reloaded_config.model.to_dict() == config.model.to_dict()
+
+
+def test_compress_runs_every_stage_and_saves_loadable_models(micro_run, tmp_path):
+    config, checkpoint, data_dir = micro_run
+    out = str(tmp_path / "out")
+    report = compress(checkpoint, config, "optical", out, keep=0.5, distill_steps=2, data_dir=data_dir)
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["full", "extracted", "pruned", "dense_svd", "dense"]
+    params = [s["params"] for s in report["stages"]]
+    assert params == sorted(params, reverse=True) and params[3] == params[4]
+    kept = report["kept_collaborative_experts"]
+    assert len(kept) == 2 and all(len(k) == 1 and 0 <= k[0] < 2 for k in kept)   # 1 of 2 per block
+    for s in report["stages"][1:]:
+        loaded_config, model, _ = load_pretrained(s["path"])
+        assert model.modalities == ("optical",)
+    assert not loaded_config.model.moe.enabled
+    for name in ("full.json", "full.png", "pruned.json", "pruned.png"):
+        assert os.path.getsize(os.path.join(out, "statistics", name)) > 0
+    assert os.path.exists(os.path.join(out, "distill", "loss_curves.png"))
+    assert set(report["export"]) == {"safetensors", "sidecar", "checkpoint"}
+    assert "| dense | " in open(os.path.join(out, "report.md")).read()
+    assert all(np.isfinite(v) for v in report["distill_last"].values())
+
+
+def test_compress_rejects_bad_arguments_before_any_work(micro_run, tmp_path):
+    config, checkpoint, data_dir = micro_run
+    out = str(tmp_path / "never")
+    cases = [("lidar", 0.5, config, "unknown modality 'lidar'"), ("optical", 1.5, config, r"in \(0, 1\]"),
+             ("optical", 0.0, config, r"in \(0, 1\]")]
+    other = _micro()
+    other.model.embed_dim = 32
+    cases.append(("optical", 0.5, other, "another model config: model.embed_dim: checkpoint 16, config 32"))
+    for modality, keep, c, message in cases:
+        with pytest.raises(ValueError, match=message):
+            compress(checkpoint, c, modality, out, keep=keep, distill_steps=1, data_dir=data_dir)
+    assert not os.path.exists(out)

@@ -2,16 +2,15 @@
 import json
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
 from configs.common import base_config
-from ringmoe.data import synthetic
 from ringmoe.data.schema import RecordError
 from ringmoe.eval import probes
-from ringmoe.eval.features import CheckpointError, evaluate, extract, load_pretrained
-from tests.small import micro_config
+from ringmoe.eval.features import evaluate, extract
+from ringmoe.model.checkpoint import CheckpointError, load_pretrained
+from tests.small import initial_run, micro_config
 
 _P = base_config().probe   # the defaults must solve these easy cases
 LINEAR = {"epochs": _P.linear_epochs, "lr": _P.linear_lr, "weight_decay": _P.linear_weight_decay, "seed": 0}
@@ -91,19 +90,7 @@ def _small_config():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A synthetic labelled data set and a run directory holding the initial state as step 1."""
-    from pretrain.checkpoint import Checkpointer
-    from pretrain.state import create_state
-    from ringmoe import sharding
-    root = tmp_path_factory.mktemp("probe_run")
-    data_dir = str(root / "data")
-    synthetic.write(data_dir, 24, 32, 0, labeled=True)
-    config = _small_config()
-    config.data_dir = data_dir
-    _, state, _ = create_state(config, sharding.make_mesh({}, jax.devices()[:1]))
-    checkpointer = Checkpointer(str(root / "run"), keep=1, save_every=1)
-    checkpointer.save(1, state, {}, {"config": json.loads(config.to_json()), "step": 1}, force=True)
-    checkpointer.close()
-    return str(root / "run"), data_dir
+    return initial_run(tmp_path_factory.mktemp("probe_run"), _small_config(), 24)
 
 
 def test_evaluate_end_to_end_on_a_checkpoint(run):

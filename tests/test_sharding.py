@@ -40,6 +40,7 @@ def test_data2_expert4_matches_single_device(dispatch):
     assert jax.device_count() == 8
     config = small_config(num_modal_experts=4, num_collaborative_experts=4, dispatch=dispatch,
                           capacity_factor=2.0, z_loss_weight=1e-3)
+    config.depths = (1, 1)   # one block per stage: the layout under test, at half the compile
     batch = random_batch(config, batch=8)
 
     single = create_model(config, seed=0)

@@ -26,7 +26,7 @@ from configs import tiny
 def get_config():
     c = tiny.get_config()
     m = c.model
-    m.image_size, m.depths, m.num_heads = 32, (2, 2), (2, 4)
+    m.image_size, m.depths, m.num_heads = 32, (1, 1), (2, 4)
     for name in ("multispectral", "sar_l2"):
         del m.modalities[name]
     m.moe.num_modal_experts = 4

@@ -10,9 +10,11 @@
    scene classification of the probe set for every modality (the headline
    figures are their means over modalities), segmentation of the real chips'
    land-cover maps from Sentinel-2 L2A (ringmoe.eval);
-4. DEMO_OUT/report.md with the figures and the PNGs (reconstructions, expert
-   loads, loss curves).
-The compression pass (tools.compress) is not built yet, so the report says so.
+4. compression of the pretrained model to a dense SwinV2 for multispectral
+   (ringmoe.compress: statistics, extraction, pruning, SVD merge, distillation,
+   export), every stage linear-probed on the probe set;
+5. DEMO_OUT/report.md with the figures and the PNGs (reconstructions, expert
+   loads, loss curves, calibration statistics).
 Progress lines while it runs; the last line is a JSON summary.
 """
 import argparse
@@ -54,7 +56,15 @@ def _report(path: str, figures: dict, pictures: list[str]) -> None:
     for p in probes:
         lines.append(f"| {p['probe']} | {p['data']} | {p['modality']} | {p['metric']} | {p['value']:.3f} | "
                      f"{p['random_init_value']:.3f} |")
-    lines += ["", "Compression (tools.compress): not built yet; this demo will run it once it exists.", ""]
+    compression = figures["compression"]
+    lines += ["", f"Compression (tools.compress) of the {compression['modality']} model: keep "
+              f"{compression['keep_collaborative']:.0%} of the collaborative experts, SVD merge, "
+              f"{compression['distill_steps']} distillation steps; linear probe on the probe set "
+              "(full = the MoE teacher):", "", "| stage | parameters | linear probe |", "|---|---|---|"]
+    for stage in compression["stages"]:
+        lines.append(f"| {stage['name']} | {stage['params']:,} | {compression['linear_probe'][stage['name']]:.3f} |")
+    lines += ["", f"Exported: {compression['export']['safetensors']} (timm SwinV2 names), "
+              f"{compression['export']['sidecar']}, {compression['export']['checkpoint']}.", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, os.path.dirname(path))})" for p in pictures]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
@@ -66,8 +76,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=150, help="pretraining steps")
     p.add_argument("--examples", type=int, default=256, help="synthetic scenes to pretrain on")
     p.add_argument("--probe-examples", type=int, default=384, help="synthetic scenes to probe on")
+    p.add_argument("--distill-steps", type=int, default=100, help="distillation steps of the compressed model")
     a = p.parse_args(argv)
-    start, n = time.perf_counter(), 5
+    start, n = time.perf_counter(), 6
     shutil.rmtree(a.out, ignore_errors=True)
     os.makedirs(a.out)
     synthetic, probe_set, real, run = (os.path.join(a.out, d) for d in ("synthetic", "probe_set", "real_chips",
@@ -94,7 +105,8 @@ def main(argv=None) -> None:
     last = train(config, run)
     train_seconds = time.perf_counter() - t
 
-    from ringmoe.eval.features import evaluate_probes, load_pretrained, random_init_model
+    from ringmoe.eval.features import evaluate_probes, random_init_model
+    from ringmoe.model.checkpoint import load_pretrained
     from ringmoe.visualize import read_jsonl
     trained, model, _ = load_pretrained(run)
     random_init = random_init_model(trained)
@@ -107,16 +119,25 @@ def main(argv=None) -> None:
     probes += [{**r, "data": "real chips"} for r in evaluate_probes(
         trained, model, real, ("segmentation",), "multispectral", baseline_model=random_init)]
 
-    _step(4, n, "writing the report", start)
+    from ringmoe.compress.run import compress
+    _step(4, n, f"compressing to a dense multispectral SwinV2 ({a.distill_steps} distillation steps), "
+          "probing every stage", start)
+    compression = compress(run, trained, "multispectral", os.path.join(a.out, "compressed"),
+                           keep=trained.compress.keep_collaborative, distill_steps=a.distill_steps,
+                           data_dir=synthetic, probe_data_dir=probe_set)
+
+    _step(5, n, "writing the report", start)
     records = read_jsonl(os.path.join(run, "metrics.jsonl"))
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     simmim = {k.split("/")[1]: (evals[0][k], evals[-1][k]) for k in evals[0]
               if k.startswith("eval/") and k.endswith("/simmim")}
     pictures = [os.path.join(run, "pictures", f) for f in ("loss_curves.png", "reconstructions_final.png",
                                                             "expert_load_final.png")]
+    pictures += [compression["statistics"]["full"]["png"],
+                 os.path.join(a.out, "compressed", "distill", "loss_curves.png")]
     report = os.path.join(a.out, "report.md")
     _report(report, {"steps": a.steps, "synthetic_records": made["records"], "train_seconds": train_seconds,
-                     "simmim": simmim, "probes": probes}, [p for p in pictures if os.path.exists(p)])
+                     "simmim": simmim, "probes": probes, "compression": compression}, [p for p in pictures if os.path.exists(p)])
 
     def mean(probe, key):
         return sum(p[key] for p in probes if p["probe"] == probe) / sum(p["probe"] == probe for p in probes)
@@ -129,9 +150,11 @@ def main(argv=None) -> None:
                "segmentation_miou": mean("segmentation", "value"),
                "segmentation_miou_random_init": mean("segmentation", "random_init_value"),
                "simmim_change": {m: last_ / first - 1 for m, (first, last_) in simmim.items()},
+               "compressed_linear_probe": compression["linear_probe"],
+               "compressed_params": {s["name"]: s["params"] for s in compression["stages"]},
                "final_loss": last.get("loss"), "real_chip_tiles": chips["records"], "report": report,
                "seconds": round(time.perf_counter() - start, 1)}
-    _step(5, n, f"done: {report}", start)
+    _step(6, n, f"done: {report}", start)
     print(json.dumps(summary))
 
 

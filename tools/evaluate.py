@@ -54,7 +54,8 @@ def main(argv=None) -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)   # Orbax notes that it opened a directory read-only
 
     from ringmoe.data.schema import RecordError
-    from ringmoe.eval.features import CheckpointError, evaluate, load_pretrained
+    from ringmoe.eval.features import evaluate
+    from ringmoe.model.checkpoint import CheckpointError, load_pretrained
     try:
         config, model, step = load_pretrained(args.checkpoint)
         result = evaluate(config, model, args.data, args.probe, args.modality, baseline=not args.no_baseline)

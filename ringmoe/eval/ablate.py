@@ -63,7 +63,8 @@ def point_config(grid: ConfigDict, overrides: dict) -> ConfigDict:
 def run_point(name: str, config: ConfigDict, workdir: str, probe: str, probe_data_dir: str) -> dict:
     """Trains (or resumes) one point, probes every modality, writes and returns result.json."""
     from pretrain.train import train
-    from ringmoe.eval.features import evaluate, load_pretrained
+    from ringmoe.eval.features import evaluate
+    from ringmoe.model.checkpoint import load_pretrained
 
     path = os.path.join(workdir, RESULT_FILE)
     if os.path.exists(path):

@@ -12,97 +12,29 @@ the same model at its initialisation (same config and seed, same split).
 from __future__ import annotations
 
 import functools
-import logging
-import os
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from ml_collections import ConfigDict
 
 from configs.common import base_config
-from pretrain.checkpoint import abstract_with_shardings
-from pretrain.state import abstract_state
-from ringmoe import sharding
 from ringmoe.data import shards
 from ringmoe.data.pipeline import modality_specs
 from ringmoe.data.schema import RecordError
 from ringmoe.data.transform import RecordTransform, TransformOptions
 from ringmoe.eval.probes import dataset_split, knn_accuracy, linear_probe, segmentation_probe
+from ringmoe.model.checkpoint import one_device_mesh
 from ringmoe.model.ringmoe import RingMoE, create_model
-
-log = logging.getLogger("ringmoe.eval")
 
 PROBES = {"knn": "top1_accuracy", "linear": "top1_accuracy", "segmentation": "miou"}
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint, or none that restores; the message names the directory."""
-
-
-def config_from_json(value):
-    """A config saved as JSON back as a ConfigDict, with lists turned back into tuples."""
-    def tuples(x):
-        if isinstance(x, dict):
-            return {k: tuples(v) for k, v in x.items()}
-        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
-    return ConfigDict(tuples(value))
-
-
-def _one_device_mesh():
-    """Every mesh axis of size 1: the restored and the freshly initialised model share one
-    layout, so the encoder compiles once for both."""
-    return sharding.make_mesh({}, jax.devices()[:1])
-
-
-def _checkpoint_directory(path: str) -> str:
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    inner = os.path.join(path, "checkpoints")
-    return os.path.abspath(inner if os.path.isdir(inner) else path)
-
-
-def load_pretrained(checkpoint_dir: str) -> tuple[ConfigDict, RingMoE, int]:
-    """(config, model, step) from the newest readable checkpoint of a run.
-
-    `checkpoint_dir` is a training workdir or its `checkpoints/` directory. The
-    parameters are restored onto one device. Unlike the trainer's restore, this
-    never moves an unreadable step aside: evaluation leaves a run untouched.
-    """
-    directory = _checkpoint_directory(checkpoint_dir)
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
-                                           enable_async_checkpointing=False)
-    manager = ocp.CheckpointManager(directory, options=options)
-    errors = []
-    try:
-        steps = sorted(manager.all_steps(), reverse=True)
-        if not steps:
-            raise CheckpointError(f"{directory}: no checkpoint found")
-        mesh = _one_device_mesh()
-        for step in steps:
-            try:
-                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-                config = config_from_json(meta["config"])
-                graphdef, abstract, shardings = abstract_state(config, mesh)
-                target = abstract_with_shardings(abstract, shardings)
-                state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-            except Exception as e:  # Orbax/TensorStore raise many types for damaged or foreign files
-                reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-                errors.append(f"step {step}: {reason}")
-                log.warning("checkpoint %s/%d is unreadable (%s); trying an older one", directory, step, reason)
-                continue
-            return config, nnx.merge(graphdef, state.params), int(step)
-    finally:
-        manager.close()
-    raise CheckpointError(f"{directory}: no readable checkpoint ({'; '.join(errors)})")
-
-
 def random_init_model(config) -> RingMoE:
     """The model the pretraining run started from (same config, same seed): the baseline."""
-    return create_model(config.model, seed=config.seed, mesh=_one_device_mesh())
+    return create_model(config.model, seed=config.seed, mesh=one_device_mesh())
 
 
 def probe_settings(config) -> ConfigDict:
@@ -126,21 +58,20 @@ def _encode(model: RingMoE, pixels, modality: str, stage: int | None):
     return encoded.features.mean((1, 2)), patch
 
 
-def extract(model: RingMoE, config, data_dir: str, modality: str, *, stage: int | None = None,
-            batch_size: int = 32) -> dict[str, np.ndarray | None]:
-    """Encodes every record of `data_dir` that carries `modality`, once, in record order.
+def image_batches(config, data_dir: str, modality: str, batch_size: int = 32, *, pad: bool = True):
+    """Every record of `data_dir` that carries `modality`, once, in record order, in batches.
 
-    Returns numpy arrays: pooled (N, D) (mean of the final stride-32 features),
-    patch (N, h, w, D_stage) = the stage's map before merging (None without
-    `stage`), scene_label (N,), label_map (N, S, S) and record_index (N,).
-    A bad record is a RecordError naming its shard file and index.
+    Yields (pixels (batch_size, S, S, C), n, rows) where rows = {"scene_label",
+    "label_map", "record_index"} lists of the n real rows. With `pad` a short last
+    batch is filled with zero rows, so every batch has one shape and a jitted
+    encoder compiles once; without it the last batch has n rows. Images are
+    the whole record resized to the model's input, normalised, unmasked and
+    unflipped. A bad record is a RecordError naming its shard file and index.
     """
     manifest = shards.read_manifest(data_dir)
     specs = modality_specs(manifest, config, data_dir)
     if modality not in specs:
         raise ValueError(f"{data_dir}: modality {modality!r} is not served (have {sorted(specs)})")
-    if stage is not None and not 0 <= stage < len(model.stages):
-        raise ValueError(f"stage {stage} not in [0, {len(model.stages)})")
     size = config.model.image_size
     options = TransformOptions(image_size=size, patch_size=config.model.patch_size, flip=False,
                                random_crop=False, mask_block_size=size, mask_ratio=0.0)
@@ -148,34 +79,55 @@ def extract(model: RingMoE, config, data_dir: str, modality: str, *, stage: int 
                                 {modality: specs[modality]}, options, seed=0)
     elements = grain.MapDataset.range(manifest["records"]).map(lambda i: (0, i)).map(transform).to_iter_dataset(
         grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=2 * batch_size))
-    out: dict[str, list] = {"pooled": [], "patch": [], "scene_label": [], "label_map": [], "record_index": []}
     pending: list[np.ndarray] = []
+    rows: dict[str, list] = {"scene_label": [], "label_map": [], "record_index": []}
 
-    def run_batch():
+    def flush():
         n = len(pending)
-        pixels = np.stack(pending + [np.zeros_like(pending[0])] * (batch_size - n))  # one compiled shape
-        pooled, patch = jax.device_get(_encode(model, jnp.asarray(pixels), modality, stage))
-        out["pooled"].append(pooled[:n])
-        if patch is not None:
-            out["patch"].append(patch[:n])
+        pixels = np.stack(pending + [np.zeros_like(pending[0])] * ((batch_size - n) if pad else 0))
+        batch = (pixels, n, {k: list(v) for k, v in rows.items()})
         pending.clear()
+        for v in rows.values():
+            v.clear()
+        return batch
 
+    found = False
     for element in elements:
         if element["bad"]:
             raise RecordError(f"{data_dir}/{element['bad']}")
         image = element["images"].get(modality)
         if image is None:
             continue
+        found = True
         pending.append(image["pixels"])
-        out["scene_label"].append(element["scene_label"])
-        out["label_map"].append(element["label_map"])
-        out["record_index"].append(element["record_index"])
+        for k in rows:
+            rows[k].append(element[k])
         if len(pending) == batch_size:
-            run_batch()
+            yield flush()
     if pending:
-        run_batch()
-    if not out["record_index"]:
+        yield flush()
+    if not found:
         raise ValueError(f"{data_dir}: no record carries {modality}")
+
+
+def extract(model: RingMoE, config, data_dir: str, modality: str, *, stage: int | None = None,
+            batch_size: int = 32) -> dict[str, np.ndarray | None]:
+    """Encodes every record of `data_dir` that carries `modality` (`image_batches`).
+
+    Returns numpy arrays: pooled (N, D) (mean of the final stride-32 features),
+    patch (N, h, w, D_stage) = the stage's map before merging (None without
+    `stage`), scene_label (N,), label_map (N, S, S) and record_index (N,).
+    """
+    if stage is not None and not 0 <= stage < len(model.stages):
+        raise ValueError(f"stage {stage} not in [0, {len(model.stages)})")
+    out: dict[str, list] = {"pooled": [], "patch": [], "scene_label": [], "label_map": [], "record_index": []}
+    for pixels, n, rows in image_batches(config, data_dir, modality, batch_size):
+        pooled, patch = jax.device_get(_encode(model, jnp.asarray(pixels), modality, stage))
+        out["pooled"].append(pooled[:n])
+        if patch is not None:
+            out["patch"].append(patch[:n])
+        for k, v in rows.items():
+            out[k].extend(v)
     return {"pooled": np.concatenate(out["pooled"]),
             "patch": np.concatenate(out["patch"]) if out["patch"] else None,
             "scene_label": np.asarray(out["scene_label"], np.int64),

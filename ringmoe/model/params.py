@@ -11,7 +11,7 @@ from collections import defaultdict
 import jax
 from flax import nnx
 
-from ringmoe.model.ringmoe import RingMoE
+from ringmoe.model.ringmoe import ParamKeys, RingMoE
 
 # Module-tree names that belong to one modality.
 PER_MODALITY = ("embeddings", "decoders", "power_decoders", "modal_experts")
@@ -19,7 +19,7 @@ PER_MODALITY = ("embeddings", "decoders", "power_decoders", "modal_experts")
 
 def abstract_model(model_config) -> RingMoE:
     """The model with ShapeDtypeStructs for parameters: nothing is allocated."""
-    return nnx.eval_shape(lambda: RingMoE(model_config, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: RingMoE(model_config, rngs=ParamKeys(0)))
 
 
 def _leaves(model) -> list[tuple[tuple, tuple]]:

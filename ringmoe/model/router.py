@@ -65,8 +65,10 @@ def route(logits: jax.Array, *, router: str, top_k: int, capacity_factor: float
 
     The returned dict holds `load_balance` (Switch loss, 1.0 when balanced),
     `z_loss`, `load` (E,) fraction of assignments per expert, `dropped` (fraction
-    of assignments dropped; for expert choice, of tokens left with no expert) and
-    `entropy` (mean router entropy, nats).
+    of assignments dropped; for expert choice, of tokens left with no expert),
+    `entropy` (mean router entropy, nats), and the sums the compression pass
+    accumulates over calibration data: `routed` (E,) assignments each expert
+    actually processed (after capacity) and `gate_mass` (E,) the sum of their gates.
     """
     if router not in ROUTERS:
         raise ValueError(f"unknown router {router!r}; choose one of {ROUTERS}")
@@ -95,8 +97,16 @@ def route(logits: jax.Array, *, router: str, top_k: int, capacity_factor: float
         "load": load,
         "dropped": dropped.astype(jnp.float32),
         "entropy": -jnp.mean(jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1)),
+        "routed": jnp.sum(_per_expert(plan, plan.gate > 0, num_experts), axis=(0, 1)),
+        "gate_mass": jnp.sum(_per_expert(plan, plan.gate, num_experts), axis=(0, 1)),
     }
     return plan, stats
+
+
+def _per_expert(plan: RoutingPlan, values: jax.Array, num_experts: int) -> jax.Array:
+    """(G, S, K) values of each assignment summed into their experts: (G, S, E)."""
+    return jnp.einsum("gske,gsk->gse", jax.nn.one_hot(plan.expert_index, num_experts, dtype=jnp.float32),
+                      values.astype(jnp.float32))
 
 
 def _token_choice(probs: jax.Array, top_k: int, cap: int) -> RoutingPlan:
