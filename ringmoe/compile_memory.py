@@ -80,14 +80,13 @@ def largest_temporaries(text: str, count: int) -> list[tuple[str, str, int]]:
     return sorted(values, key=lambda v: -v[2])[:count]
 
 
-def cpu_buffer_assignment(lowered, module_name: str, *, options: dict | None = None, keep_dump: str | None = None,
-                          largest: int = 8, poll_s: float = 1.0) -> tuple[MemoryStats, list[tuple[str, str, int]]]:
+def cpu_buffer_assignment(lowered, module_name: str, *, keep_dump: str | None = None, largest: int = 8,
+                          poll_s: float = 1.0) -> tuple[MemoryStats, list[tuple[str, str, int]]]:
     """Compiles `lowered` for the CPU in a daemon thread and returns its buffer assignment (the
     stats and the largest temporaries) as soon as XLA has dumped it. The thread keeps compiling;
-    end the process with os._exit. `options`: more compiler options; `keep_dump`: a directory
-    to leave XLA's dump in."""
+    end the process with os._exit. `keep_dump`: a directory to leave XLA's dump in."""
     dump = keep_dump or tempfile.mkdtemp(prefix="ringmoe_aot_")
-    options = {**(options or {}), "xla_dump_to": dump, "xla_dump_hlo_module_re": f"^{re.escape(module_name)}$",
+    options = {"xla_dump_to": dump, "xla_dump_hlo_module_re": f"^{re.escape(module_name)}$",
                "xla_dump_emitter_re": "^$"}
     failure: list[BaseException] = []
 

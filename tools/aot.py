@@ -20,7 +20,7 @@ schedule and fuse differently). On CPU the tool stops at that buffer assignment
 (`ringmoe.compile_memory`: the same numbers as `memory_analysis()`) instead of
 building the CPU executable, which takes hours for the 14.7B step;
 `--full_compile` builds it. The CPU compile uses XLA's memory-minimising
-scheduler (`CPU_OPTIONS`): the CPU default orders work for thread parallelism
+scheduler (`CPU_XLA_FLAGS`): the CPU default orders work for thread parallelism
 and held 2.7x the temporaries on a cut of the 14.7B step, while GPU and TPU
 compilers schedule under the device's memory limit. The MoE dispatch `auto` is resolved for the
 target's platform, not for the CPU that compiles.
@@ -65,8 +65,9 @@ _DUMP = flags.DEFINE_string("dump_to", None, "On fake CPU devices: keep XLA's du
 _TOP = flags.DEFINE_integer("largest", 8, "How many of the largest per-device buffers to name.")
 
 _START = time.perf_counter()
-# XLA CPU options for the fake-device compile (see the module doc).
-CPU_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+# XLA CPU flags for the fake-device compile (see the module doc). XLA reads them from the
+# environment once, when the backend starts (as a compile option this one is ignored).
+CPU_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 
 
 def progress(message: str) -> None:
@@ -76,6 +77,7 @@ def progress(message: str) -> None:
 def use_fake_cpu_devices(count: int) -> None:
     """Makes the CPU backend hold `count` devices; must run before anything initialises a backend."""
     os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = " ".join((os.environ.get("XLA_FLAGS", ""), *CPU_XLA_FLAGS)).strip()
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)  # wins over any --xla_force_host_platform_device_count
 
@@ -132,11 +134,11 @@ def compile_step(lowered, compiled_for: str, devices: int) -> dict:
     xla_flops_source, running (a compile thread is left running)."""
     if compiled_for == "cpu-fake-devices" and not _FULL.value:
         jax.config.update("jax_enable_compilation_cache", False)  # a cache hit would dump nothing
-        memory, temporaries = compile_memory.cpu_buffer_assignment(lowered, "jit_step", options=CPU_OPTIONS,
-                                                                   keep_dump=_DUMP.value, largest=_TOP.value)
+        memory, temporaries = compile_memory.cpu_buffer_assignment(lowered, "jit_step", keep_dump=_DUMP.value,
+                                                                   largest=_TOP.value)
         return {"memory": memory, "temporaries": temporaries, "xla_flops": _flops(lowered.cost_analysis()),
                 "xla_flops_source": "lowered global program", "running": True}
-    compiled = lowered.compile(CPU_OPTIONS if compiled_for == "cpu-fake-devices" else None)
+    compiled = lowered.compile()
     per_device = _flops(compiled.cost_analysis())
     return {"memory": compile_memory.from_compiled(compiled), "temporaries": [],
             "xla_flops": per_device * devices if per_device is not None else None,
