@@ -92,10 +92,12 @@ def make_train_step(graphdef, config, norm_stats: dict, loss_fn=None):
     return step
 
 
-def jit_train_step(graphdef, config, norm_stats: dict, state_shardings: TrainState, batch_shardings: dict):
+def jit_train_step(graphdef, config, norm_stats: dict, state_shardings: TrainState, batch_shardings: dict, *,
+                   loss_fn=None, frozen_shardings: tuple = ()):
     """The step as the trainer runs it (and `tools.aot` compiles it): jitted, the state donated,
-    state and batch in their shardings, the new state in the same shardings and the metrics
-    replicated, so that every process can read them."""
-    return jax.jit(make_train_step(graphdef, config, norm_stats), donate_argnums=0,
-                   in_shardings=(state_shardings, batch_shardings),
+    state, batch and frozen inputs in their shardings, the new state in the same shardings and
+    the metrics replicated, so that every process can read them. `loss_fn`: as in
+    `make_train_step`, with one frozen input per entry of `frozen_shardings`."""
+    return jax.jit(make_train_step(graphdef, config, norm_stats, loss_fn=loss_fn), donate_argnums=0,
+                   in_shardings=(state_shardings, batch_shardings, *frozen_shardings),
                    out_shardings=(state_shardings, state_shardings.step))

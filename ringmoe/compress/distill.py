@@ -13,7 +13,7 @@ Each step, on a batch of the modality from the pretraining stream:
 
     loss = compress.feature_weight * feature + compress.reconstruction_weight * reconstruction
 
-It runs through the trainer's own step (`pretrain.step.make_train_step`: clipping,
+It runs through the trainer's own step (`pretrain.step.jit_train_step`: clipping,
 AdamW, non-finite guard) with the teacher's parameters as a frozen input, sharded
 over `config.mesh` exactly like pretraining: state and teacher laid out by their
 logical axes, batches split over the data axes.
@@ -31,7 +31,7 @@ from flax import nnx
 
 from pretrain.metrics import MetricsWriter
 from pretrain.state import TrainState, make_optimizer, state_shardings
-from pretrain.step import make_train_step
+from pretrain.step import jit_train_step
 from pretrain.train import batch_shardings, to_device
 from ringmoe import sharding, visualize
 from ringmoe.data.pipeline import Pipeline
@@ -107,10 +107,10 @@ def distill(student: RingMoE, teacher: RingMoE, config, modality: str, *, steps:
         state = jax.jit(init, out_shardings=shardings)(jax.device_put(s_params, shardings.params))
         teacher_shardings = sharding.state_shardings(t_params, mesh)
         t_params = jax.device_put(t_params, teacher_shardings)
-        in_batch = batch_shardings(pipeline, mesh)
+        in_batch = batch_shardings(pipeline.batch_spec(), mesh)
         loss_fn = make_loss_fn(s_graphdef, t_graphdef, config, modality, norm_stats)
-        step_fn = jax.jit(make_train_step(s_graphdef, config, norm_stats, loss_fn=loss_fn), donate_argnums=0,
-                          in_shardings=(shardings, in_batch, teacher_shardings), out_shardings=(shardings, None))
+        step_fn = jit_train_step(s_graphdef, config, norm_stats, shardings, in_batch, loss_fn=loss_fn,
+                                 frozen_shardings=(teacher_shardings,))
         last = {}
         with MetricsWriter(workdir, total_steps=steps, enabled=jax.process_index() == 0) as writer:
             start = time.perf_counter()
