@@ -4,11 +4,21 @@ MoE in all 24 blocks: 4 modal experts per modality, 4 collaborative, 1 shared.
 Expected: 14.74B parameters in all, 6.53B per modality, about 2.4B active per token.
 
     python -m tools.params --config configs/ringmoe_14b.py
+    python -m tools.aot --config configs/ringmoe_14b.py:v5e-256 --topology v5e-256
+
+The optional `:TARGET` picks the global batch for a pod (`BATCH_SIZE`; default
+h100-64); everything else is the same on every target.
 """
 from configs.common import base_config, modality
 
+# Global batch per target: one image per modality per device (the token batch is split
+# over every device, so each modality's batch is a multiple of the device count).
+BATCH_SIZE = {"h100-64": 256, "v5p-128": 256, "v5e-256": 1024}
 
-def get_config():
+
+def get_config(target: str = "h100-64"):
+    if target not in BATCH_SIZE:
+        raise ValueError(f"configs/ringmoe_14b.py: unknown target {target!r}; known: {', '.join(BATCH_SIZE)}")
     c = base_config()
     m = c.model
     m.image_size = 192
@@ -42,8 +52,7 @@ def get_config():
     # Experts over `expert` (4 = the experts per group); parameters and AdamW state
     # FSDP-sharded over all remaining devices (16 on 64 devices, 64 on 256), so the
     # 206 GB of state is about 3.2 GB per device on 64. The token batch is split over
-    # all of them: each modality's global batch must be a multiple of the device count
-    # (batch_size 256 = 64 images per modality on 64 devices; 1024 on 256).
+    # all of them (BATCH_SIZE).
     c.mesh.update({"data": 1, "fsdp": -1, "expert": 4, "tensor": 1})
-    c.batch_size = 256
+    c.batch_size = BATCH_SIZE[target]
     return c
