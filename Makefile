@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo aot clean
 
 install: $(STAMP)
 
@@ -15,10 +15,19 @@ $(STAMP): requirements.txt
 
 # Two pytest workers: XLA compiles (most of the suite's time) run mostly on one core.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=10 tests
 
 demo: $(STAMP)
 	$(PY) -m tools.demo
+
+# The 14.7B ahead-of-time compile for every pod target (README "Running on a pod"):
+# 20-25 min and up to ~24 GB of host memory per target on a 2-core machine.
+# libtpu gives the TPU targets compile-only devices of their topology.
+AOT_TARGETS := h100-64 v5p-128 v5e-256
+aot: $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-tpu.txt
+	for t in $(AOT_TARGETS); do \
+	  $(PY) -m tools.aot --config configs/ringmoe_14b.py:$$t --topology $$t || exit 1; done
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -70,3 +70,18 @@ def test_full_compile_agrees_and_too_big_is_a_clear_failure(config_file, shortcu
     assert rc == 1 and result["fits"] is False
     assert "exceeds the 0.00 GB of a device" in out.stderr
     assert "largest state buffers per device: .params[" in out.stderr
+
+
+def test_14b_pod_targets_feed_one_image_per_modality_per_device():
+    """configs/ringmoe_14b.py:TARGET names a topology, and its batch splits evenly over the
+    target's processes and devices (the token batch is split over every device)."""
+    from configs import ringmoe_14b
+    from ringmoe import topology
+    from ringmoe.data.pipeline import process_batch_sizes, served_modalities
+
+    for name in ringmoe_14b.BATCH_SIZE:
+        config, target = ringmoe_14b.get_config(name), topology.get(name)
+        rows = process_batch_sizes(config, served_modalities(config), target.processes)
+        assert {m: b * target.processes for m, b in rows.items()} == {m: target.devices for m in rows}, name
+    with pytest.raises(ValueError, match="unknown target 'v4-8'"):
+        ringmoe_14b.get_config("v4-8")
