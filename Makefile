@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m tools.demo
 
 # The 14.7B ahead-of-time compile for every pod target (README "Running on a pod"):
-# 20-25 min and up to ~24 GB of host memory per target on a 2-core machine.
+# 20-31 min and up to ~24 GB of host memory (plus swap for v5e-256) per target on 2 cores.
 # libtpu gives the TPU targets compile-only devices of their topology.
 AOT_TARGETS := h100-64 v5p-128 v5e-256
 aot: $(STAMP)
