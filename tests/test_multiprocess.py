@@ -1,7 +1,8 @@
 """Multi-process training: 2 processes x 4 CPU devices train exactly like 1 process x 8 devices.
 
-Both runs are the real trainer (`python -m pretrain.train`), the two processes
-joined by `jax.distributed` on localhost (gloo CPU collectives). The data set
+Both runs are the real trainer: the single process in this test process (its 8
+fake devices), the two processes as `python -m pretrain.train` joined by
+`jax.distributed` on localhost (gloo CPU collectives). The data set
 has only paired records and no shuffling, so the strided per-process shards put
 the same records into each global batch as the single process does (crops and
 masks are keyed by record, not by process): the losses must agree. The record
@@ -16,7 +17,9 @@ import sys
 import numpy as np
 import pytest
 
+from pretrain.train import train
 from ringmoe.data import synthetic
+from ringmoe.eval.ablate import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -100,7 +103,9 @@ def records(workdir, process) -> dict[int, set[int]]:
 
 def test_two_processes_train_like_one(setup, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    finish([trainer(setup, one, 8)])
+    config = load_config_file(str(setup / "config.py"))
+    config.data_dir = str(setup / "data")
+    train(config, str(one), log_records=True)
     outs = two_processes(setup, two)
 
     # Metrics: one line per step, written by process 0 alone; the same losses as one process.
