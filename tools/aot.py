@@ -49,6 +49,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from pretrain.checkpoint import abstract_with_shardings
 from pretrain.state import abstract_state
 from pretrain.step import jit_train_step
 from pretrain.train import abstract_batch, batch_shardings
@@ -172,7 +173,7 @@ def main(argv):
     spec = batch_spec(config, global_rows)
     in_batch = batch_shardings(spec, mesh)
     batch = abstract_batch(spec, in_batch)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    state = abstract_with_shardings(abstract, shardings)
     progress(f"mesh {dict(mesh.shape)}; global batch {global_rows} ({target.processes} processes x {rows}); "
              f"remat {config.model.remat}, dtype {config.model.dtype}, dispatch {config.model.moe.dispatch}, "
              f"grad_accum_steps {config.grad_accum_steps}")
