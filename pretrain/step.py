@@ -10,7 +10,7 @@ from flax import nnx
 from pretrain.state import TrainState, learning_rate, make_optimizer
 from ringmoe.objectives.loss import pretraining_loss
 
-MODEL_INPUTS = ("pixels", "mask", "record_index")
+MODEL_INPUTS = ("pixels", "mask", "valid", "record_index")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -22,7 +22,7 @@ def make_loss_fn(graphdef, config, norm_stats: dict):
     """loss_fn(params, batch) -> (total, (terms, router statistics)): the pretraining objective."""
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
-        outputs = model({m: {"pixels": b["pixels"], "mask": b["mask"]} for m, b in batch.items()})
+        outputs = model(batch)
         total, terms = pretraining_loss(model, outputs, batch, config.objectives, config.model.moe, norm_stats)
         router = {m: o["encoded"].router_stats for m, o in outputs.items()}
         return total, (terms, router)

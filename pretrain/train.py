@@ -281,7 +281,7 @@ def save_pictures(workdir, tag, graphdef, state, device_batch, metrics, norm_sta
     replicated = jax.sharding.NamedSharding(state.step.sharding.mesh, jax.sharding.PartitionSpec())
 
     def first_rows(model, batch):
-        inputs = {m: {"pixels": b["pixels"], "mask": b["mask"]} for m, b in batch.items()}
+        inputs = {m: {k: b[k] for k in ("pixels", "mask", "valid") if k in b} for m, b in batch.items()}
         out = model(inputs)
         head = lambda x: x[:PICTURE_ROWS]  # noqa: E731
         return ({m: jax.tree.map(head, inputs[m]) for m in inputs},

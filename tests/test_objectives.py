@@ -61,7 +61,7 @@ TERMS = {
     "xpol_ratio": (lambda r, t, w: sar.xpol_ratio_loss(r, t, w, S1), lambda s: normal(s, 2, 4.0, -15.0)),
     "sam": (spectral.sam_loss, reflectance),
     "index": (lambda r, t, w: spectral.index_loss(r, t, w, spectral.index_bands(S2_WL)), reflectance),
-    "simmim": (lambda r, t, w: masked_l1(r, t, w[:, ::P, ::P] > 0, P), lambda s: normal(s, 3)),
+    "simmim": (masked_l1, lambda s: normal(s, 3)),
 }
 
 
@@ -271,9 +271,9 @@ def test_cross_modal_uses_only_rows_with_equal_record_index():
     outputs = {"optical": {"encoded": encoded(11, 3)}, "sar_l2": {"encoded": Encoded(feats_sar, (), ())}}
     # Only optical row 1 <-> sar row 0 pair (record 7); -1 never pairs with -1.
     opt_from_sar = masked_l1(model.decoders["optical"](feats_sar[:1]), batch["optical"]["pixels"][1:2],
-                             batch["optical"]["mask"][1:2], P)
+                             pixel_mask(batch["optical"]["mask"][1:2], P))
     sar_from_opt = masked_l1(model.decoders["sar_l2"](outputs["optical"]["encoded"].features[1:2]),
-                             batch["sar_l2"]["pixels"][:1], batch["sar_l2"]["mask"][:1], P)
+                             batch["sar_l2"]["pixels"][:1], pixel_mask(batch["sar_l2"]["mask"][:1], P))
     loss = crossmodal.cross_modal_loss(model, outputs, batch)
     np.testing.assert_allclose(loss, (opt_from_sar + sar_from_opt) / 2, rtol=1e-5)
     # Pixels of unpaired rows do not matter.

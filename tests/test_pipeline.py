@@ -9,7 +9,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 
 from configs import tiny
 from ringmoe.data import pipeline as pl
-from ringmoe.data import sensors, shards, synthetic
+from ringmoe.data import schema, sensors, shards, synthetic
 from ringmoe.data.schema import ModalityImage, Record, RecordError
 
 PRESET = {"optical": "rgb", "multispectral": "sentinel2_l2a", "sar_l2": "sentinel1_db",
@@ -81,30 +81,39 @@ def test_batch_sizes_follow_weights():
 
 
 def test_crop_and_flip_identical_across_modalities(coords):
+    """One crop box and one pair of flips for every modality and the labels; each modality
+    resampled as its unit requires (augment.RESAMPLERS): reflectance bilinearly, complex SAR
+    by nearest neighbour (the label's pixel), dB through linear power (within the pixel)."""
     c = config(batch_size=16, crop_scale=(0.2, 0.5))
     flips = set()
     with pl.Pipeline(c, coords, process_index=0, process_count=1) as p:
         for batch in take(p, 3):
+            order = np.argsort(batch["optical"]["record_index"], kind="stable")
+            lab = batch["optical"]["label_map"][order] - 1
+            label_yx = np.stack([lab // 48, lab % 48], -1)
             ref = None
-            for m in p.modalities:
+            for m in ("optical", "multispectral", "sar_l2", "sar_l1"):
                 spec = p.specs[m]
                 raw = batch[m]["pixels"] * spec.std + spec.mean          # undo normalisation
                 assert np.allclose(raw[..., 0::2], raw[..., :1], atol=1e-3)  # every row channel agrees
                 assert np.allclose(raw[..., 1::2], raw[..., 1:2], atol=1e-3)
                 order = np.argsort(batch[m]["record_index"], kind="stable")
                 yx = raw[order][..., :2]
-                lab = batch[m]["label_map"][order] - 1
-                if ref is None:
-                    ref = (yx, lab)
-                np.testing.assert_allclose(yx, ref[0], atol=1e-3)       # same crop + flip everywhere
-                np.testing.assert_array_equal(lab, ref[1])
-                # the nearest-neighbour label sits within half a pixel of the bilinear coordinate
-                assert np.abs(lab // 48 - yx[..., 0]).max() <= 0.5 + 1e-3
-                assert np.abs(lab % 48 - yx[..., 1]).max() <= 0.5 + 1e-3
-                for y in yx[..., 0]:
-                    span = np.ptp(y)
-                    assert 0 < span < 40 * np.sqrt(0.5 * 4 / 3) + 1        # a crop, not the whole image
-                    flips.add(bool(y[-1, 0] < y[0, 0]))
+                np.testing.assert_array_equal(batch[m]["label_map"][order] - 1, lab)
+                unit = schema.UNITS[m]
+                if unit == "reflectance":
+                    ref = yx if ref is None else ref
+                    np.testing.assert_allclose(yx, ref, atol=1e-3)       # same crop + flip everywhere
+                    # the nearest-neighbour label sits within half a pixel of the bilinear coordinate
+                    assert np.abs(label_yx - yx).max() <= 0.5 + 1e-3
+                elif unit == "complex":
+                    np.testing.assert_allclose(yx, label_yx, atol=1e-3)  # a source pixel: the label's
+                else:   # dB interpolated in power lies between the two source pixels
+                    assert np.abs(yx - ref).max() < 1.0
+            for y in ref[..., 0]:
+                span = np.ptp(y)
+                assert 0 < span < 40 * np.sqrt(0.5 * 4 / 3) + 1        # a crop, not the whole image
+                flips.add(bool(y[-1, 0] < y[0, 0]))
     assert flips == {True, False}                                          # vertical flips happen
 
 

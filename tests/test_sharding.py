@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from ringmoe import sharding
 from ringmoe.model.ringmoe import create_model
 from ringmoe.model.moe import router_loss
+from ringmoe.objectives.common import pixel_mask
 from ringmoe.objectives.simmim import masked_l1
 from tests.test_model import random_batch, small_config
 
@@ -23,7 +24,7 @@ def loss_and_grads(model, batch, moe_config):
         out = nnx.merge(graphdef, params)(batch)
         total = 0.0
         for m, o in out.items():
-            total += masked_l1(o["reconstruction"], batch[m]["pixels"], batch[m]["mask"], 4)
+            total += masked_l1(o["reconstruction"], batch[m]["pixels"], pixel_mask(batch[m]["mask"], 4))
             total += router_loss(o["encoded"].router_stats, moe_config)["total"]
         return total
 

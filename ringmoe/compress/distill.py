@@ -70,9 +70,11 @@ def make_loss_fn(student_graphdef, teacher_graphdef, config, modality: str, norm
     def loss_fn(params, batch, teacher_params):
         student = nnx.merge(student_graphdef, params)
         teacher = nnx.merge(teacher_graphdef, teacher_params)
-        pixels = batch[modality]["pixels"]
-        feature = feature_loss(student.encode(pixels, modality), teacher.encode(pixels, modality))
-        outputs = student({modality: {"pixels": pixels, "mask": batch[modality]["mask"]}})
+        inputs = batch[modality]
+        pixels, valid = inputs["pixels"], inputs.get("valid")
+        feature = feature_loss(student.encode(pixels, modality, valid=valid),
+                               teacher.encode(pixels, modality, valid=valid))
+        outputs = student({modality: inputs})
         reconstruction, terms = pretraining_loss(student, outputs, batch, config.objectives, config.model.moe,
                                                  norm_stats)
         total = weights.feature_weight * feature + weights.reconstruction_weight * reconstruction

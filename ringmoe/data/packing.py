@@ -55,6 +55,7 @@ class _PackIterator(grain_dataset.DatasetIterator):
         size, grid, channels = self._shape
         return {m: {"pixels": np.zeros((b, size, size, channels[m]), np.float32),
                     "mask": np.zeros((b, grid, grid), bool),
+                    "valid": np.zeros((b, size, size), bool),
                     "label_map": np.zeros((b, size, size), np.int32),
                     "scene_label": np.zeros((b,), np.int32),
                     "record_index": np.full((b,), -1, np.int64)} for m, b in self._sizes.items()}
@@ -98,7 +99,8 @@ class _PackIterator(grain_dataset.DatasetIterator):
                 out = batch[m]
                 out["pixels"][r] = images[m]["pixels"]
                 out["mask"][r] = images[m]["mask"]
-                out["label_map"][r] = element["label_map"]
+                out["valid"][r] = valid = images[m]["valid"]
+                out["label_map"][r] = np.where(valid, element["label_map"], 0)   # no data, no label
                 out["scene_label"][r] = element["scene_label"]
                 out["record_index"][r] = element["record_index"]
             stats["records_used"] += 1

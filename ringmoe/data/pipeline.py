@@ -6,7 +6,9 @@ image_size, P = patch_size, C_m = the modality's channels in the model config):
     batch[m] = {"pixels":       float32 (B_m, S, S, C_m)   normalised per band with the
                                                            manifest mean/std
                 "mask":         bool    (B_m, S/P, S/P)    SimMIM token mask, True = masked
-                "label_map":    int32   (B_m, S, S)        class ids, 0 = unlabelled
+                "valid":        bool    (B_m, S, S)        pixel holds data (False: no-data,
+                                                           pixels 0 there, ignored by every loss)
+                "label_map":    int32   (B_m, S, S)        class ids, 0 = unlabelled (and no data)
                 "scene_label":  int32   (B_m,)             0 = none
                 "record_index": int64   (B_m,)}            index of the record in the data set
 
@@ -140,7 +142,7 @@ def batch_spec(config, batch_sizes: dict[str, int]) -> dict:
     s = config.model.image_size
     g = s // config.model.patch_size
     return {m: {"pixels": ((b, s, s, config.model.modalities[m].channels), "float32"),
-                "mask": ((b, g, g), "bool"), "label_map": ((b, s, s), "int32"), "scene_label": ((b,), "int32"),
+                "mask": ((b, g, g), "bool"), "valid": ((b, s, s), "bool"), "label_map": ((b, s, s), "int32"), "scene_label": ((b,), "int32"),
                 "record_index": ((b,), "int64")} for m, b in batch_sizes.items()}
 
 

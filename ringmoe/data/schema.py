@@ -43,13 +43,34 @@ class Band:
 
 @dataclasses.dataclass
 class ModalityImage:
-    """Pixels (H, W, C) of one modality in its physical unit (`UNITS`), float32."""
+    """Pixels (H, W, C) of one modality in its physical unit (`UNITS`), float32.
+
+    `nodata` is the fill value the reader wrote into pixels without data (None: all
+    pixels valid); `valid_pixels` turns it into the per-pixel mask the pipeline
+    and every loss term use."""
     modality: str
     pixels: np.ndarray
     bands: tuple[Band, ...]
     sensor: str
     gsd_m: float
     nodata: float | None = None
+
+
+def valid_pixels(image: ModalityImage) -> np.ndarray:
+    """(H, W) bool: pixels that hold data.
+
+    A pixel is invalid when a channel holds the no-data fill (a missing band
+    value makes the spectrum, the polarimetric powers and the indices all wrong),
+    except for complex SAR, where one part of one polarisation can legitimately
+    be exactly 0 (integer SLC samples): there the pixel is invalid only when
+    every channel holds the fill (0 + 0j in all polarisations, the SLC border fill).
+    """
+    px = image.pixels
+    if image.nodata is None:
+        return np.ones(px.shape[:2], bool)
+    fill = px == np.float32(image.nodata)
+    missing = fill.all(-1) if UNITS.get(image.modality) == "complex" else fill.any(-1)
+    return ~missing
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ Layout of a data set directory:
 
 The manifest holds the schema version, the record count, shard files with their
 record counts, the modalities present (records, sensors, band metadata and the
-per-band mean/std over valid, non-nodata pixels, accumulated in float64 while
+per-band mean/std over valid pixels (`schema.valid_pixels`), accumulated in float64 while
 streaming; the pipeline normalises with them), counts of paired vs single-modality
 records, label names and counts, and the source. Nothing is pickled.
 
@@ -84,7 +84,7 @@ class _Tally:
             bands = self.bands.setdefault(name, {})
             stats = self.stats.setdefault(name, {})
             px = image.pixels.reshape(-1, image.pixels.shape[-1])
-            valid = np.ones(px.shape, bool) if image.nodata is None else px != np.float32(image.nodata)
+            valid = np.broadcast_to(schema.valid_pixels(image).reshape(-1, 1), px.shape)
             n = valid.sum(0)
             x = np.where(valid, px, 0).astype(np.float64)
             mean = x.sum(0) / np.maximum(n, 1)

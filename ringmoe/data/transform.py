@@ -1,4 +1,4 @@
-"""Per-record work of the input pipeline: read, decode, crop + flip, normalise, mask.
+"""Per-record work of the input pipeline: read, decode, crop + flip, normalise, mask, validity.
 
 `RecordTransform` turns (epoch, record index) into one training element. It runs
 inside Grain (in worker processes when there are any), so it holds only
@@ -57,8 +57,11 @@ class RecordTransform:
 
     Element: {"record_index": int, "bad": "" or message, "scene_label": int (0 = none),
               "label_map": int32 (S, S) (zeros = unlabelled),
-              "images": {modality: {"pixels": float32 (S, S, C), "mask": bool (S/P, S/P)}}}
-    with only the served modalities the record holds."""
+              "images": {modality: {"pixels": float32 (S, S, C), "mask": bool (S/P, S/P),
+                                    "valid": bool (S, S)}}}
+    with only the served modalities the record holds. Pixels without data
+    (`schema.valid_pixels`, resampled with the crop) are False in "valid" and 0 in
+    "pixels" (the band mean); every loss term and probe label ignores them."""
 
     def __init__(self, paths: list[str], counts: list[int], specs: dict[str, ModalitySpec],
                  options: TransformOptions, seed: int):
@@ -96,7 +99,8 @@ class RecordTransform:
             return _bad(index, str(e))
 
     def apply(self, record: schema.Record, index: int, rng: np.random.Generator) -> dict:
-        """Crop, flip, normalise and mask one decoded record (all served modalities alike)."""
+        """Crop, flip, normalise and mask one decoded record (all served modalities alike; each
+        resampled as its unit requires, `augment.RESAMPLERS`)."""
         opt, size = self._opt, self._opt.image_size
         served = [m for m in record.modalities if m in self._specs]
         label_map = np.zeros((size, size), np.int32)
@@ -119,15 +123,17 @@ class RecordTransform:
             if names != spec.bands:
                 raise schema.RecordError(f"{self.where(index)}: {m} bands {list(names)} differ from the "
                                          f"data set's {list(spec.bands)}")
-            px = image.pixels
-            if image.nodata is not None:  # fill no-data with the band mean (0 after normalising)
-                px = np.where(px == np.float32(image.nodata), spec.mean, px)
-            out = augment.resample(px, crop)
+            valid = schema.valid_pixels(image)
+            # Fill no-data with the band mean first, so no fill value (e.g. -9999 dB) enters
+            # an interpolation; valid output pixels never draw on it anyway.
+            px = image.pixels if valid.all() else np.where(valid[..., None], image.pixels, spec.mean)
+            out, valid = augment.resample(px, valid, crop, schema.UNITS[m])
             out -= spec.mean
             out *= spec.inv_std
+            out[~valid] = 0.0   # what the encoder sees there: the band mean
             mask = shared if opt.shared_mask else masking.simmim_mask(
                 rng, size, opt.patch_size, opt.mask_block_size, opt.mask_ratio)
-            element["images"][m] = {"pixels": out, "mask": mask}
+            element["images"][m] = {"pixels": out, "mask": mask, "valid": valid}
         return element
 
 

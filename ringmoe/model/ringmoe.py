@@ -146,7 +146,11 @@ class RingMoE(nnx.Module):
             tokens = jnp.where(mask[..., None], self.mask_token[...].astype(tokens.dtype), tokens)
         return tokens
 
-    def encode(self, pixels, modality, mask=None, spectra=None) -> Encoded:
+    def encode(self, pixels, modality, mask=None, spectra=None, valid=None) -> Encoded:
+        """`valid` (B, H, W) bool, optional: pixels without data are replaced by 0 (the band
+        mean) before the embedding, so whatever they hold reaches no output."""
+        if valid is not None:
+            pixels = jnp.where(valid[..., None], pixels, jnp.zeros((), pixels.dtype))
         x = self.embed(pixels, modality, mask, spectra)
         stage_features, stats = [], []
         for stage in self.stages:
@@ -157,14 +161,16 @@ class RingMoE(nnx.Module):
         return Encoded(features, tuple(stage_features), tuple(stats))
 
     def __call__(self, batch: dict) -> dict:
-        """batch[m] = {'pixels': (B_m, H, W, C_m), 'mask': (B_m, h, w) optional}.
+        """batch[m] = {'pixels': (B_m, H, W, C_m), 'mask': (B_m, h, w) optional,
+        'valid': (B_m, H, W) optional, 'spectra' optional}; other keys are ignored.
 
         Returns per modality {'reconstruction': (B_m, H, W, C_m), 'encoded': Encoded} and,
         with a power decoder, 'log_power': (B_m, H, W, K).
         """
         out = {}
         for modality, inputs in batch.items():
-            encoded = self.encode(inputs["pixels"], modality, inputs.get("mask"), inputs.get("spectra"))
+            encoded = self.encode(inputs["pixels"], modality, inputs.get("mask"), inputs.get("spectra"),
+                                  inputs.get("valid"))
             out[modality] = {"reconstruction": self.decoders[modality](encoded.features), "encoded": encoded}
             if modality in self.power_decoders:
                 out[modality]["log_power"] = self.power_decoders[modality](encoded.features)

@@ -8,8 +8,11 @@ physics formula is applied; `norm_stats[m] = {"mean": (C,), "std": (C,)}`
 (optionally "bands": the C band names, which the SAR terms use to find their
 polarisation channels).
 
-All masked averages run over pixels whose SimMIM token is masked: the model
-sees the others, so reconstructing them teaches nothing (Xie et al. 2022).
+All masked averages run over pixels whose SimMIM token is masked (the model
+sees the others, so reconstructing them teaches nothing; Xie et al. 2022) and
+that hold data (the batch's "valid"; a no-data pixel has no target: a SAR-L1
+0 + 0j fill would make a span target 30 dB below the mean). `loss_weights`
+makes that weight map; every term averages with it.
 """
 from __future__ import annotations
 
@@ -17,8 +20,6 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-
-from ringmoe.objectives.simmim import upsample_mask
 
 
 def denormalize(z: jax.Array, stats: Mapping) -> jax.Array:
@@ -33,15 +34,23 @@ def denormalize(z: jax.Array, stats: Mapping) -> jax.Array:
 
 def pixel_mask(mask: jax.Array, patch_size: int) -> jax.Array:
     """Token mask (B, h, w) bool, True = masked -> pixel weights (B, h*p, w*p) float32."""
-    return upsample_mask(mask, patch_size)[..., 0]
+    return jnp.repeat(jnp.repeat(mask, patch_size, axis=1), patch_size, axis=2).astype(jnp.float32)
+
+
+def loss_weights(inputs: Mapping, patch_size: int) -> jax.Array:
+    """(B, H, W) float32 weights of one modality's loss terms: 1 where the pixel's token is
+    masked and the pixel holds data (inputs 'mask' (B, h, w), optional 'valid' (B, H, W))."""
+    weights = pixel_mask(inputs["mask"], patch_size)
+    if inputs.get("valid") is not None:
+        weights = weights * inputs["valid"].astype(jnp.float32)
+    return weights
 
 
 def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     """Mean of `values` over pixels with weight 1.
 
     values (B, H, W) or (B, H, W, K) (then also averaged over K); weights (B, H, W)
-    in {0, 1}. An all-zero mask gives 0, not NaN (the 1e-5 in the denominator, as
-    in `simmim.masked_l1`).
+    in {0, 1}. An all-zero mask gives 0, not NaN (the 1e-5 in the denominator).
     """
     values = values.astype(jnp.float32)
     k = 1

@@ -8,7 +8,7 @@ ground, this term decodes A's pixels from B's encoded features with A's own
 SimMIM decoder,
     x_hat_A<-B = decoders[A](features_B),
 and takes the SimMIM L1 over the pixels masked in A (those A's own pass could
-not see), divided by A's channel count. The decoder is a per-position linear
+not see) that hold data in both A and B, divided by A's channel count. The decoder is a per-position linear
 map, so the only way to lower the term is for B's stride-32 features to carry
 A-decodable content at the same position: a shared, co-registered
 representation. That is what the collaborative experts (one router for all
@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from ringmoe.objectives.common import loss_weights
 from ringmoe.objectives.simmim import masked_l1
 
 
@@ -43,19 +44,26 @@ def match_matrix(index_a: jax.Array, index_b: jax.Array) -> jax.Array:
 
 
 def gather_partner_features(features_b: jax.Array, match: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """B's features (B_B, h, w, D) moved onto A's rows -> ((B_A, h, w, D), has_partner (B_A,) float)."""
+    """B's rows (B_B, ...) moved onto A's rows -> ((B_A, ...) mean over partners, has_partner (B_A,) float)."""
     count = jnp.sum(match, axis=1)
     selection = match / jnp.maximum(count, 1.0)[:, None]
-    gathered = jnp.einsum("ij,jhwd->ihwd", selection, features_b.astype(jnp.float32))
+    gathered = jnp.einsum("ij,j...->i...", selection, features_b.astype(jnp.float32))
     return gathered, (count > 0).astype(jnp.float32)
 
 
-def pair_loss(decoder, features_b: jax.Array, pixels_a: jax.Array, mask_a: jax.Array,
-              index_a: jax.Array, index_b: jax.Array, patch_size: int) -> tuple[jax.Array, jax.Array]:
-    """(L1 of A's masked pixels decoded from B's features, whether any row was paired)."""
-    features, has_partner = gather_partner_features(features_b, match_matrix(index_a, index_b))
-    reconstruction = decoder(features)
-    loss = masked_l1(reconstruction, pixels_a, mask_a, patch_size, row_weights=has_partner)
+def pair_loss(decoder, features_b: jax.Array, pixels_a: jax.Array, weights_a: jax.Array,
+              index_a: jax.Array, index_b: jax.Array, valid_b: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+    """(L1 of A's pixels decoded from B's features, whether any row was paired).
+
+    weights_a (B_A, H, W): A's loss weights (masked and valid); valid_b (B_B, H, W) optional:
+    a pixel counts only where the partner holds data too (B's features carry nothing else)."""
+    match = match_matrix(index_a, index_b)
+    features, has_partner = gather_partner_features(features_b, match)
+    weights = weights_a * has_partner[:, None, None]
+    if valid_b is not None:
+        weights = weights * (gather_partner_features(valid_b, match)[0] > 1.0 - 1e-6)
+    loss = masked_l1(decoder(features), pixels_a, weights)
     return loss, (jnp.sum(has_partner) > 0).astype(jnp.float32)
 
 
@@ -63,7 +71,8 @@ def cross_modal_loss(model, outputs: Mapping, batch: Mapping, patch_size: int | 
     """Mean over ordered modality pairs (A, B) with paired rows of `pair_loss`; 0 if there are none.
 
     outputs: RingMoE.__call__ output (uses outputs[B]['encoded'].features);
-    batch[m]: 'pixels' (normalised), 'mask' (token mask, True = masked), 'record_index'.
+    batch[m]: 'pixels' (normalised), 'mask' (token mask, True = masked), 'record_index',
+    optional 'valid' (pixel holds data).
     """
     patch_size = patch_size or model.patch_size
     modalities = [m for m in outputs if "record_index" in batch[m]]
@@ -74,8 +83,8 @@ def cross_modal_loss(model, outputs: Mapping, batch: Mapping, patch_size: int | 
             if a == b:
                 continue
             loss, has_pair = pair_loss(model.decoders[a], outputs[b]["encoded"].features,
-                                       batch[a]["pixels"], batch[a]["mask"],
-                                       batch[a]["record_index"], batch[b]["record_index"], patch_size)
+                                       batch[a]["pixels"], loss_weights(batch[a], patch_size),
+                                       batch[a]["record_index"], batch[b]["record_index"], batch[b].get("valid"))
             total = total + loss * has_pair
             present = present + has_pair
     return total / jnp.maximum(present, 1.0)

@@ -17,7 +17,9 @@ Terms by modality (DESIGN.md sections 2-4; the weights are `objectives.<term>`):
 A term with weight 0 is neither computed nor reported. A physics term whose
 inputs are absent (Pauli without HH/VV, an index whose bands are missing) is
 skipped the same way. Physics terms see physical units: reconstruction and
-target are de-normalised with `norm_stats[m]` (common.py).
+target are de-normalised with `norm_stats[m]` (common.py). Every term averages
+over the pixels that are masked and hold data (`common.loss_weights`): a no-data
+pixel has no target, and the encoder sees 0 (the band mean) there.
 
 Router losses. Each modality runs through the backbone in its own forward pass,
 so `router_loss` of modality m averages m's modal-router and the collaborative
@@ -41,7 +43,7 @@ import numpy as np
 
 from ringmoe.model.moe import router_loss
 from ringmoe.objectives import sar, spectral
-from ringmoe.objectives.common import denormalize, pixel_mask
+from ringmoe.objectives.common import denormalize, loss_weights
 from ringmoe.objectives.crossmodal import cross_modal_loss
 from ringmoe.objectives.simmim import masked_l1
 
@@ -124,8 +126,9 @@ def pretraining_loss(model, outputs: Mapping, batch: Mapping, objectives_config,
     """(total loss, {term name: scalar}) of one step.
 
     model: the RingMoE (patch_size, decoders, band_spectra); outputs = model(inputs)
-    with inputs[m] = {'pixels', 'mask'}; batch[m]: 'pixels' (normalised), 'mask'
-    (B, h, w) True = masked, 'record_index' (for the cross-modal term);
+    with inputs[m] = {'pixels', 'mask'[, 'valid']}; batch[m]: 'pixels' (normalised), 'mask'
+    (B, h, w) True = masked, optional 'valid' (B, H, W) pixel holds data (every term
+    ignores the others), 'record_index' (for the cross-modal term);
     objectives_config: `config.objectives`; moe_config: `config.model.moe`;
     norm_stats[m] = {'mean': (C,), 'std': (C,)[, 'bands': names]} for modalities
     with physics terms. Jit-compatible: everything static is decided in Python.
@@ -137,10 +140,10 @@ def pretraining_loss(model, outputs: Mapping, batch: Mapping, objectives_config,
     total = jnp.zeros((), jnp.float32)
     for m, out in outputs.items():
         inputs = batch[m]
-        weights = pixel_mask(inputs["mask"], patch_size)
+        weights = loss_weights(inputs, patch_size)   # masked and holding data
         raw = {}
         if weight(cfg, "simmim") > 0:
-            raw["simmim"] = masked_l1(out["reconstruction"], inputs["pixels"], inputs["mask"], patch_size)
+            raw["simmim"] = masked_l1(out["reconstruction"], inputs["pixels"], weights)
         raw.update(physics_terms(model, m, out, inputs, weights, cfg, norm_stats.get(m)))
         modality_total = jnp.zeros((), jnp.float32)
         for name, value in raw.items():
