@@ -197,3 +197,36 @@ def test_tfds_unprepared_split_is_one_clear_error(tmp_path):
         tfds_ingest.convert_tfds("eurosat/all", str(tmp_path / "o"), data_dir=str(tmp_path / "none"))
     with pytest.raises(RecordError, match="not supported"):
         tfds_ingest.open_source("mnist")
+
+
+# Per-band DN mean and std of EuroSAT all-band TIFFs in FILE channel order (B1..B8, B9, B10,
+# B11, B12, B8A), as computed over the files (TorchGeo's EuroSAT statistics). Channel 9 is B9
+# water vapour (~732 DN), 10 is B10 cirrus (~12 DN), 13 is B8A red edge 4 (~2594 DN, near B8).
+EUROSAT_FILE_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12", "B8A")
+EUROSAT_FILE_MEAN = (1354.4, 1118.2, 1042.9, 947.6, 1199.5, 1999.8, 2369.2, 2296.8, 732.1, 12.1, 1819.0, 1118.9, 2594.1)
+EUROSAT_FILE_STD = (245.7, 333.0, 395.1, 593.8, 566.4, 861.2, 1086.6, 1118.0, 404.9, 4.8, 1002.6, 761.3, 1231.6)
+
+
+def test_tfds_eurosat_file_channels_are_reordered_to_l1c_band_order(tmp_path):
+    """EuroSAT's TIFFs keep B8A last; after ingestion every band name holds its own channel
+    (B8A the ~2594 DN one, B9 the ~732, B10 the ~12) with its own wavelength."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from ringmoe.data.ingest import tfds as tfds_ingest
+    rng = np.random.default_rng(0)
+    mean, std = np.array(EUROSAT_FILE_MEAN), np.array(EUROSAT_FILE_STD)
+    examples = [{"sentinel2": np.clip(np.round(rng.normal(mean, std / 10, (64, 64, 13))), 1, None).astype(np.float32),
+                 "label": i, "filename": f"Forest_{i}.tif"} for i in range(2)]
+    with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: examples):
+        recs = list(tfds_ingest.iter_tfds_records("eurosat/all"))
+    ms = recs[0].modalities["multispectral"]
+    assert [b.name for b in ms.bands] == list(sensors.S2_L1C_ORDER)
+    file_mean = dict(zip(EUROSAT_FILE_BANDS, mean))
+    for j, band in enumerate(ms.bands):
+        got = float(ms.pixels[..., j].mean()) * 10000
+        assert got == pytest.approx(file_mean[band.name], abs=5), band.name
+        assert (band.wavelength_nm, band.bandwidth_nm) == sensors.S2_BANDS[band.name][:2]
+    by_wavelength = {b.wavelength_nm: float(ms.pixels[..., j].mean()) * 10000 for j, b in enumerate(ms.bands)}
+    assert by_wavelength[864.7] == pytest.approx(2594, abs=5)        # B8A, file channel 13
+    assert by_wavelength[945.1] == pytest.approx(732, abs=5)         # B9 water vapour, file channel 9
+    assert by_wavelength[1373.5] == pytest.approx(12, abs=1)         # B10 cirrus, file channel 10
+    assert by_wavelength[1613.7] == pytest.approx(1819, abs=5)       # B11 (NDBI/MNDWI), file channel 11
