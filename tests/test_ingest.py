@@ -101,15 +101,70 @@ def test_s2_offset_resolution_from_options_and_tags():
     assert bind(options={"harmonized": "true"}) == 0
     assert bind(tags={"BOA_ADD_OFFSET": "-1000"}) == -1000
     assert bind(tags={"PROCESSING_BASELINE": "05.10"}) == -1000
-    assert bind(tags={"datetime": "2021-07-23T13:22:41"}) == 0
     with pytest.raises(RecordError, match=r"f\.tif: sentinel2_l2a: cannot tell the DN offset.*offset=0"):
-        bind(tags={"datetime": "2023-05-01T10:00:00"})     # after 25 Jan 2022, harmonised or not?
+        bind(tags={"datetime": "2021-07-23T13:22:41"})     # acquired then; reprocessed since?
     with pytest.raises(RecordError, match="cannot tell the DN offset"):
         bind()
     conv = l2a.bind("f.tif", count=12, dtype="int16", options={"offset": "-1000"})
     img = conv.image(np.array([[[0] * 11 + [1000]]], np.int16).reshape(1, 1, 12), "f.tif")
     assert img.nodata == pytest.approx(-0.1) and img.pixels[0, 0, 0] == pytest.approx(-0.1)  # DN 0 -> fill
     assert img.pixels[0, 0, -1] == 0.0                                                       # (1000 - 1000) / 1e4
+
+
+S2_OFFSET_EVIDENCE = {   # id: (preset options, tags, band scale, band offset, expected DN offset)
+    "option_offset": (":offset=-1000", {}, None, None, -1000),
+    "option_baseline": (":baseline=05.09", {}, None, None, -1000),
+    "option_harmonized": (":harmonized=true", {"PROCESSING_BASELINE": "05.10"}, None, None, 0),
+    "tag_BOA_ADD_OFFSET": ("", {"BOA_ADD_OFFSET": "-1000"}, None, None, -1000),
+    "tag_RADIO_ADD_OFFSET": ("", {"RADIO_ADD_OFFSET": "-1000"}, None, None, -1000),
+    "tag_PROCESSING_BASELINE_05": ("", {"PROCESSING_BASELINE": "05.10"}, None, None, -1000),
+    "tag_PROCESSING_BASELINE_02": ("", {"PROCESSING_BASELINE": "02.09"}, None, None, 0),
+    "band_scale_offset_-0.1": ("", {}, 1e-4, -0.1, -1000),
+    "band_scale_offset_0": ("", {}, 1e-4, 0.0, 0),
+    "file_written_2019": ("", {"TIFFTAG_DATETIME": "2019:06:01 12:00:00"}, None, None, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(S2_OFFSET_EVIDENCE))
+def test_s2_offset_from_each_source_of_evidence(tmp_path, case):
+    """Each kind of evidence alone settles the offset of a GeoTIFF: DN 1500 is
+    reflectance 0.15 with offset 0 and 0.05 with offset -1000."""
+    options, tags, scale, offset, expected = S2_OFFSET_EVIDENCE[case]
+    write_tif(tmp_path / "s2.tif", np.full((12, 4, 4), 1500, np.uint16), tags=tags,
+              scales=None if scale is None else [scale] * 12, offsets=None if offset is None else [offset] * 12)
+    csv = write_csv(tmp_path / "m.csv", [("a", "sentinel2_l2a" + options, "s2.tif")])
+    ms = next(geotiff.iter_geotiff_records(csv)).modalities["multispectral"]
+    np.testing.assert_allclose(ms.pixels, (1500 + expected) / 10000, rtol=1e-6)
+    assert ms.nodata == pytest.approx(expected / 10000)               # DN 0 -> offset / 1e4
+
+
+def test_s2_acquisition_date_alone_is_an_error(tmp_path):
+    """Sensing dates are acquisition times: a 2019 acquisition may come from the
+    Collection-1 reprocessing (baseline 05.xx, offset -1000), so they settle nothing."""
+    tags = {"PRODUCT_START_TIME": "2019-06-01T10:20:31.024Z", "DATATAKE_SENSING_START": "2019-06-01T10:20:31.024Z",
+            "SENSING_TIME": "2019-06-01T10:20:31.024Z", "datetime": "2019-06-01T10:20:31.000000000"}
+    path = write_tif(tmp_path / "s2.tif", np.full((12, 4, 4), 1500, np.uint16), tags=tags)
+    csv = write_csv(tmp_path / "m.csv", [("a", "sentinel2_l2a", "s2.tif")])
+    with pytest.raises(RecordError, match=rf"{path}: sentinel2_l2a: cannot tell the DN offset.*"
+                                          r"give the sensor as sentinel2_l2a:offset=0 .* or sentinel2_l2a:offset=-1000"):
+        next(geotiff.iter_geotiff_records(csv))
+
+
+def test_s2_file_written_after_baseline_04_is_no_evidence(tmp_path):
+    path = write_tif(tmp_path / "s2.tif", np.full((12, 4, 4), 1500, np.uint16),
+                     tags={"TIFFTAG_DATETIME": "2022:03:01 08:00:00"})
+    csv = write_csv(tmp_path / "m.csv", [("a", "sentinel2_l2a", "s2.tif")])
+    with pytest.raises(RecordError, match=rf"{path}: sentinel2_l2a: cannot tell the DN offset"):
+        next(geotiff.iter_geotiff_records(csv))
+
+
+@pytest.mark.parametrize("scale, offset", [(2e-4, -0.1), (1e-4, -0.2)])
+def test_s2_other_band_scale_offset_is_an_error_naming_file_and_values(tmp_path, scale, offset):
+    path = write_tif(tmp_path / "s2.tif", np.full((12, 4, 4), 1500, np.uint16),
+                     scales=[scale] * 12, offsets=[offset] * 12)
+    csv = write_csv(tmp_path / "m.csv", [("a", "sentinel2_l2a", "s2.tif")])
+    with pytest.raises(RecordError, match=rf"{path}: sentinel2_l2a: band scale/offset .*{scale:g}.*{offset:g}"):
+        next(geotiff.iter_geotiff_records(csv))
 
 
 def test_l1c_has_13_bands_with_b10_and_tag_offset(tmp_path):

@@ -10,24 +10,30 @@ sensor is one new entry in `PRESETS`.
 Presets take options from a spec string `name[:key=value[:key=value]]`, e.g.
 `sentinel2_l2a:offset=-1000`.
 
-Sentinel-2 offset. Since processing baseline 04.00 (products from 25 Jan 2022)
-DNs carry an offset: reflectance = (DN + offset) / 10000 with offset -1000, unless
-the product was harmonised back to the old convention (offset 0). A wrong guess
-shifts every reflectance by 0.1, so the offset is resolved in this order and never
-guessed: option `offset=`, option `harmonized=true` (0), option `baseline=` (e.g.
-04.00 -> -1000), GeoTIFF tags (BOA_ADD_OFFSET / RADIO_ADD_OFFSET, PROCESSING_BASELINE,
-an acquisition date before 2022-01-25 -> 0); anything else is a RecordError asking
-for the option. The real chips in data/real carry none of these tags and are dated
-2017-2021 (see their S1/RGB/LULC `datetime` tags); their DNs start at 1 in dark
-bands (B1 max 691 on one chip), which with -1000 would be negative reflectance, so
-they need `sentinel2_l2a:offset=0` (tests/data/real_chips.csv says so).
+Sentinel-2 offset. Since processing baseline 04.00 (in production from 25 Jan 2022)
+DNs carry an offset: reflectance = (DN + offset) / 10000 with offset -1000, unless the
+product was harmonised back to the old convention (offset 0). The baseline, not the
+acquisition date, decides: the Collection-1 reprocessing (baseline 05.xx) of 2015-2021
+acquisitions carries the offset too, so sensing/acquisition dates (PRODUCT_START_TIME,
+DATATAKE_SENSING_START, SENSING_TIME, STAC `datetime`) prove nothing. A wrong guess
+shifts every reflectance by 0.1, so the offset is taken from the first of these that
+says anything, and never guessed: the options `offset=`, `harmonized=true` (0),
+`baseline=` (e.g. 04.00 -> -1000); the tags BOA_ADD_OFFSET / RADIO_ADD_OFFSET; the
+band scale/offset metadata of GDAL/STAC COGs (scale 1e-4 with offset -0.1 -> -1000,
+with offset 0 -> 0, anything else an error); the tags HARMONIZED, PROCESSING_BASELINE;
+a TIFF DateTime (when the file was written; GDAL's TIFFTAG_DATETIME) before 2022-01-25
+-> 0, since such a file predates the offset. Anything else is a RecordError asking for
+the option. The real chips in data/real carry none of these (their S1/RGB/LULC files
+have only acquisition `datetime` tags, 2017-2021); their DNs start at 1 in dark bands
+(B1 max 691 on one chip), which with -1000 would be negative reflectance, so they are
+given as `sentinel2_l2a:offset=0` (tests/data/real_chips.csv).
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
 import re
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -84,8 +90,11 @@ class SensorPreset:
 
     def bind(self, where: str, *, count: int, dtype: str, options: Mapping[str, str] | None = None,
              tags: Mapping[str, str] | None = None, file_nodata: float | None = None,
-             gsd_m: float | None = None) -> "Converter":
-        """Checks a source's band count and dtype, resolves options/tags; raises RecordError naming `where`."""
+             gsd_m: float | None = None, scales: Sequence[float] | None = None,
+             offsets: Sequence[float] | None = None) -> "Converter":
+        """Checks a source's band count and dtype, resolves options, tags and the per-band
+        scale/offset metadata (`scales`/`offsets`, as rasterio's `ds.scales`/`ds.offsets`);
+        raises RecordError naming `where`."""
         options = dict(options or {})
         unknown = sorted(set(options) - set(self.options))
         if unknown:
@@ -100,7 +109,10 @@ class SensorPreset:
         if count != expected:
             raise RecordError(f"{where}: sensor preset {self.name!r} expects {expected} bands "
                               f"({', '.join(b.name for b in self.bands)}), got {count}")
-        offset = _s2_offset(self, options, tags or {}, where) if self.scaling == "s2_dn" else 0
+        band_scaling = None if scales is None and offsets is None else (
+            tuple(scales) if scales is not None else (1.0,) * count,
+            tuple(offsets) if offsets is not None else (0.0,) * count)
+        offset = _s2_offset(self, options, tags or {}, band_scaling, where) if self.scaling == "s2_dn" else 0
         bands = self.bands
         if "frequency_ghz" in options:
             freq = _float_option(options, "frequency_ghz", where, self.name)
@@ -174,38 +186,82 @@ def _float_option(options: Mapping[str, str], key: str, where: str, preset: str)
                           "is not a number") from None
 
 
-def _s2_offset(preset: SensorPreset, options: Mapping[str, str], tags: Mapping[str, str], where: str) -> int:
-    """Sentinel-2 DN offset from options, then tags; see the module docstring."""
+def _s2_offset(preset: SensorPreset, options: Mapping[str, str], tags: Mapping[str, str],
+               band_scaling: tuple[Sequence[float], Sequence[float]] | None, where: str) -> int:
+    """Sentinel-2 DN offset from the first source in `_S2_OFFSET_EVIDENCE` that settles
+    it; a RecordError naming `where` when none does (see the module docstring)."""
+    upper = {k.upper(): v for k, v in tags.items()}
+    where = f"{where}: {preset.name}"
+    for evidence in _S2_OFFSET_EVIDENCE:
+        offset = evidence(options, upper, band_scaling, where)
+        if offset is not None:
+            return offset
+    raise RecordError(f"{where}: cannot tell the DN offset (processing baseline unknown: no "
+                      "BOA_ADD_OFFSET/RADIO_ADD_OFFSET/PROCESSING_BASELINE tag, no band scale/offset, "
+                      f"no TIFF DateTime (file written) before {S2_BASELINE_04_DATE}; acquisition dates "
+                      f"do not tell); give the sensor as {preset.name}:offset=0 (pre-04.00 or harmonised) "
+                      f"or {preset.name}:offset=-1000")
+
+
+def _offset_from_options(options, tags, band_scaling, where) -> int | None:
     if "offset" in options:
         try:
             return int(options["offset"])
         except ValueError:
-            raise RecordError(f"{where}: {preset.name}: option offset={options['offset']!r} "
-                              "is not an integer") from None
-    if "harmonized" in options:
-        if options["harmonized"].lower() in ("1", "true", "yes"):
-            return 0
-    if "baseline" in options:
-        return _offset_for_baseline(options["baseline"], f"{where}: {preset.name}: option baseline")
-    upper = {k.upper(): v for k, v in tags.items()}
-    for key in ("BOA_ADD_OFFSET", "RADIO_ADD_OFFSET"):
-        if key in upper:
-            try:
-                return int(float(upper[key]))
-            except ValueError:
-                raise RecordError(f"{where}: tag {key}={upper[key]!r} is not a number") from None
-    if upper.get("HARMONIZED", "").lower() in ("1", "true", "yes"):
+            raise RecordError(f"{where}: option offset={options['offset']!r} is not an integer") from None
+    if options.get("harmonized", "").lower() in ("1", "true", "yes"):
         return 0
-    if "PROCESSING_BASELINE" in upper:
-        return _offset_for_baseline(upper["PROCESSING_BASELINE"], f"{where}: tag PROCESSING_BASELINE")
-    for key in ("PRODUCT_START_TIME", "DATATAKE_SENSING_START", "SENSING_TIME", "DATETIME"):
-        date = _parse_date(upper.get(key, ""))
-        if date is not None and date < S2_BASELINE_04_DATE:
-            return 0
-    raise RecordError(f"{where}: {preset.name}: cannot tell the DN offset (processing baseline "
-                      "unknown, no BOA_ADD_OFFSET/PROCESSING_BASELINE tag, no acquisition date before "
-                      f"{S2_BASELINE_04_DATE}); give the sensor as {preset.name}:offset=0 "
-                      f"(pre-04.00 or harmonised) or {preset.name}:offset=-1000")
+    if "baseline" in options:
+        return _offset_for_baseline(options["baseline"], f"{where}: option baseline")
+    return None
+
+
+def _offset_from_offset_tags(options, tags, band_scaling, where) -> int | None:
+    for key in ("BOA_ADD_OFFSET", "RADIO_ADD_OFFSET"):
+        if key in tags:
+            try:
+                return int(float(tags[key]))
+            except ValueError:
+                raise RecordError(f"{where}: tag {key}={tags[key]!r} is not a number") from None
+    return None
+
+
+def _offset_from_band_scaling(options, tags, band_scaling, where) -> int | None:
+    """GDAL/STAC COGs state reflectance = DN * scale + offset per band: scale 1e-4 with
+    offset -0.1 is DN offset -1000, with offset 0 it is 0; other values are an error."""
+    if band_scaling is None:
+        return None
+    scales, offsets = (np.asarray(v, np.float64) for v in band_scaling)
+    if np.all(scales == 1.0) and np.all(offsets == 0.0):
+        return None                                   # GDAL's default: no statement
+    if np.allclose(scales, 1e-4, rtol=1e-6, atol=0.0):
+        for reflectance_offset, dn_offset in ((-0.1, -1000), (0.0, 0)):
+            if np.allclose(offsets, reflectance_offset, rtol=0.0, atol=1e-7):
+                return dn_offset
+    raise RecordError(f"{where}: band scale/offset {[f'{a:g}/{b:g}' for a, b in zip(scales, offsets)]} "
+                      "not understood; Sentinel-2 DNs need scale 1e-4 with offset -0.1 (DN offset -1000) "
+                      "or 0 on every band; if you know the DN offset, give it as option offset=")
+
+
+def _offset_from_baseline_tags(options, tags, band_scaling, where) -> int | None:
+    if tags.get("HARMONIZED", "").lower() in ("1", "true", "yes"):
+        return 0
+    if "PROCESSING_BASELINE" in tags:
+        return _offset_for_baseline(tags["PROCESSING_BASELINE"], f"{where}: tag PROCESSING_BASELINE")
+    return None
+
+
+def _offset_from_file_date(options, tags, band_scaling, where) -> int | None:
+    """A file written (TIFF DateTime, GDAL's TIFFTAG_DATETIME) before baseline 04.00
+    existed cannot hold offset DNs."""
+    date = _parse_date(tags.get("TIFFTAG_DATETIME", ""))
+    return 0 if date is not None and date < S2_BASELINE_04_DATE else None
+
+
+# Sources of evidence for the Sentinel-2 DN offset, most direct first; each returns the
+# offset it proves, None when it says nothing, or raises RecordError when it is malformed.
+_S2_OFFSET_EVIDENCE = (_offset_from_options, _offset_from_offset_tags, _offset_from_band_scaling,
+                       _offset_from_baseline_tags, _offset_from_file_date)
 
 
 def _offset_for_baseline(text: str, where: str) -> int:
@@ -216,6 +272,7 @@ def _offset_for_baseline(text: str, where: str) -> int:
 
 
 def _parse_date(text: str) -> dt.date | None:
+    """The date of 'YYYY-MM-DD...', 'YYYY:MM:DD ...' (TIFF) or 'YYYYMMDD...'; None otherwise."""
     m = re.match(r"\s*(\d{4})[-:]?(\d{2})[-:]?(\d{2})", text)
     if not m:
         return None
