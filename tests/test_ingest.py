@@ -13,7 +13,7 @@ import rasterio
 from ringmoe.data import sensors, shards
 from ringmoe.data.ingest import geotiff
 from ringmoe.data.schema import RecordError
-from tests.tif_helpers import REAL, REAL_CSV, REAL_IDS, REPO, write_csv, write_tif
+from tests.tif_helpers import REAL, REAL_CSV, REAL_IDS, REPO, s1_db, write_csv, write_tif
 
 needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason=f"real chips not found at {REAL}")
 
@@ -285,3 +285,54 @@ def test_tfds_eurosat_file_channels_are_reordered_to_l1c_band_order(tmp_path):
     assert by_wavelength[945.1] == pytest.approx(732, abs=5)         # B9 water vapour, file channel 9
     assert by_wavelength[1373.5] == pytest.approx(12, abs=1)         # B10 cirrus, file channel 10
     assert by_wavelength[1613.7] == pytest.approx(1819, abs=5)       # B11 (NDBI/MNDWI), file channel 11
+
+
+def _s1_linear(seed=0):
+    """Linear sigma0 of a VV/VH pair with dB values uniform in [-25, 0]."""
+    return (10 ** (s1_db(seed=seed, dtype=np.float64) / 10)).astype(np.float32)
+
+
+def test_s1_linear_file_given_as_db_is_an_error_naming_the_file(tmp_path):
+    path = write_tif(tmp_path / "s1.tif", _s1_linear())
+    csv = write_csv(tmp_path / "m.csv", [("a", "sentinel1_db", "s1.tif")])
+    with pytest.raises(RecordError, match=rf"{path}: sentinel1_db: .*looks like linear sigma0.*use sentinel1_linear"):
+        next(geotiff.iter_geotiff_records(csv))
+
+
+def test_s1_db_range_check_rejects_values_that_are_not_db(tmp_path):
+    path = write_tif(tmp_path / "s1.tif", np.full((2, 8, 8), -60.0, np.float32))   # median below -35 dB
+    csv = write_csv(tmp_path / "m.csv", [("a", "sentinel1_db", "s1.tif")])
+    with pytest.raises(RecordError, match=rf"{path}: sentinel1_db: median -60 dB .*outside \[-35, 5\]"):
+        next(geotiff.iter_geotiff_records(csv))
+
+
+def test_s1_linear_preset_gives_db_and_nonpositive_values_become_nodata(tmp_path):
+    linear = _s1_linear()
+    linear[0, 1, 2], linear[1, 3, 4], linear[1, 5, 5] = 0.0, -0.002, np.nan   # noise-removal zeros/negatives
+    write_tif(tmp_path / "s1.tif", linear, nodata=np.nan)
+    csv = write_csv(tmp_path / "m.csv", [("a", "sentinel1_linear", "s1.tif")])
+    img = next(geotiff.iter_geotiff_records(csv)).modalities["sar_l2"]
+    assert [b.name for b in img.bands] == ["VV", "VH"] and img.sensor == "sentinel1_linear"
+    assert all(b.frequency_ghz == sensors.S1_FREQUENCY_GHZ for b in img.bands)
+    valid = np.moveaxis(linear > 0, 0, -1)
+    expected = np.moveaxis(10 * np.log10(np.where(linear > 0, linear, 1).astype(np.float64)), 0, -1)
+    np.testing.assert_allclose(img.pixels[valid], expected[valid], rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(img.pixels[valid], np.moveaxis(s1_db(dtype=np.float64), 0, -1)[valid], atol=1e-4)
+    assert img.nodata == sensors.DB_NODATA_FILL and np.isfinite(img.pixels).all()
+    assert img.pixels[1, 2, 0] == img.pixels[3, 4, 1] == img.pixels[5, 5, 1] == sensors.DB_NODATA_FILL
+    assert (~valid).sum() == 3
+
+
+def test_s1_db_file_given_as_linear_is_an_error_pointing_to_sentinel1_db(tmp_path):
+    path = write_tif(tmp_path / "s1.tif", s1_db())
+    csv = write_csv(tmp_path / "m.csv", [("a", "sentinel1_linear", "s1.tif")])
+    with pytest.raises(RecordError, match=rf"{path}: sentinel1_linear: .*look like dB.*use sentinel1_db"):
+        next(geotiff.iter_geotiff_records(csv))
+
+
+def test_band_scale_offset_on_a_preset_that_does_not_apply_it_is_an_error(tmp_path):
+    path = write_tif(tmp_path / "s1.tif", s1_db(), scales=[0.01, 0.01])
+    csv = write_csv(tmp_path / "m.csv", [("a", "sentinel1_db", "s1.tif")])
+    with pytest.raises(RecordError, match=rf"{path}: sensor preset 'sentinel1_db' does not apply band "
+                                          r"scale/offset metadata, but the file has \['0.01/0', '0.01/0'\]"):
+        next(geotiff.iter_geotiff_records(csv))
