@@ -11,23 +11,9 @@ so a new sensor is one new entry in `PRESETS`.
 Presets take options from a spec string `name[:key=value[:key=value]]`, e.g.
 `sentinel2_l2a:offset=-1000`.
 
-Sentinel-2 offset. Since processing baseline 04.00 (in production from 25 Jan 2022)
-DNs carry an offset: reflectance = (DN + offset) / 10000 with offset -1000, unless the
-product was harmonised back to the old convention (offset 0). The baseline, not the
-acquisition date, decides: the Collection-1 reprocessing (baseline 05.xx) of 2015-2021
-acquisitions carries the offset too, so sensing/acquisition dates (PRODUCT_START_TIME,
-DATATAKE_SENSING_START, SENSING_TIME, STAC `datetime`) prove nothing. A wrong guess
-shifts every reflectance by 0.1, so the offset is taken from the first of these that
-says anything, and never guessed: the options `offset=`, `harmonized=true` (0),
-`baseline=` (e.g. 04.00 -> -1000); the tags BOA_ADD_OFFSET / RADIO_ADD_OFFSET; the
-band scale/offset metadata of GDAL/STAC COGs (scale 1e-4 with offset -0.1 -> -1000,
-with offset 0 -> 0, anything else an error); the tags HARMONIZED, PROCESSING_BASELINE;
-a TIFF DateTime (when the file was written; GDAL's TIFFTAG_DATETIME) before 2022-01-25
--> 0, since such a file predates the offset. Anything else is a RecordError asking for
-the option. The real chips in data/real carry none of these (their S1/RGB/LULC files
-have only acquisition `datetime` tags, 2017-2021); their DNs start at 1 in dark bands
-(B1 max 691 on one chip), which with -1000 would be negative reflectance, so they are
-given as `sentinel2_l2a:offset=0` (tests/data/real_chips.csv).
+Sentinel-2 offset: taken only from evidence (options, tags, band scale/offset
+metadata, a file written before baseline 04.00), never from acquisition dates; see
+`s2offset`.
 
 Sentinel-1 backscatter. `sentinel1_db` takes sigma0 in dB; `sentinel1_linear` takes
 linear sigma0 and converts it with 10 log10, values <= 0 (left by thermal-noise
@@ -40,12 +26,11 @@ a RecordError names the file and the other preset.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import re
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ringmoe.data import s2offset
 from ringmoe.data.schema import MODALITIES, Band, ModalityImage, RecordError
 
 # DESIGN.md section 4: Sentinel-2 (S2A) central wavelength nm, bandwidth nm, native GSD m.
@@ -58,7 +43,6 @@ S2_BANDS = {
 S2_L1C_ORDER = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
 S2_L2A_ORDER = tuple(b for b in S2_L1C_ORDER if b != "B10")
 S1_FREQUENCY_GHZ = 5.405          # C band, wavelength 5.55 cm
-S2_BASELINE_04_DATE = dt.date(2022, 1, 25)
 # Fill written for no-data pixels whose source value has no finite physical image (NaN).
 DB_NODATA_FILL = -9999.0
 
@@ -121,7 +105,7 @@ class SensorPreset:
             tuple(offsets) if offsets is not None else (0.0,) * count)
         scaling = SCALINGS[self.scaling]
         if scaling.resolve_offset is not None:
-            offset = scaling.resolve_offset(self, options, tags or {}, band_scaling, where)
+            offset = scaling.resolve_offset(self.name, options, tags or {}, band_scaling, where)
         else:
             _check_default_band_scaling(self, band_scaling, where)
             offset = 0
@@ -202,102 +186,6 @@ def _float_option(options: Mapping[str, str], key: str, where: str, preset: str)
                           "is not a number") from None
 
 
-def _s2_offset(preset: SensorPreset, options: Mapping[str, str], tags: Mapping[str, str],
-               band_scaling: tuple[Sequence[float], Sequence[float]] | None, where: str) -> int:
-    """Sentinel-2 DN offset from the first source in `_S2_OFFSET_EVIDENCE` that settles
-    it; a RecordError naming `where` when none does (see the module docstring)."""
-    upper = {k.upper(): v for k, v in tags.items()}
-    where = f"{where}: {preset.name}"
-    for evidence in _S2_OFFSET_EVIDENCE:
-        offset = evidence(options, upper, band_scaling, where)
-        if offset is not None:
-            return offset
-    raise RecordError(f"{where}: cannot tell the DN offset (processing baseline unknown: no "
-                      "BOA_ADD_OFFSET/RADIO_ADD_OFFSET/PROCESSING_BASELINE tag, no band scale/offset, "
-                      f"no TIFF DateTime (file written) before {S2_BASELINE_04_DATE}; acquisition dates "
-                      f"do not tell); give the sensor as {preset.name}:offset=0 (pre-04.00 or harmonised) "
-                      f"or {preset.name}:offset=-1000")
-
-
-def _offset_from_options(options, tags, band_scaling, where) -> int | None:
-    if "offset" in options:
-        try:
-            return int(options["offset"])
-        except ValueError:
-            raise RecordError(f"{where}: option offset={options['offset']!r} is not an integer") from None
-    if options.get("harmonized", "").lower() in ("1", "true", "yes"):
-        return 0
-    if "baseline" in options:
-        return _offset_for_baseline(options["baseline"], f"{where}: option baseline")
-    return None
-
-
-def _offset_from_offset_tags(options, tags, band_scaling, where) -> int | None:
-    for key in ("BOA_ADD_OFFSET", "RADIO_ADD_OFFSET"):
-        if key in tags:
-            try:
-                return int(float(tags[key]))
-            except ValueError:
-                raise RecordError(f"{where}: tag {key}={tags[key]!r} is not a number") from None
-    return None
-
-
-def _offset_from_band_scaling(options, tags, band_scaling, where) -> int | None:
-    """GDAL/STAC COGs state reflectance = DN * scale + offset per band: scale 1e-4 with
-    offset -0.1 is DN offset -1000, with offset 0 it is 0; other values are an error."""
-    if band_scaling is None:
-        return None
-    scales, offsets = (np.asarray(v, np.float64) for v in band_scaling)
-    if np.all(scales == 1.0) and np.all(offsets == 0.0):
-        return None                                   # GDAL's default: no statement
-    if np.allclose(scales, 1e-4, rtol=1e-6, atol=0.0):
-        for reflectance_offset, dn_offset in ((-0.1, -1000), (0.0, 0)):
-            if np.allclose(offsets, reflectance_offset, rtol=0.0, atol=1e-7):
-                return dn_offset
-    raise RecordError(f"{where}: band scale/offset {[f'{a:g}/{b:g}' for a, b in zip(scales, offsets)]} "
-                      "not understood; Sentinel-2 DNs need scale 1e-4 with offset -0.1 (DN offset -1000) "
-                      "or 0 on every band; if you know the DN offset, give it as option offset=")
-
-
-def _offset_from_baseline_tags(options, tags, band_scaling, where) -> int | None:
-    if tags.get("HARMONIZED", "").lower() in ("1", "true", "yes"):
-        return 0
-    if "PROCESSING_BASELINE" in tags:
-        return _offset_for_baseline(tags["PROCESSING_BASELINE"], f"{where}: tag PROCESSING_BASELINE")
-    return None
-
-
-def _offset_from_file_date(options, tags, band_scaling, where) -> int | None:
-    """A file written (TIFF DateTime, GDAL's TIFFTAG_DATETIME) before baseline 04.00
-    existed cannot hold offset DNs."""
-    date = _parse_date(tags.get("TIFFTAG_DATETIME", ""))
-    return 0 if date is not None and date < S2_BASELINE_04_DATE else None
-
-
-# Sources of evidence for the Sentinel-2 DN offset, most direct first; each returns the
-# offset it proves, None when it says nothing, or raises RecordError when it is malformed.
-_S2_OFFSET_EVIDENCE = (_offset_from_options, _offset_from_offset_tags, _offset_from_band_scaling,
-                       _offset_from_baseline_tags, _offset_from_file_date)
-
-
-def _offset_for_baseline(text: str, where: str) -> int:
-    try:
-        return -1000 if float(text) >= 4.0 else 0
-    except ValueError:
-        raise RecordError(f"{where}: processing baseline {text!r} is not like '04.00'") from None
-
-
-def _parse_date(text: str) -> dt.date | None:
-    """The date of 'YYYY-MM-DD...', 'YYYY:MM:DD ...' (TIFF) or 'YYYYMMDD...'; None otherwise."""
-    m = re.match(r"\s*(\d{4})[-:]?(\d{2})[-:]?(\d{2})", text)
-    if not m:
-        return None
-    try:
-        return dt.date(int(m[1]), int(m[2]), int(m[3]))
-    except ValueError:
-        return None
-
-
 def _check_default_band_scaling(preset: SensorPreset, band_scaling, where: str) -> None:
     """Presets whose scaling does not read band scale/offset metadata refuse a file that
     has any other than GDAL's default (1, 0): its values would be misread."""
@@ -359,8 +247,8 @@ class Scaling:
     """A named file->physical map (the `scaling` of a preset).
 
     `apply(x, offset)`: float64 file values -> physical values (`offset` is the DN
-    offset `resolve_offset` bound; 0 when it is None). `resolve_offset(preset, options,
-    tags, band_scaling, where)`: that offset; a scaling without it refuses non-default
+    offset `resolve_offset` bound; 0 when it is None). `resolve_offset(preset_name,
+    options, tags, band_scaling, where)`: that offset; a scaling without it refuses non-default
     band scale/offset metadata. `invalid(x)`: file values outside the map's domain, which
     become no-data. `check(valid_values, where)`: RecordError when a source's valid file
     values cannot be in the unit the preset claims (e.g. linear sigma0 given as dB)."""
@@ -371,7 +259,7 @@ class Scaling:
 
 
 SCALINGS: dict[str, Scaling] = {
-    "s2_dn": Scaling(lambda x, offset: (x + offset) / 10000.0, resolve_offset=_s2_offset),
+    "s2_dn": Scaling(lambda x, offset: (x + offset) / 10000.0, resolve_offset=s2offset.resolve),
     "uint8": Scaling(lambda x, offset: x / 255.0),
     "complex": Scaling(lambda x, offset: x),     # re/im parts (complex split in Converter.image)
     "sigma0_db": Scaling(lambda x, offset: x, check=_check_sigma0_db),
