@@ -14,8 +14,10 @@ REAL_IDS = ("282D_485L_3_3", "609U_541L_3_0", "637U_59R_1_3")
 TRANSFORM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 6000000.0)
 
 
-def write_tif(path, array, *, crs="EPSG:32632", transform=TRANSFORM, nodata=None, tags=None):
-    """Writes (C, H, W) `array` as a GeoTIFF with its own dtype; returns the path."""
+def write_tif(path, array, *, crs="EPSG:32632", transform=TRANSFORM, nodata=None, tags=None,
+              scales=None, offsets=None):
+    """Writes (C, H, W) `array` as a GeoTIFF with its own dtype, optional dataset tags and
+    per-band scale/offset metadata; returns the path."""
     array = np.asarray(array)
     with rasterio.open(path, "w", driver="GTiff", height=array.shape[1], width=array.shape[2],
                        count=array.shape[0], dtype=array.dtype, crs=crs, transform=transform,
@@ -23,6 +25,10 @@ def write_tif(path, array, *, crs="EPSG:32632", transform=TRANSFORM, nodata=None
         ds.write(array)
         if tags:
             ds.update_tags(**tags)
+        if scales is not None:
+            ds.scales = scales
+        if offsets is not None:
+            ds.offsets = offsets
     return str(path)
 
 

@@ -3,34 +3,34 @@
 A preset fixes the modality, the band list (with the physics of DESIGN.md section 4:
 wavelength/bandwidth for optical bands, radar frequency/polarisation/part for SAR),
 the nominal GSD, the no-data value, the band count and source dtypes a file must
-have, and the scaling from file values to the unit in `schema.UNITS`. Ingesters
-(GeoTIFF, TFDS) only read arrays; everything sensor-specific lives here, so a new
-sensor is one new entry in `PRESETS`.
+have, and the named scaling (`SCALINGS`) from file values to the unit in
+`schema.UNITS`, with its range check where a wrong unit would pass silently.
+Ingesters (GeoTIFF, TFDS) only read arrays; everything sensor-specific lives here,
+so a new sensor is one new entry in `PRESETS`.
 
 Presets take options from a spec string `name[:key=value[:key=value]]`, e.g.
 `sentinel2_l2a:offset=-1000`.
 
-Sentinel-2 offset. Since processing baseline 04.00 (products from 25 Jan 2022)
-DNs carry an offset: reflectance = (DN + offset) / 10000 with offset -1000, unless
-the product was harmonised back to the old convention (offset 0). A wrong guess
-shifts every reflectance by 0.1, so the offset is resolved in this order and never
-guessed: option `offset=`, option `harmonized=true` (0), option `baseline=` (e.g.
-04.00 -> -1000), GeoTIFF tags (BOA_ADD_OFFSET / RADIO_ADD_OFFSET, PROCESSING_BASELINE,
-an acquisition date before 2022-01-25 -> 0); anything else is a RecordError asking
-for the option. The real chips in data/real carry none of these tags and are dated
-2017-2021 (see their S1/RGB/LULC `datetime` tags); their DNs start at 1 in dark
-bands (B1 max 691 on one chip), which with -1000 would be negative reflectance, so
-they need `sentinel2_l2a:offset=0` (tests/data/real_chips.csv says so).
+Sentinel-2 offset: taken only from evidence (options, tags, band scale/offset
+metadata, a file written before baseline 04.00), never from acquisition dates; see
+`s2offset`.
+
+Sentinel-1 backscatter. `sentinel1_db` takes sigma0 in dB; `sentinel1_linear` takes
+linear sigma0 and converts it with 10 log10, values <= 0 (left by thermal-noise
+removal) becoming no-data. Linear values read as dB would pass every other check
+(they are finite and small) and give intensities 10^(x/10) ~ 1 everywhere, so both
+range-check each image: the median of the valid values must lie in [-35, 5] dB, and
+dB data must be mostly below -1, linear data (never below -1) must not be; otherwise
+a RecordError names the file and the other preset.
 """
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import re
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ringmoe.data import s2offset
 from ringmoe.data.schema import MODALITIES, Band, ModalityImage, RecordError
 
 # DESIGN.md section 4: Sentinel-2 (S2A) central wavelength nm, bandwidth nm, native GSD m.
@@ -43,7 +43,6 @@ S2_BANDS = {
 S2_L1C_ORDER = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
 S2_L2A_ORDER = tuple(b for b in S2_L1C_ORDER if b != "B10")
 S1_FREQUENCY_GHZ = 5.405          # C band, wavelength 5.55 cm
-S2_BASELINE_04_DATE = dt.date(2022, 1, 25)
 # Fill written for no-data pixels whose source value has no finite physical image (NaN).
 DB_NODATA_FILL = -9999.0
 
@@ -66,11 +65,9 @@ def sar_bands(polarizations: tuple[str, ...], frequency_ghz: float, complex_part
 class SensorPreset:
     """Everything needed to turn one sensor's file into a `ModalityImage`.
 
-    `scaling` names the file->physical map: 's2_dn' ((DN + offset) / 10000),
-    'identity' (already physical, e.g. dB), 'uint8' (/255), 'complex' (complex or
-    re/im-interleaved real bands -> re/im channels). `nodata` is the file value that
-    means no data when the file declares none. `complex_bands` is the band count of
-    a complex-typed source (real-typed sources need len(bands))."""
+    `scaling` names the file->physical map in `SCALINGS`. `nodata` is the file value
+    that means no data when the file declares none. `complex_bands` is the band count
+    of a complex-typed source (real-typed sources need len(bands))."""
     name: str
     modality: str
     bands: tuple[Band, ...]
@@ -84,8 +81,11 @@ class SensorPreset:
 
     def bind(self, where: str, *, count: int, dtype: str, options: Mapping[str, str] | None = None,
              tags: Mapping[str, str] | None = None, file_nodata: float | None = None,
-             gsd_m: float | None = None) -> "Converter":
-        """Checks a source's band count and dtype, resolves options/tags; raises RecordError naming `where`."""
+             gsd_m: float | None = None, scales: Sequence[float] | None = None,
+             offsets: Sequence[float] | None = None) -> "Converter":
+        """Checks a source's band count and dtype, resolves options, tags and the per-band
+        scale/offset metadata (`scales`/`offsets`, as rasterio's `ds.scales`/`ds.offsets`);
+        raises RecordError naming `where`."""
         options = dict(options or {})
         unknown = sorted(set(options) - set(self.options))
         if unknown:
@@ -100,7 +100,15 @@ class SensorPreset:
         if count != expected:
             raise RecordError(f"{where}: sensor preset {self.name!r} expects {expected} bands "
                               f"({', '.join(b.name for b in self.bands)}), got {count}")
-        offset = _s2_offset(self, options, tags or {}, where) if self.scaling == "s2_dn" else 0
+        band_scaling = None if scales is None and offsets is None else (
+            tuple(scales) if scales is not None else (1.0,) * count,
+            tuple(offsets) if offsets is not None else (0.0,) * count)
+        scaling = SCALINGS[self.scaling]
+        if scaling.resolve_offset is not None:
+            offset = scaling.resolve_offset(self.name, options, tags or {}, band_scaling, where)
+        else:
+            _check_default_band_scaling(self, band_scaling, where)
+            offset = 0
         bands = self.bands
         if "frequency_ghz" in options:
             freq = _float_option(options, "frequency_ghz", where, self.name)
@@ -122,13 +130,22 @@ class Converter:
 
     def image(self, raw: np.ndarray, where: str) -> ModalityImage:
         """Scales raw file values to physical units; no-data pixels get the fill value
-        `ModalityImage.nodata`; any other NaN/Inf is a RecordError naming `where`."""
-        scaling = self.preset.scaling
-        if scaling == "complex" and np.iscomplexobj(raw):
+        `ModalityImage.nodata`, as do values outside the scaling's domain; values the
+        scaling's range check rejects, or any other NaN/Inf, are a RecordError naming `where`."""
+        scaling = SCALINGS[self.preset.scaling]
+        if np.iscomplexobj(raw):  # only complex presets accept complex dtypes (bind)
             # (H, W, P) complex -> (H, W, 2P) real with re/im interleaved per polarisation.
             raw = np.stack([raw.real, raw.imag], axis=-1).reshape(*raw.shape[:2], -1)
+        x = raw.astype(np.float64)
         missing = _nodata_mask(raw, self.src_nodata)
-        pixels = self._scale(raw.astype(np.float64))
+        if scaling.check is not None:
+            valid = np.isfinite(x) if missing is None else np.isfinite(x) & ~missing
+            if valid.any():
+                scaling.check(x[valid], f"{where}: {self.preset.name}")
+        if scaling.invalid is not None:
+            outside = scaling.invalid(x)
+            missing = outside if missing is None else missing | outside
+        pixels = scaling.apply(x, self.offset)
         fill = None
         if missing is not None:
             fill = self._fill()
@@ -143,18 +160,13 @@ class Converter:
         return ModalityImage(modality=self.preset.modality, pixels=pixels.astype(np.float32),
                              bands=self.bands, sensor=self.preset.name, gsd_m=self.gsd_m, nodata=fill)
 
-    def _scale(self, x: np.ndarray) -> np.ndarray:
-        scaling = self.preset.scaling
-        if scaling == "s2_dn":
-            return (x + self.offset) / 10000.0
-        if scaling == "uint8":
-            return x / 255.0
-        return x  # identity, complex (re/im parts already physical)
-
     def _fill(self) -> float:
         """Physical value written into no-data pixels: the image of the source no-data
-        value (e.g. S2 DN 0 -> offset/10000), or DB_NODATA_FILL when that is NaN/Inf."""
-        value = float(self._scale(np.array(self.src_nodata, dtype=np.float64)))
+        value (e.g. S2 DN 0 -> offset/10000), or DB_NODATA_FILL when that is NaN/Inf
+        (e.g. linear sigma0 0 -> -inf dB) or the source has no no-data value."""
+        if self.src_nodata is None:
+            return DB_NODATA_FILL
+        value = float(SCALINGS[self.preset.scaling].apply(np.array([self.src_nodata], np.float64), self.offset)[0])
         return value if np.isfinite(value) else DB_NODATA_FILL
 
 
@@ -174,55 +186,85 @@ def _float_option(options: Mapping[str, str], key: str, where: str, preset: str)
                           "is not a number") from None
 
 
-def _s2_offset(preset: SensorPreset, options: Mapping[str, str], tags: Mapping[str, str], where: str) -> int:
-    """Sentinel-2 DN offset from options, then tags; see the module docstring."""
-    if "offset" in options:
-        try:
-            return int(options["offset"])
-        except ValueError:
-            raise RecordError(f"{where}: {preset.name}: option offset={options['offset']!r} "
-                              "is not an integer") from None
-    if "harmonized" in options:
-        if options["harmonized"].lower() in ("1", "true", "yes"):
-            return 0
-    if "baseline" in options:
-        return _offset_for_baseline(options["baseline"], f"{where}: {preset.name}: option baseline")
-    upper = {k.upper(): v for k, v in tags.items()}
-    for key in ("BOA_ADD_OFFSET", "RADIO_ADD_OFFSET"):
-        if key in upper:
-            try:
-                return int(float(upper[key]))
-            except ValueError:
-                raise RecordError(f"{where}: tag {key}={upper[key]!r} is not a number") from None
-    if upper.get("HARMONIZED", "").lower() in ("1", "true", "yes"):
-        return 0
-    if "PROCESSING_BASELINE" in upper:
-        return _offset_for_baseline(upper["PROCESSING_BASELINE"], f"{where}: tag PROCESSING_BASELINE")
-    for key in ("PRODUCT_START_TIME", "DATATAKE_SENSING_START", "SENSING_TIME", "DATETIME"):
-        date = _parse_date(upper.get(key, ""))
-        if date is not None and date < S2_BASELINE_04_DATE:
-            return 0
-    raise RecordError(f"{where}: {preset.name}: cannot tell the DN offset (processing baseline "
-                      "unknown, no BOA_ADD_OFFSET/PROCESSING_BASELINE tag, no acquisition date before "
-                      f"{S2_BASELINE_04_DATE}); give the sensor as {preset.name}:offset=0 "
-                      f"(pre-04.00 or harmonised) or {preset.name}:offset=-1000")
+def _check_default_band_scaling(preset: SensorPreset, band_scaling, where: str) -> None:
+    """Presets whose scaling does not read band scale/offset metadata refuse a file that
+    has any other than GDAL's default (1, 0): its values would be misread."""
+    if band_scaling is None:
+        return
+    scales, offsets = band_scaling
+    if any(a != 1.0 for a in scales) or any(b != 0.0 for b in offsets):
+        raise RecordError(f"{where}: sensor preset {preset.name!r} does not apply band scale/offset "
+                          f"metadata, but the file has {[f'{a:g}/{b:g}' for a, b in zip(scales, offsets)]}")
 
 
-def _offset_for_baseline(text: str, where: str) -> int:
-    try:
-        return -1000 if float(text) >= 4.0 else 0
-    except ValueError:
-        raise RecordError(f"{where}: processing baseline {text!r} is not like '04.00'") from None
+# Sentinel-1 sigma0 range checks: over land and water the median sigma0 lies in
+# [-35, 5] dB (DESIGN.md section 4: land medians VV -12..-14, VH -18..-21 dB). dB values
+# are mostly below -1 (VH nearly always is); linear sigma0 is never below -1 (it is >= 0
+# up to small negatives left by thermal-noise removal).
+SIGMA0_DB_RANGE = (-35.0, 5.0)
+SIGMA0_DB_MIN_BELOW_M1 = 0.1        # dB data: at least this fraction of values below -1
+SIGMA0_LINEAR_MAX_BELOW_M1 = 0.01   # linear data: at most this fraction below -1
 
 
-def _parse_date(text: str) -> dt.date | None:
-    m = re.match(r"\s*(\d{4})[-:]?(\d{2})[-:]?(\d{2})", text)
-    if not m:
-        return None
-    try:
-        return dt.date(int(m[1]), int(m[2]), int(m[3]))
-    except ValueError:
-        return None
+def _check_sigma0_db(values: np.ndarray, where: str) -> None:
+    """Valid file values of a sigma0-in-dB source; RecordError when they are not dB."""
+    median, below = float(np.median(values)), float(np.mean(values < -1.0))
+    lo, hi = SIGMA0_DB_RANGE
+    if not lo <= median <= hi:
+        raise RecordError(f"{where}: median {median:.3g} dB of valid pixels is outside [{lo:g}, {hi:g}]: "
+                          "not sigma0 in dB")
+    if below < SIGMA0_DB_MIN_BELOW_M1:
+        raise RecordError(f"{where}: looks like linear sigma0, not dB (median {median:.3g}, only "
+                          f"{below:.1%} of valid values below -1, where dB backscatter is mostly "
+                          "negative); use sentinel1_linear")
+
+
+def _check_sigma0_linear(values: np.ndarray, where: str) -> None:
+    """Valid file values of a linear sigma0 source; RecordError when they look like dB
+    or their median is outside the sigma0 range."""
+    below = float(np.mean(values < -1.0))
+    if below > SIGMA0_LINEAR_MAX_BELOW_M1:
+        raise RecordError(f"{where}: {below:.1%} of valid values are below -1, which linear sigma0 "
+                          f"never is (median {float(np.median(values)):.3g}); these look like dB: "
+                          "use sentinel1_db")
+    positive = values[values > 0]
+    if positive.size:
+        median_db = 10.0 * np.log10(float(np.median(positive)))
+        lo, hi = SIGMA0_DB_RANGE
+        if not lo <= median_db <= hi:
+            raise RecordError(f"{where}: median {median_db:.3g} dB of positive values is outside "
+                              f"[{lo:g}, {hi:g}]: not linear sigma0")
+
+
+def _linear_to_db(x: np.ndarray, offset: int) -> np.ndarray:
+    """10 log10(sigma0); non-positive values give -inf/NaN here and are no-data (`invalid`)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 10.0 * np.log10(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaling:
+    """A named file->physical map (the `scaling` of a preset).
+
+    `apply(x, offset)`: float64 file values -> physical values (`offset` is the DN
+    offset `resolve_offset` bound; 0 when it is None). `resolve_offset(preset_name,
+    options, tags, band_scaling, where)`: that offset; a scaling without it refuses non-default
+    band scale/offset metadata. `invalid(x)`: file values outside the map's domain, which
+    become no-data. `check(valid_values, where)`: RecordError when a source's valid file
+    values cannot be in the unit the preset claims (e.g. linear sigma0 given as dB)."""
+    apply: Callable[[np.ndarray, int], np.ndarray]
+    resolve_offset: Callable[..., int] | None = None
+    invalid: Callable[[np.ndarray], np.ndarray] | None = None
+    check: Callable[[np.ndarray, str], None] | None = None
+
+
+SCALINGS: dict[str, Scaling] = {
+    "s2_dn": Scaling(lambda x, offset: (x + offset) / 10000.0, resolve_offset=s2offset.resolve),
+    "uint8": Scaling(lambda x, offset: x / 255.0),
+    "complex": Scaling(lambda x, offset: x),     # re/im parts (complex split in Converter.image)
+    "sigma0_db": Scaling(lambda x, offset: x, check=_check_sigma0_db),
+    "sigma0_linear": Scaling(_linear_to_db, invalid=lambda x: x <= 0, check=_check_sigma0_linear),
+}
 
 
 PRESETS: dict[str, SensorPreset] = {p.name: p for p in (
@@ -236,8 +278,13 @@ PRESETS: dict[str, SensorPreset] = {p.name: p for p in (
         description="Sentinel-2 L1C top-of-atmosphere reflectance DNs, 13 bands incl. B10"),
     SensorPreset(
         "sentinel1_db", "sar_l2", sar_bands(("VV", "VH"), S1_FREQUENCY_GHZ, False), 10.0,
-        ("float32", "float64"), "identity",
+        ("float32", "float64"), "sigma0_db",
         description="Sentinel-1 GRD (IW) backscatter sigma0 in dB, bands VV, VH"),
+    SensorPreset(
+        "sentinel1_linear", "sar_l2", sar_bands(("VV", "VH"), S1_FREQUENCY_GHZ, False), 10.0,
+        ("float32", "float64"), "sigma0_linear", nodata=0.0,
+        description="Sentinel-1 GRD (IW) backscatter sigma0 in linear power, bands VV, VH -> dB "
+                    "(10 log10); values <= 0 (thermal-noise removal) are no-data"),
     SensorPreset(
         "sentinel1_slc", "sar_l1", sar_bands(("VH", "VV"), S1_FREQUENCY_GHZ, True), 10.0,
         ("complex64", "complex128", "float32", "float64"), "complex", complex_bands=2,
@@ -255,7 +302,7 @@ PRESETS: dict[str, SensorPreset] = {p.name: p for p in (
         description="complex quad-pol scattering matrix HH, HV, VH, VV -> 8 re/im channels; "
                     "defaults: C band 5.4 GHz, 8 m (Gaofen-3 QPSI); set frequency_ghz/gsd_m"),
 )}
-assert all(p.modality in MODALITIES for p in PRESETS.values())
+assert all(p.modality in MODALITIES and p.scaling in SCALINGS for p in PRESETS.values())
 
 
 def parse_spec(spec: str, where: str = "sensor") -> tuple[SensorPreset, dict[str, str]]:

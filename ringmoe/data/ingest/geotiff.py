@@ -169,7 +169,8 @@ class _OpenSample(contextlib.ExitStack):
                 raise RecordError(f"{src.path}: bands have mixed dtypes {sorted(dtypes)}")
             self.converters.append(src.preset.bind(
                 src.path, count=ds.count, dtype=ds.dtypes[0], options=src.options,
-                tags=ds.tags(), file_nodata=ds.nodata, gsd_m=_gsd_m(ds)))
+                tags=ds.tags(), file_nodata=ds.nodata, gsd_m=_gsd_m(ds),
+                scales=ds.scales, offsets=ds.offsets))
         if self.label is not None:
             if self.label.count != 1 or not np.issubdtype(np.dtype(self.label.dtypes[0]), np.integer):
                 raise RecordError(f"{s.label_path}: label raster must be 1 integer band, got "

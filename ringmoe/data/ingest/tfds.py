@@ -9,8 +9,12 @@ nothing is downloaded.
 
 Mappings (feature specs of tensorflow-datasets 4.9.10):
 * eurosat/all: `sentinel2` float32 (64, 64, 13) holds Sentinel-2 L1C DNs (uint16 values
-  as floats, bands B1..B8, B8A, B9..B12) -> `sentinel2_l1c` multispectral; EuroSAT was
-  acquired 2015-2017, before processing baseline 04.00, so offset 0. `label` -> scene_label.
+  as floats) in the channel order of EuroSAT's TIFFs, B1..B8, B9, B10, B11, B12, B8A
+  (B8A last; EuroSAT issue 7, TorchGeo pull request 2480). The channels are reordered
+  into the L1C order of `sentinel2_l1c` (B1..B8, B8A, B9..B12) before band metadata is
+  bound, so every channel gets its own wavelength. EuroSAT was made in 2017 from L1C
+  products, years before processing baseline 04.00 (2022) introduced the offset, so
+  offset 0. `label` -> scene_label.
 * so2sat/all: `sentinel1` float32 (32, 32, 8) = Re/Im of unfiltered VH, Re/Im of VV,
   Lee-filtered VH and VV intensities, Re/Im of the Lee-filtered covariance term. The
   first four are the complex dual-pol SLC signal -> `sentinel1_slc` sar_l1 (4 channels);
@@ -30,6 +34,9 @@ from ringmoe.data.badrecords import BadRecordBudget
 from ringmoe.data.schema import ModalityImage, Record, RecordError
 
 SO2SAT_S2_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
+# Channel order of EuroSAT's all-band TIFFs, and the file channel of each L1C-order band.
+EUROSAT_FILE_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12", "B8A")
+EUROSAT_TO_L1C = tuple(EUROSAT_FILE_BANDS.index(b) for b in sensors.S2_L1C_ORDER)
 
 
 def _text(value) -> str:
@@ -38,7 +45,7 @@ def _text(value) -> str:
 
 def _eurosat(ex: dict, index: int, split: str, where: str) -> Record:
     dn = np.asarray(ex["sentinel2"])
-    if dn.ndim != 3:
+    if dn.ndim != 3 or dn.shape[-1] != len(EUROSAT_FILE_BANDS):
         raise RecordError(f"{where}: sentinel2 must be (H, W, 13), got {dn.shape}")
     if not np.all(np.isfinite(dn)) or np.any(dn != np.round(dn)) or dn.min() < 0 or dn.max() > 65535:
         raise RecordError(f"{where}: sentinel2 values are not uint16 DNs "
@@ -46,7 +53,8 @@ def _eurosat(ex: dict, index: int, split: str, where: str) -> Record:
     conv = sensors.get_preset("sentinel2_l1c").bind(
         where, count=dn.shape[-1], dtype="uint16", options={"offset": "0"}, gsd_m=10.0)
     name = _text(ex.get("filename", b"")) or f"{split}-{index:06d}"
-    return Record(sample_id=name, modalities={"multispectral": conv.image(dn.astype(np.uint16), where)},
+    l1c = dn[..., list(EUROSAT_TO_L1C)].astype(np.uint16)
+    return Record(sample_id=name, modalities={"multispectral": conv.image(l1c, where)},
                   scene_label=int(ex["label"]))
 
 
