@@ -32,6 +32,17 @@ def test_valid_pixels_rule():
     assert valid_pixels(ModalityImage("sar_l1", z, quad.bands, quad.name, 8.0)).all()
 
 
+def test_slc_zero_fill_is_no_data():
+    """Complex presets read 0 + 0j (SLC burst borders, zero-filled margins) as no data."""
+    z = np.full((4, 4, 4), 0.5 + 0.25j, np.complex64)
+    z[:, 0] = 0
+    z[1, 1, 0] = 0.7j                                       # Re(HH) = 0 alone stays valid
+    conv = sensors.get_preset("sar_l1_quadpol").bind("slc.tif", count=4, dtype="complex64")
+    expected = np.ones((4, 4), bool)
+    expected[:, 0] = False
+    np.testing.assert_array_equal(valid_pixels(conv.image(z, "slc.tif")), expected)
+
+
 def test_pipeline_marks_no_data_invalid_zero_and_unlabelled(tmp_path):
     """A stripe of no-data rows: "valid" False there, normalised pixels 0 (the band mean), label 0;
     the manifest's band statistics skip them."""

@@ -287,7 +287,7 @@ PRESETS: dict[str, SensorPreset] = {p.name: p for p in (
                     "(10 log10); values <= 0 (thermal-noise removal) are no-data"),
     SensorPreset(
         "sentinel1_slc", "sar_l1", sar_bands(("VH", "VV"), S1_FREQUENCY_GHZ, True), 10.0,
-        ("complex64", "complex128", "float32", "float64"), "complex", complex_bands=2,
+        ("complex64", "complex128", "float32", "float64"), "complex", nodata=0, complex_bands=2,
         options=("gsd_m",),
         description="Sentinel-1 SLC dual-pol: complex VH, VV (2 complex or 4 re/im bands)"),
     SensorPreset(
@@ -297,7 +297,7 @@ PRESETS: dict[str, SensorPreset] = {p.name: p for p in (
         description="8-bit true colour R, G, B -> [0, 1]; wavelengths nominal (Sentinel-2 B4/B3/B2)"),
     SensorPreset(
         "sar_l1_quadpol", "sar_l1", sar_bands(("HH", "HV", "VH", "VV"), 5.4, True), 8.0,
-        ("complex64", "complex128", "float32", "float64"), "complex", complex_bands=4,
+        ("complex64", "complex128", "float32", "float64"), "complex", nodata=0, complex_bands=4,
         options=("frequency_ghz", "gsd_m"),
         description="complex quad-pol scattering matrix HH, HV, VH, VV -> 8 re/im channels; "
                     "defaults: C band 5.4 GHz, 8 m (Gaofen-3 QPSI); set frequency_ghz/gsd_m"),
