@@ -124,7 +124,12 @@ def base_config() -> ConfigDict:
     c.objectives.pauli_looks = 1.0    # single-look: each Pauli power is |z|^2 of one circular Gaussian z
     c.objectives.power_eps = 1e-3     # log-power floor, relative to the data set's mean span (-30 dB)
     c.objectives.sam_eps = 1e-6       # reflectance-norm floor in SAM (all-zero spectra stay finite)
-    c.objectives.index_eps = 1e-6     # denominator floor of the normalised-difference indices
+    # Reflectance floor of the indices, (a - b) / (|a| + |b| + eps): |d index / d a| <= 1/eps = 20
+    # per unit reflectance, instead of ~1 / (a + b) (41 over water, NIR 0.01 red 0.025; unbounded
+    # at 0), so dark noisy pixels cannot dominate; a reflectance error of 0.01 per band moves an
+    # index by at most sqrt(2) 0.01 / eps = 0.28. The same floor for reconstruction and target
+    # (loss 0 at a perfect one); it shrinks dark pixels' indices towards 0 (spectral.py).
+    c.objectives.index_eps = 0.05
     c.objectives.indices = ("ndvi", "ndwi", "ndbi")  # of ndvi, ndwi, ndbi, mndwi
     c.objectives.index_tolerance_nm = 35.0  # a band serves for an S2 one within this (B8A/OLI NIR for B8)
     c.objectives.sar_l1_polarizations = ("HH", "HV", "VH", "VV")  # Re/Im interleaved (sar_l1_quadpol)

@@ -282,15 +282,42 @@ def test_index_bands_found_by_wavelength_in_any_order_and_subset():
 def test_index_loss_uses_the_found_bands():
     target, w = reflectance(1), weights()
     bands = spectral.index_bands(S2_WL)
-    assert float(spectral.index_loss(1.7 * target, target, bands=bands, weights=w)) == pytest.approx(0, abs=1e-5)
+    # eps = 0: the plain indices, scale invariant; the reflectance floor (eps 0.05) is not, a little.
+    assert float(spectral.index_loss(1.7 * target, target, w, bands, eps=0.0)) == pytest.approx(0, abs=1e-5)
+    assert 0 < float(spectral.index_loss(1.7 * target, target, w, bands)) < 0.05
     nir = target.at[..., 7].multiply(1.5)                     # B8 only: NDVI, NDWI, NDBI all move
     assert float(spectral.index_loss(nir, target, w, bands)) > 0.02
     swir12 = target.at[..., 11].multiply(1.5)                 # B12 is in no index
     assert float(spectral.index_loss(swir12, target, w, bands)) == pytest.approx(0, abs=1e-6)
     assert spectral.index_loss(target, target, w, {}) is None
-    ndvi = spectral.normalized_difference(target[..., 7], target[..., 3])
-    np.testing.assert_allclose(ndvi, (target[..., 7] - target[..., 3]) / (target[..., 7] + target[..., 3]),
-                               rtol=1e-4)
+    b8, b4 = target[..., 7], target[..., 3]
+    ndvi = (b8 - b4) / (b8 + b4)
+    np.testing.assert_allclose(spectral.normalized_difference(b8, b4, 0.0), ndvi, rtol=1e-5)
+    # The floor shrinks the index by the pixel's brightness weight (a + b) / (a + b + eps).
+    np.testing.assert_allclose(spectral.normalized_difference(b8, b4, 0.05),
+                               ndvi * (b8 + b4) / (b8 + b4 + 0.05), rtol=1e-5)
+
+
+def test_index_gradient_is_bounded_at_reflectance_scale():
+    """For N = (a - b) / (|a| + |b| + eps), |dN/da| = (2|b| + eps) / (|a| + |b| + eps)^2 <= 1/eps
+    (largest at a = b = 0; likewise for b), so the L1 index error's gradient per pixel and per unit
+    reflectance is at most 1/eps: with a reflectance-scale eps (>= 0.01) at most 100, instead of
+    ~1/(a + b) that makes dark, noisy pixels (water, shadow, a collapsed reconstruction) dominate."""
+    eps, bands = OBJECTIVES.index_eps, {"ndvi": (0, 1)}
+    target = jnp.array([[0.010, 0.025],       # (NIR, red): dark water
+                        [0.003, 0.002],       # shadow
+                        [0.300, 0.050],       # vegetation, for contrast
+                        [0.010, 0.025]])      # dark water, reconstructed as 0 (collapsed)
+    rec = target.at[:, 0].multiply(1.1).at[3].set(0.0)
+    w = jnp.ones(4)
+    assert float(spectral.index_loss(target, target, w, bands, eps)) == 0.0
+    per_pixel = np.abs(jax.grad(lambda r: spectral.index_loss(r, target, w, bands, eps))(rec)) * 4
+    a, b = rec[0]
+    np.testing.assert_allclose(per_pixel[0, 0], (2 * b + eps) / (a + b + eps) ** 2, rtol=1e-3)
+    assert per_pixel.max() <= (1 + 1e-3) / eps
+    assert per_pixel.max() <= 1 / 0.01, (
+        f"|d loss / d reflectance| per pixel (NIR, red) of water, shadow, vegetation, collapsed: {per_pixel}; "
+        f"water / vegetation d/dNIR: {per_pixel[0, 0] / per_pixel[2, 0]:.1f}")
 
 
 # --- cross-modal ---------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def physics_terms(model, modality: str, output: Mapping, inputs: Mapping, weight
             bands = spectral.index_bands(_wavelengths(model, modality, inputs),
                                          tuple(cfg.get("indices", ("ndvi", "ndwi", "ndbi"))),
                                          float(cfg.get("index_tolerance_nm", 35.0)))
-            out["index"] = spectral.index_loss(rec, true, weights, bands, float(cfg.get("index_eps", 1e-6)))
+            out["index"] = spectral.index_loss(rec, true, weights, bands, float(cfg.get("index_eps", 0.05)))
     return {k: v for k, v in out.items() if v is not None}
 
 
