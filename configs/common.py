@@ -100,8 +100,8 @@ def base_config() -> ConfigDict:
     # pulls no harder than SimMIM (first guesses, to be tuned by ablation).
     c.objectives = ConfigDict()
     c.objectives.simmim = 1.0         # (ref) masked L1 on normalised pixels / channels, every modality
-    c.objectives.span = 1.0           # (ref) SAR-L1 span, MSE of ln(P/P_ref + eps)
-    c.objectives.pauli = 0.5          # SAR-L1 Pauli powers, same log space; half: they re-split the span
+    c.objectives.span = 1.0           # (ref) SAR-L1 span: Gamma deviance L(e^d - d - 1), d = ln(P/P_ref + eps) - x
+    c.objectives.pauli = 0.5          # SAR-L1 Pauli powers, same deviance; half: they re-split the span
     c.objectives.speckle_nll = 0.1    # SAR-L2 Gamma NLL L(e^d - d - 1); curvature L * (dB std ln10/10)^2
                                       # per normalised unit is ~5x SimMIM's scale, hence 0.1
     c.objectives.xpol_ratio = 0.1     # SAR-L2 (VH - VV) dB ratio, MSE in ln units; speckle-noisy target
@@ -110,10 +110,26 @@ def base_config() -> ConfigDict:
     c.objectives.cross_modal = False  # paired records: decode A's masked pixels from B's features
     c.objectives.cross_modal_weight = 0.5  # an extra SimMIM-like L1, so below SimMIM's 1.0
     c.objectives.sar_looks = 4.4      # L of the speckle NLL: ~4.4 for S1 GRD IW (ENL); 1 for SLC
-    c.objectives.speckle_max_log_ratio = 5.0  # e^d linear beyond d = 5 (~22 dB under-prediction)
+    c.objectives.speckle_max_log_ratio = 5.0  # e^d linear beyond d = 5 (~22 dB under-prediction);
+                                      # speckle_nll, span and pauli alike
+    # Looks L of the span / Pauli deviances. The minimiser, ln E[P/P_ref + eps], does not depend
+    # on L; L weights the term like a likelihood. Single-look quad-pol, reciprocal (S_HV = S_VH):
+    # span = |HH|^2 + 2|HV|^2 + |VV|^2, three exponential powers of means s_HH, 2 s_HV, s_VV
+    # (HV and VH are one look, not two). Assuming them independent (reflection symmetry makes
+    # co- and cross-pol uncorrelated; the HH-VV correlation rho is neglected, it would add
+    # 2 |rho|^2 s_HH s_VV to Var and lower L), ENL = E[P]^2 / Var[P]
+    # = (s_HH + 2 s_HV + s_VV)^2 / (s_HH^2 + 4 s_HV^2 + s_VV^2): at most 3 (when 2 s_HV = s_HH =
+    # s_VV); with s_HH = s_VV and cross-pol 7 dB below co-pol (s_HV = 0.2 s_HH) 2.4^2 / 2.16 = 2.67.
+    c.objectives.span_looks = 2.7
+    c.objectives.pauli_looks = 1.0    # single-look: each Pauli power is |z|^2 of one circular Gaussian z
     c.objectives.power_eps = 1e-3     # log-power floor, relative to the data set's mean span (-30 dB)
     c.objectives.sam_eps = 1e-6       # reflectance-norm floor in SAM (all-zero spectra stay finite)
-    c.objectives.index_eps = 1e-6     # denominator floor of the normalised-difference indices
+    # Reflectance floor of the indices, (a - b) / (|a| + |b| + eps): |d index / d a| <= 1/eps = 20
+    # per unit reflectance, instead of ~1 / (a + b) (41 over water, NIR 0.01 red 0.025; unbounded
+    # at 0), so dark noisy pixels cannot dominate; a reflectance error of 0.01 per band moves an
+    # index by at most sqrt(2) 0.01 / eps = 0.28. The same floor for reconstruction and target
+    # (loss 0 at a perfect one); it shrinks dark pixels' indices towards 0 (spectral.py).
+    c.objectives.index_eps = 0.05
     c.objectives.indices = ("ndvi", "ndwi", "ndbi")  # of ndvi, ndwi, ndbi, mndwi
     c.objectives.index_tolerance_nm = 35.0  # a band serves for an S2 one within this (B8A/OLI NIR for B8)
     c.objectives.sar_l1_polarizations = ("HH", "HV", "VH", "VV")  # Re/Im interleaved (sar_l1_quadpol)

@@ -21,6 +21,7 @@ B, H, P = 2, 8, 2                       # rows, image side, patch size -> 4 x 4 
 QUAD = sar.complex_channels(8, ("HH", "HV", "VH", "VV"))
 S1 = sar.detected_channels(2, ("VV", "VH"))
 S2_WL = np.array([b[1] for b in S2_L2A_BANDS])
+OBJECTIVES = tiny.get_config().objectives
 
 
 def token_mask(seed=0):
@@ -46,11 +47,13 @@ def powers(x, layout=QUAD, p_ref=2.0, eps=1e-3):
 
 def span_of(r, t, w, layout=QUAD, p_ref=2.0, eps=1e-3):
     """Span loss of a power decoder that predicted the powers of reconstruction r."""
-    return sar.span_loss(powers(r, layout, p_ref, eps)[..., 0], t, w, layout, jnp.float32(p_ref), eps)
+    return sar.span_loss(powers(r, layout, p_ref, eps)[..., 0], t, w, layout, jnp.float32(p_ref), eps,
+                         looks=OBJECTIVES.span_looks)
 
 
 def pauli_of(r, t, w, layout=QUAD, p_ref=2.0):
-    return sar.pauli_loss(powers(r, layout, p_ref)[..., 1:], t, w, layout, jnp.float32(p_ref))
+    return sar.pauli_loss(powers(r, layout, p_ref)[..., 1:], t, w, layout, jnp.float32(p_ref),
+                          looks=OBJECTIVES.pauli_looks)
 
 
 # Every physics term as f(reconstruction, target, weights), on physical pixels of its modality.
@@ -132,10 +135,14 @@ def test_pauli_powers_sum_to_span_under_reciprocity():
     np.testing.assert_allclose(k[..., 2], 2 * (s[..., 2] ** 2 + s[..., 3] ** 2), rtol=1e-5)
 
 
-def test_span_of_scaled_amplitude_is_the_log_power_ratio():
-    s, w = normal(5, 8), weights()
-    loss = span_of(2.0 * s, s, w, p_ref=1.0, eps=1e-12)
-    assert float(loss) == pytest.approx(math.log(4.0) ** 2, rel=1e-3)
+def test_span_of_scaled_amplitude_is_the_deviance_of_the_log_power_ratio():
+    s, w, looks = normal(5, 8), weights(), OBJECTIVES.span_looks
+    # Power over-predicted 4x: d = ln P - ln 4P = -ln 4, deviance L (1/4 + ln 4 - 1).
+    over = span_of(2.0 * s, s, w, p_ref=1.0, eps=1e-12)
+    assert float(over) == pytest.approx(looks * (0.25 + math.log(4.0) - 1), rel=1e-3)
+    # Under-predicted 4x: d = +ln 4, L (4 - ln 4 - 1), dearer (a Gamma likelihood's asymmetry).
+    under = span_of(0.5 * s, s, w, p_ref=1.0, eps=1e-12)
+    assert float(under) == pytest.approx(looks * (4.0 - math.log(4.0) - 1), rel=1e-3)
 
 
 def test_complex_layout_by_band_name_and_dual_pol():
@@ -148,7 +155,7 @@ def test_complex_layout_by_band_name_and_dual_pol():
     dual = sar.complex_channels(4, ("VH", "VV"))    # Sentinel-1 SLC: span yes, Pauli no
     assert sar.power_channels(dual) == 1 and sar.power_channels(QUAD) == 4
     assert powers(normal(1, 4), dual).shape[-1] == 1
-    assert sar.pauli_loss(powers(normal(1, 4), dual), normal(2, 4), weights(), dual, 1.0) is None
+    assert sar.pauli_loss(powers(normal(1, 4), dual), normal(2, 4), weights(), dual, 1.0, looks=1.0) is None
     assert float(span_of(normal(1, 4), normal(2, 4), weights(), dual, 1.0)) > 0
     with pytest.raises(ValueError, match="need 8"):
         sar.complex_channels(6, ("HH", "HV", "VH", "VV"))
@@ -157,6 +164,47 @@ def test_complex_layout_by_band_name_and_dual_pol():
 def test_reference_power_is_mean_span_of_the_data_set():
     stats = {"mean": np.zeros(8), "std": np.full(8, 2.0)}
     assert float(sar.reference_power(stats, QUAD)) == pytest.approx(32.0)
+
+
+def single_look_quad_pol(n_side, powers, rho, seed=0):
+    """Reciprocal single-look scattering vectors (B, n, n, 8), Re/Im interleaved HH, HV, VH, VV:
+    circular complex Gaussian with E|S_pq|^2 = powers[pq] and HH-VV correlation rho."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((3, B, n_side, n_side, 2)) @ np.array([1.0, 1j]) / math.sqrt(2)   # E|z|^2 = 1
+    hh = math.sqrt(powers["HH"]) * z[0]
+    vv = math.sqrt(powers["VV"]) * (rho * z[0] + math.sqrt(1 - rho ** 2) * z[1])
+    hv = math.sqrt(powers["HV"]) * z[2]
+    return jnp.asarray(np.stack([f(s) for s in (hh, hv, hv, vv) for f in (np.real, np.imag)], -1), jnp.float32)
+
+
+def constant_minimiser(loss, k):
+    """argmin over a constant prediction x (k,) of loss(x), by Newton on the JAX gradient."""
+    x, grad, hess = jnp.zeros(k), jax.grad(loss), jax.hessian(loss)
+    for _ in range(30):
+        step = jnp.linalg.solve(hess(x), grad(x))
+        x = x - step
+        if float(jnp.abs(step).max()) < 1e-6:
+            break
+    return x
+
+
+def test_span_and_pauli_losses_are_minimised_by_the_log_of_the_mean_intensity():
+    """Under single-look speckle the best constant prediction is ln E[I], I = P/P_ref + eps (the
+    Gamma deviance's minimiser), not E[ln I] (MSE in log space: -2.5 dB for exponential powers)."""
+    pw, rho, eps = {"HH": 1.0, "HV": 0.15, "VV": 0.6}, 0.4, 1e-3
+    s = single_look_quad_pol(160, pw, rho)
+    w = jnp.ones(s.shape[:-1])
+    cross = 2 * rho * math.sqrt(pw["HH"] * pw["VV"])
+    mean_power = np.array([pw["HH"] + 2 * pw["HV"] + pw["VV"], (pw["HH"] + pw["VV"] + cross) / 2,
+                           (pw["HH"] + pw["VV"] - cross) / 2, 2 * pw["HV"]])   # E[span], E[k1], E[k2], E[k3]
+    p_ref = jnp.float32(mean_power[0])                            # the mean span: I is ~1
+    expected = np.log(mean_power / mean_power[0] + eps)           # ln E[I]
+    span_x = constant_minimiser(lambda x: sar.span_loss(jnp.broadcast_to(x[0], w.shape), s, w, QUAD, p_ref,
+                                                        eps, looks=OBJECTIVES.span_looks), 1)
+    pauli_x = constant_minimiser(lambda x: sar.pauli_loss(jnp.broadcast_to(x, w.shape + (3,)), s, w, QUAD,
+                                                          p_ref, eps, looks=OBJECTIVES.pauli_looks), 3)
+    error_db = 10 * math.log10(math.e) * (np.concatenate([span_x, pauli_x]) - expected)
+    assert np.abs(error_db).max() < 0.05, f"minimiser - 10 log10 E[I] (dB), span, k1, k2, k3: {error_db}"
 
 
 # --- SAR-L2 --------------------------------------------------------------------------------------
@@ -234,15 +282,42 @@ def test_index_bands_found_by_wavelength_in_any_order_and_subset():
 def test_index_loss_uses_the_found_bands():
     target, w = reflectance(1), weights()
     bands = spectral.index_bands(S2_WL)
-    assert float(spectral.index_loss(1.7 * target, target, bands=bands, weights=w)) == pytest.approx(0, abs=1e-5)
+    # eps = 0: the plain indices, scale invariant; the reflectance floor (eps 0.05) is not, a little.
+    assert float(spectral.index_loss(1.7 * target, target, w, bands, eps=0.0)) == pytest.approx(0, abs=1e-5)
+    assert 0 < float(spectral.index_loss(1.7 * target, target, w, bands)) < 0.05
     nir = target.at[..., 7].multiply(1.5)                     # B8 only: NDVI, NDWI, NDBI all move
     assert float(spectral.index_loss(nir, target, w, bands)) > 0.02
     swir12 = target.at[..., 11].multiply(1.5)                 # B12 is in no index
     assert float(spectral.index_loss(swir12, target, w, bands)) == pytest.approx(0, abs=1e-6)
     assert spectral.index_loss(target, target, w, {}) is None
-    ndvi = spectral.normalized_difference(target[..., 7], target[..., 3])
-    np.testing.assert_allclose(ndvi, (target[..., 7] - target[..., 3]) / (target[..., 7] + target[..., 3]),
-                               rtol=1e-4)
+    b8, b4 = target[..., 7], target[..., 3]
+    ndvi = (b8 - b4) / (b8 + b4)
+    np.testing.assert_allclose(spectral.normalized_difference(b8, b4, 0.0), ndvi, rtol=1e-5)
+    # The floor shrinks the index by the pixel's brightness weight (a + b) / (a + b + eps).
+    np.testing.assert_allclose(spectral.normalized_difference(b8, b4, 0.05),
+                               ndvi * (b8 + b4) / (b8 + b4 + 0.05), rtol=1e-5)
+
+
+def test_index_gradient_is_bounded_at_reflectance_scale():
+    """For N = (a - b) / (|a| + |b| + eps), |dN/da| = (2|b| + eps) / (|a| + |b| + eps)^2 <= 1/eps
+    (largest at a = b = 0; likewise for b), so the L1 index error's gradient per pixel and per unit
+    reflectance is at most 1/eps: with a reflectance-scale eps (>= 0.01) at most 100, instead of
+    ~1/(a + b) that makes dark, noisy pixels (water, shadow, a collapsed reconstruction) dominate."""
+    eps, bands = OBJECTIVES.index_eps, {"ndvi": (0, 1)}
+    target = jnp.array([[0.010, 0.025],       # (NIR, red): dark water
+                        [0.003, 0.002],       # shadow
+                        [0.300, 0.050],       # vegetation, for contrast
+                        [0.010, 0.025]])      # dark water, reconstructed as 0 (collapsed)
+    rec = target.at[:, 0].multiply(1.1).at[3].set(0.0)
+    w = jnp.ones(4)
+    assert float(spectral.index_loss(target, target, w, bands, eps)) == 0.0
+    per_pixel = np.abs(jax.grad(lambda r: spectral.index_loss(r, target, w, bands, eps))(rec)) * 4
+    a, b = rec[0]
+    np.testing.assert_allclose(per_pixel[0, 0], (2 * b + eps) / (a + b + eps) ** 2, rtol=1e-3)
+    assert per_pixel.max() <= (1 + 1e-3) / eps
+    assert per_pixel.max() <= 1 / 0.01, (
+        f"|d loss / d reflectance| per pixel (NIR, red) of water, shadow, vegetation, collapsed: {per_pixel}; "
+        f"water / vegetation d/dNIR: {per_pixel[0, 0] / per_pixel[2, 0]:.1f}")
 
 
 # --- cross-modal ---------------------------------------------------------------------------------

@@ -99,10 +99,13 @@ def physics_terms(model, modality: str, output: Mapping, inputs: Mapping, weight
             raise ValueError(f"{modality}: span/Pauli terms need a power decoder with {expected} channels "
                              f"(model.modalities.{modality}.power_head = {expected}), found "
                              f"{'none' if predicted is None else predicted.shape[-1]}")
+        max_log_ratio = float(cfg.get("speckle_max_log_ratio", 5.0))
         if "span" in enabled:
-            out["span"] = sar.span_loss(predicted[..., 0], true, weights, layout, p_ref, eps)
+            out["span"] = sar.span_loss(predicted[..., 0], true, weights, layout, p_ref, eps,
+                                        looks=float(cfg.get("span_looks", 2.7)), max_log_ratio=max_log_ratio)
         if "pauli" in enabled:
-            out["pauli"] = sar.pauli_loss(predicted[..., 1:], true, weights, layout, p_ref, eps)
+            out["pauli"] = sar.pauli_loss(predicted[..., 1:], true, weights, layout, p_ref, eps,
+                                          looks=float(cfg.get("pauli_looks", 1.0)), max_log_ratio=max_log_ratio)
     elif modality == "sar_l2":
         layout = sar.detected_channels(channels, cfg.get("sar_l2_polarizations", ("VV", "VH")), names)
         if "speckle_nll" in enabled:
@@ -117,7 +120,7 @@ def physics_terms(model, modality: str, output: Mapping, inputs: Mapping, weight
             bands = spectral.index_bands(_wavelengths(model, modality, inputs),
                                          tuple(cfg.get("indices", ("ndvi", "ndwi", "ndbi"))),
                                          float(cfg.get("index_tolerance_nm", 35.0)))
-            out["index"] = spectral.index_loss(rec, true, weights, bands, float(cfg.get("index_eps", 1e-6)))
+            out["index"] = spectral.index_loss(rec, true, weights, bands, float(cfg.get("index_eps", 0.05)))
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -4,26 +4,35 @@ SAR-L1 (complex scattering matrix, Re/Im interleaved per polarisation):
 
 * span: the total polarimetric power P = |S_HH|^2 + |S_HV|^2 + |S_VH|^2 + |S_VV|^2
   (the reference's physics target; with a dual-pol product it is the sum over
-  the polarisations present). Compared in a normalised log space,
-      q(P) = ln(P / P_ref + eps),
-  with a masked MSE between the predicted q and q(P(target)). The prediction
-  comes from the modality's power decoder (`power_targets` lays out its
-  channels), not from the reconstructed Re/Im: single-look phase is uniform,
-  so the best Re/Im reconstruction under SimMIM's L1 is 0, while its power is
-  not; one decoder cannot serve both. P_ref =
+  the polarisations present), in a normalised log space,
+      q(P) = ln(P / P_ref + eps).
+  The prediction x comes from the modality's power decoder (`power_targets`
+  lays out its channels), not from the reconstructed Re/Im: single-look phase
+  is uniform, so the best Re/Im reconstruction under SimMIM's L1 is 0, while its
+  power is not; one decoder cannot serve both. P_ref =
   sum_c (mean_c^2 + std_c^2) over the span channels is the data set's mean span
   (E[x^2] = mean^2 + var per channel, from the manifest statistics), so q is
   unit-free (any calibration scale cancels) and the log matches the
   multiplicative nature of speckle and the span's dynamic range of several
   decades; eps (default 1e-3, i.e. a floor 30 dB below the mean span) keeps q
-  and its gradient, 1 / (P + eps P_ref), finite at P = 0 (no-data fills, dark
-  water, a reconstruction collapsed to zero).
+  and its gradient finite at P = 0 (no-data fills, dark water, zero powers).
+  The loss is the Gamma deviance of the target intensity I = P / P_ref + eps
+  given x (see `gamma_deviance`, shared with the SAR-L2 speckle NLL),
+      L (e^d - d - 1),  d = ln I - x = q(P_target) - x,
+  not an MSE in log space: the target power is speckled (single-look powers
+  are exponential), and an MSE in q is minimised by E[ln I] = ln E[I] +
+  psi(L) - ln L (-2.5 dB at L = 1, -0.76 dB at L = 3), the deviance by
+  x = ln E[I] whatever L is. L (config `objectives.span_looks`, the span's
+  effective number of looks, about 2.7 for single-look quad-pol data: see the
+  config) only scales the term, as a likelihood weight.
 * Pauli: the powers of the Pauli basis, k1 = |S_HH + S_VV|^2 / 2 (odd bounce),
   k2 = |S_HH - S_VV|^2 / 2 (even bounce), k3 = |S_HV + S_VH|^2 / 2 (volume).
   With both cross-pol channels k3 uses their sum, which equals DESIGN's
   2 |S_HV|^2 under reciprocity (S_HV = S_VH) and averages their noise; with one
-  of them it is 2 |S_x|^2. Same log space and masked MSE as the span, averaged
-  over the three. Needs HH, VV and a cross-pol channel, else it is skipped.
+  of them it is 2 |S_x|^2. Same log space and Gamma deviance as the span, with
+  L = `objectives.pauli_looks` (1 for single-look data: each k_i is |z|^2 of
+  one circular Gaussian z, an exponential power), averaged over the three.
+  Needs HH, VV and a cross-pol channel, else it is skipped.
 
 SAR-L2 (detected backscatter sigma0 in dB, e.g. Sentinel-1 GRD VV, VH):
 
@@ -32,9 +41,10 @@ SAR-L2 (detected backscatter sigma0 in dB, e.g. Sentinel-1 GRD VV, VH):
   log-intensity x = ln sigma0 (x = reconstructed dB * ln10 / 10) is
   L (x + I e^-x) + const. Its minimum over x, at x = ln I, is L (ln I + 1);
   subtracting it gives, with d = ln I - x,
-      nll = L (e^d - d - 1) >= 0,   0 exactly at a perfect reconstruction.
-  Unlike an L1/L2 on dB values (biased by E[ln n] = psi(L) - ln L: -2.51 dB at
-  L = 1) its expectation over speckle is minimised by the unbiased sigma0.
+      nll = L (e^d - d - 1) >= 0,   0 exactly at a perfect reconstruction
+  (`gamma_deviance`). Unlike an L1/L2 on dB values (biased by
+  E[ln n] = psi(L) - ln L: -2.51 dB at L = 1) its expectation over speckle is
+  minimised by the unbiased sigma0.
   e^d is continued linearly beyond d_max (default 5, about 22 dB of
   under-prediction) so a wild early reconstruction neither overflows nor gives
   an exploding gradient.
@@ -168,36 +178,46 @@ def power_targets(x: jax.Array, channels: Mapping[str, tuple[int, int]], p_ref: 
 
 
 def span_loss(predicted: jax.Array, target: jax.Array, weights: jax.Array,
-              channels: Mapping[str, tuple[int, int]], p_ref: jax.Array, eps: float = 1e-3) -> jax.Array:
-    """Masked MSE between a predicted log span q (...) and q(span(target)) of physical Re/Im."""
-    return masked_mean((predicted - log_power(span(target, channels), p_ref, eps)) ** 2, weights)
+              channels: Mapping[str, tuple[int, int]], p_ref: jax.Array, eps: float = 1e-3, *,
+              looks: float, max_log_ratio: float = 5.0) -> jax.Array:
+    """Masked Gamma deviance (`gamma_deviance`, L = looks) of the target span's intensity
+    I = span(target) / p_ref + eps given a predicted log span x = q (...): d = q(span(target)) - x."""
+    d = log_power(span(target, channels), p_ref, eps) - predicted
+    return masked_mean(gamma_deviance(d, looks, max_log_ratio), weights)
 
 
 def pauli_loss(predicted: jax.Array, target: jax.Array, weights: jax.Array,
-               channels: Mapping[str, tuple[int, int]], p_ref: jax.Array,
-               eps: float = 1e-3) -> jax.Array | None:
-    """Masked MSE between predicted log Pauli powers (..., 3) and those of the target, averaged
-    over the three; None if not quad-pol."""
+               channels: Mapping[str, tuple[int, int]], p_ref: jax.Array, eps: float = 1e-3, *,
+               looks: float, max_log_ratio: float = 5.0) -> jax.Array | None:
+    """Masked Gamma deviance of the target's Pauli powers given predicted log powers (..., 3),
+    averaged over the three; None if not quad-pol."""
     k_true = pauli_powers(target, channels)
     if k_true is None:
         return None
-    return masked_mean(jnp.mean((predicted - log_power(k_true, p_ref, eps)) ** 2, -1), weights)
+    return masked_mean(gamma_deviance(log_power(k_true, p_ref, eps) - predicted, looks, max_log_ratio), weights)
 
 
-# --- SAR-L2: speckle likelihood and cross-pol ratio ---------------------------------------------
+# --- Gamma deviance: the SAR-L2 speckle NLL and the span / Pauli terms above ---------------------
 
-def gamma_nll(reconstruction_db: jax.Array, target_db: jax.Array, looks: float,
-              max_log_ratio: float = 5.0) -> jax.Array:
-    """Per-pixel L (e^d - d - 1), d = ln I - x = (target_dB - reconstruction_dB) ln10/10.
+def gamma_deviance(d: jax.Array, looks: float, max_log_ratio: float = 5.0) -> jax.Array:
+    """Per-pixel L (e^d - d - 1) of d = ln I - x (natural log).
 
-    The Gamma(L) speckle NLL of the observed intensity I = 10^(target_dB/10) given
-    the predicted log-intensity x, minus its minimum; e^d continued linearly for
-    d > max_log_ratio (same value and slope at the joint).
+    The Gamma(L) speckle NLL of an observed intensity I given a predicted
+    log-intensity x, minus its minimum over x (>= 0, 0 at x = ln I); its
+    expectation over speckle is minimised at x = ln E[I]. e^d is continued
+    linearly for d > max_log_ratio (same value and slope at the joint).
     """
-    d = (jnp.asarray(target_db, jnp.float32) - jnp.asarray(reconstruction_db, jnp.float32)) * DB_TO_LN
+    d = jnp.asarray(d, jnp.float32)
     dc = jnp.minimum(d, max_log_ratio)
     e = jnp.exp(dc)
     return looks * (e - dc - 1.0 + (e - 1.0) * (d - dc))
+
+
+def gamma_nll(reconstruction_db: jax.Array, target_db: jax.Array, looks: float,
+              max_log_ratio: float = 5.0) -> jax.Array:
+    """`gamma_deviance` of dB values: d = ln I - x = (target_dB - reconstruction_dB) ln10/10."""
+    d = (jnp.asarray(target_db, jnp.float32) - jnp.asarray(reconstruction_db, jnp.float32)) * DB_TO_LN
+    return gamma_deviance(d, looks, max_log_ratio)
 
 
 def speckle_nll_loss(reconstruction_db: jax.Array, target_db: jax.Array, weights: jax.Array,
@@ -205,6 +225,8 @@ def speckle_nll_loss(reconstruction_db: jax.Array, target_db: jax.Array, weights
     """`gamma_nll` averaged over masked pixels and all (dB) channels."""
     return masked_mean(gamma_nll(reconstruction_db, target_db, looks, max_log_ratio), weights)
 
+
+# --- SAR-L2: cross-pol ratio ------------------------------------------------------------------
 
 def cross_pol_pair(channels: Mapping[str, int]) -> tuple[int, int] | None:
     """(cross, co) channel of the cross-pol ratio: VH/VV, else HV/HH; None if neither pair exists."""
