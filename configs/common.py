@@ -13,8 +13,13 @@ S2_L2A_BANDS = (
 )
 
 
-def modality(channels: int, embed: str = "patch", bands=(), power_head: int = 0) -> ConfigDict:
+def modality(channels: int, embed: str = "patch", bands=(), power_head: int = 0, unit: str = "") -> ConfigDict:
     """One input modality: its channel count and patch-embedding kind.
+
+    unit, when stated, is the physical unit the config's numbers assume (schema.UNITS:
+    'reflectance', 'db', 'complex'); the pipeline refuses a data set whose manifest
+    says otherwise, so a config cannot silently describe its SAR-L2 channels as
+    amplitude while the speckle NLL reads them as dB.
 
     power_head > 0 adds a second light decoder with that many channels, predicting
     log polarimetric powers (SAR-L1: span + 3 Pauli = 4) for the span/Pauli terms.
@@ -25,7 +30,8 @@ def modality(channels: int, embed: str = "patch", bands=(), power_head: int = 0)
     """
     if embed == "wavelength" and len(bands) != channels:
         raise ValueError(f"wavelength embedding needs one band entry per channel ({channels})")
-    return ConfigDict({"channels": channels, "embed": embed, "bands": tuple(bands), "power_head": power_head})
+    return ConfigDict({"channels": channels, "embed": embed, "bands": tuple(bands), "power_head": power_head,
+                       "unit": unit})
 
 
 def base_config() -> ConfigDict:

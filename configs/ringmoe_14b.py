@@ -30,14 +30,17 @@ def get_config(target: str = "h100-64"):
     m.mlp_ratio = 4.0
     m.modalities.optical = modality(3)         # RGB
     m.modalities.multispectral = modality(4)   # 4 bands in the reference
-    m.modalities.sar_l2 = modality(3)          # amplitude copied to 3 channels (ref)
+    # SAR-L2: the reference copies one amplitude band to 3 channels. Here the channels hold
+    # sigma0 in dB (the pipeline's SAR-L2 unit, which the speckle NLL reads as I = 10^(x/10),
+    # with objectives.sar_looks = 4.4 for S1 GRD): one VV dB band copied to 3 channels.
+    m.modalities.sar_l2 = modality(3, unit="db")
     m.modalities.sar_l1 = modality(8, power_head=4)          # Re/Im of HH, HV, VH, VV
     m.moe.num_modal_experts = 4
     m.moe.num_collaborative_experts = 4
     m.moe.shared_expert = True
     m.moe.top_k = 1
     m.moe.capacity_factor = 1.2
-    # The SAR-L2 physics terms need each channel's polarisation: one (VV) amplitude in
+    # The SAR-L2 physics terms need each channel's polarisation: one (VV) dB band in
     # all three, so there is no cross-pol pair and no xpol_ratio term.
     c.objectives.sar_l2_polarizations = ("VV", "VV", "VV")
     # Pod settings (README "Running on a pod"; checked by `python -m tools.aot`):

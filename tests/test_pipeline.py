@@ -273,6 +273,19 @@ def test_missing_modalities_not_served_and_channel_check(tmp_path, mixed):
         pl.Pipeline(c, mixed, process_index=0, process_count=1)
 
 
+def test_config_unit_must_match_the_data(mixed):
+    """A config that states a modality's unit is refused by data in another unit (configs/
+    ringmoe_14b.py once called its SAR-L2 channels amplitude while the speckle NLL read dB)."""
+    c = config()
+    c.model.modalities.sar_l2.unit = "amplitude"
+    with pytest.raises(ValueError, match=r"sar_l2 is in 'db' but config model.modalities.sar_l2.unit = 'amplitude'"):
+        pl.Pipeline(c, mixed, process_index=0, process_count=1)
+    c.model.modalities.sar_l2.unit = "db"
+    pl.Pipeline(c, mixed, process_index=0, process_count=1).close()
+    from configs import ringmoe_14b
+    assert ringmoe_14b.get_config().model.modalities.sar_l2.unit == "db"
+
+
 REAL_CSV = os.path.join(os.path.dirname(__file__), "data", "real_chips.csv")
 
 

@@ -158,3 +158,23 @@ def test_label_hardness_linear_probe(tmp_path):
     assert px["sar_l1"]["accuracy"] < px["sar_l1"]["chance"] + 0.1       # raw Re/Im: no linear signal
     assert px["sar_l1_log_power"]["accuracy"] > px["sar_l1"]["accuracy"] + 0.1
     assert set(h["scene"]) >= {"optical", "multispectral", "sar_l2", "sar_l1"}
+
+
+def test_pixel_probe_splits_by_record(tmp_path):
+    """Records whose pixels carry a record fingerprint and a random per-record class: a split by
+    pixel tests on training scenes and scores ~1; a split by record must score near chance."""
+    from ringmoe.data.schema import Band, ModalityImage, Record
+    rng = np.random.default_rng(0)
+    n, channels = 40, 48
+    bands = tuple(Band(f"c{i}", wavelength_nm=400.0 + 10 * i, bandwidth_nm=10.0) for i in range(channels))
+    classes = rng.permutation(np.repeat([1, 2], n // 2))
+    records = []
+    for i in range(n):
+        fingerprint = rng.normal(size=channels)
+        px = (fingerprint + 0.01 * rng.normal(size=(8, 8, channels))).astype(np.float32)
+        records.append(Record(f"r{i}", {"multispectral": ModalityImage("multispectral", px, bands, "test", 10.0)},
+                              label_map=np.full((8, 8), classes[i], np.int32)))
+    shards.write_shards(records, str(tmp_path / "f"), source="test", label_names=["none", "a", "b"])
+    px = hardness.label_hardness(str(tmp_path / "f"), pixels_per_record=16)["pixel"]["multispectral"]
+    assert px["accuracy"] < 0.9, px
+    assert px["test_records"] == 12 and px["n_test"] == 12 * 16

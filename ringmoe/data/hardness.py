@@ -5,7 +5,8 @@ classifier gets from the raw pixels. This module measures that floor per modalit
 
 * scene level: multinomial logistic regression on each record's per-band means
   (the scene label is the dominant class);
-* pixel level: the same on single-pixel band vectors (the label map), which
+* pixel level: the same on single-pixel band vectors (the label map), split by
+  record (a scene's pixels all on one side, `record_split`), which
   exposes speckle: a single-look complex SAR pixel is a zero-mean circular
   Gaussian, so its raw Re/Im values carry almost no linear class information;
   the extra view "sar_l1_log_power" (log10 |S_pq|^2 per polarisation) shows
@@ -34,14 +35,24 @@ def chance(y_test: np.ndarray) -> float:
     return float(np.bincount(y_test).max() / len(y_test))
 
 
-def _probe(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, test_fraction: float) -> dict:
-    order = rng.permutation(len(y))
-    n_test = max(1, int(len(y) * test_fraction))
-    te, tr = order[:n_test], order[n_test:]
+def record_split(groups: np.ndarray, rng: np.random.Generator, test_fraction: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) sample indices with whole records on one side: `groups[i]` is sample i's
+    record. Pixels of one scene are correlated (same surface, same illumination, neighbouring
+    speckle), so splitting them by pixel would test on the training scenes."""
+    records = rng.permutation(np.unique(groups))
+    n_test = min(max(1, int(round(len(records) * test_fraction))), len(records) - 1)
+    test = np.isin(groups, records[:n_test])
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def _probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, rng: np.random.Generator,
+           test_fraction: float) -> dict:
+    tr, te = record_split(groups, rng, test_fraction)
     accuracy = linear_probe(x[tr], y[tr], x[te], y[te], num_classes=int(y.max()) + 1, epochs=400, lr=0.05,
                             weight_decay=1e-4, seed=0)
-    return {"accuracy": round(accuracy, 4),
-            "chance": round(chance(y[te]), 4), "n_train": int(len(tr)), "n_test": int(len(te))}
+    return {"accuracy": round(accuracy, 4), "chance": round(chance(y[te]), 4), "n_train": int(len(tr)),
+            "n_test": int(len(te)), "test_records": int(len(np.unique(groups[te])))}
 
 
 def label_hardness(data_dir: str, *, max_records: int = 2000, pixels_per_record: int = 64,
@@ -54,6 +65,7 @@ def label_hardness(data_dir: str, *, max_records: int = 2000, pixels_per_record:
     scene_y: dict[str, list] = {}
     pix_x: dict[str, list] = {}
     pix_y: dict[str, list] = {}
+    pix_record: dict[str, list] = {}
     for n, record in enumerate(shards.iter_records(data_dir)):
         if n >= max_records:
             break
@@ -70,13 +82,15 @@ def label_hardness(data_dir: str, *, max_records: int = 2000, pixels_per_record:
                 pick = pick[flat[pick] > 0]
                 pix_x.setdefault(name, []).append(pixels.reshape(-1, pixels.shape[-1])[pick])
                 pix_y.setdefault(name, []).append(flat[pick])
+                pix_record.setdefault(name, []).append(np.full(len(pick), n))
     out: dict = {"scene": {}, "pixel": {}}
     for name in sorted(scene_x):
         if len(scene_y[name]) >= 10:
-            out["scene"][name] = _probe(np.array(scene_x[name], np.float64), np.array(scene_y[name]), rng,
+            y = np.array(scene_y[name])
+            out["scene"][name] = _probe(np.array(scene_x[name], np.float64), y, np.arange(len(y)), rng,
                                         test_fraction)
     for name in sorted(pix_x):
         x, y = np.concatenate(pix_x[name]).astype(np.float64), np.concatenate(pix_y[name])
-        if len(y) >= 10:
-            out["pixel"][name] = _probe(x, y, rng, test_fraction)
+        if len(y) >= 10 and len(pix_record[name]) >= 2:
+            out["pixel"][name] = _probe(x, y, np.concatenate(pix_record[name]), rng, test_fraction)
     return out

@@ -154,6 +154,10 @@ def modality_specs(manifest: dict, config, data_dir: str) -> dict[str, ModalityS
         if m not in config.model.modalities or weights.get(m, 1.0) <= 0:
             continue
         model = config.model.modalities[m]
+        unit = model.get("unit", "")
+        if unit and unit != entry.get("unit"):
+            raise ValueError(f"{data_dir}: modality {m} is in {entry.get('unit')!r} but config "
+                             f"model.modalities.{m}.unit = {unit!r}")
         names = tuple(b["name"] for b in entry["bands"])
         if len(names) != model.channels:
             raise ValueError(f"{data_dir}: modality {m} has {len(names)} bands {list(names)} but "
