@@ -46,10 +46,11 @@ def _report(path: str, figures: dict, pictures: list[str]) -> None:
     lines = ["# RingMoE tiny demo", "",
              f"Pretraining: configs/tiny.py, {figures['steps']} steps on {figures['synthetic_records']} "
              f"synthetic scenes ({figures['train_seconds']:.0f} s).", "",
-             "Masked reconstruction (SimMIM L1 on the fixed evaluation batches), step 0 -> last step:", "",
-             "| modality | step 0 | last | change |", "|---|---|---|---|"]
-    for m, (first, last) in figures["simmim"].items():
-        lines.append(f"| {m} | {first:.3f} | {last:.3f} | {100 * (last / first - 1):+.0f} % |")
+             "Objective terms on the fixed evaluation batches (SimMIM L1 and the physics terms, "
+             "unweighted), step 0 -> last step:", "",
+             "| modality / term | step 0 | last | change |", "|---|---|---|---|"]
+    for term, (first, last) in figures["eval_terms"].items():
+        lines.append(f"| {term} | {first:.3f} | {last:.3f} | {100 * (last / first - 1):+.0f} % |")
     lines += ["", "Probes on the frozen encoder (ringmoe/eval/probes.py) vs the same config randomly "
               "initialised:", "", "| probe | data | modality | metric | pretrained | random init |",
               "|---|---|---|---|---|---|"]
@@ -129,15 +130,16 @@ def main(argv=None) -> None:
     _step(5, n, "writing the report", start)
     records = read_jsonl(os.path.join(run, "metrics.jsonl"))
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
-    simmim = {k.split("/")[1]: (evals[0][k], evals[-1][k]) for k in evals[0]
-              if k.startswith("eval/") and k.endswith("/simmim")}
+    eval_terms = {k[len("eval/"):]: (evals[0][k], evals[-1][k]) for k in sorted(evals[0])
+                  if k.startswith("eval/") and k.count("/") == 2 and not k.endswith("/total")}
+    simmim = {k.split("/")[0]: v for k, v in eval_terms.items() if k.endswith("/simmim")}
     pictures = [os.path.join(run, "pictures", f) for f in ("loss_curves.png", "reconstructions_final.png",
                                                             "expert_load_final.png")]
     pictures += [compression["statistics"]["full"]["png"],
                  os.path.join(a.out, "compressed", "distill", "loss_curves.png")]
     report = os.path.join(a.out, "report.md")
     _report(report, {"steps": a.steps, "synthetic_records": made["records"], "train_seconds": train_seconds,
-                     "simmim": simmim, "probes": probes, "compression": compression}, [p for p in pictures if os.path.exists(p)])
+                     "eval_terms": eval_terms, "probes": probes, "compression": compression}, [p for p in pictures if os.path.exists(p)])
 
     def mean(probe, key):
         return sum(p[key] for p in probes if p["probe"] == probe) / sum(p["probe"] == probe for p in probes)
@@ -150,6 +152,7 @@ def main(argv=None) -> None:
                "segmentation_miou": mean("segmentation", "value"),
                "segmentation_miou_random_init": mean("segmentation", "random_init_value"),
                "simmim_change": {m: last_ / first - 1 for m, (first, last_) in simmim.items()},
+               "eval_terms": {k: {"step0": first, "last": last_} for k, (first, last_) in eval_terms.items()},
                "compressed_linear_probe": compression["linear_probe"],
                "compressed_params": {s["name"]: s["params"] for s in compression["stages"]},
                "final_loss": last.get("loss"), "real_chip_tiles": chips["records"], "report": report,
