@@ -217,8 +217,9 @@ def refit_merge(teacher, teacher_config, dense_config, statistics: dict, modalit
             w, b = ridge_fit(fit + held_out, prior, ridge)
             fc2.kernel[...] = jnp.asarray(w, fc2.kernel.dtype)
             fc2.bias[...] = jnp.asarray(b, fc2.bias.dtype)
-            blocks.append({"ridge": ridge if math.isfinite(ridge) else "svd", **errors, "tokens": int((fit + held_out).tokens)})
-            log.info("refit block %d: rho %g, held-out error %.4f (SVD merge %.4f)", len(blocks) - 1, ridge,
+            blocks.append({"ridge": ridge if math.isfinite(ridge) else "svd", **errors,
+                           "tokens": int((fit + held_out).tokens)})
+            log.info("refit block %d: rho %g, held-out error %s (SVD merge %s)", len(blocks) - 1, ridge,
                      errors["held_out_error"], errors["held_out_error_svd"])
             stream = [(np.asarray(_block_output(block, jnp.asarray(h), modality)), mask) for h, mask in inputs]
         if stage.merging is not None:

@@ -184,8 +184,9 @@ class SwinV2Block(nnx.Module):
 
     x = x + norm1(attn(x)); y, aux = ffn(x, modality); x = x + norm2(y)
     (`attend` is the first step, `add_ffn` the last: the compression's refit runs
-    them around a teacher's and a student's FFN). When resolution <= window_size the window is clipped to the resolution and the
-    shift dropped, as in Swin. The residual stream keeps the input's dtype.
+    them around a teacher's and a student's FFN). When resolution <= window_size
+    the window is clipped to the resolution and the shift dropped, as in Swin. The
+    residual stream keeps the input's dtype.
     `zero_init_post_norm=True` starts norm1/norm2 scales at 0 (SwinV2's
     `_init_respostnorm`), making the block an identity at initialisation.
     """
