@@ -196,7 +196,7 @@ def test_compress_runs_every_stage_and_saves_loadable_models(micro_run, tmp_path
     out = str(tmp_path / "out")
     report = compress(checkpoint, config, "optical", out, keep=0.5, distill_steps=2, data_dir=data_dir)
     names = [s["name"] for s in report["stages"]]
-    assert names == ["full", "extracted", "pruned", "dense_svd", "dense"]
+    assert names == ["full", "extracted", "pruned", "dense_refit", "dense"]   # the default merge: refit
     params = [s["params"] for s in report["stages"]]
     assert params == sorted(params, reverse=True) and params[3] == params[4]
     kept = report["kept_collaborative_experts"]
@@ -209,7 +209,9 @@ def test_compress_runs_every_stage_and_saves_loadable_models(micro_run, tmp_path
         assert os.path.getsize(os.path.join(out, "statistics", name)) > 0
     assert os.path.exists(os.path.join(out, "distill", "loss_curves.png"))
     assert set(report["export"]) == {"safetensors", "sidecar", "checkpoint"}
-    assert "| dense | " in open(os.path.join(out, "report.md")).read()
+    markdown = open(os.path.join(out, "report.md")).read()
+    assert "| dense | " in markdown and "| block | tokens | rho | held-out error | SVD merge |" in markdown
+    assert len(report["merge_fit"]) == len(report["merge_ranks"]) == 2
     assert all(np.isfinite(v) for v in report["distill_last"].values())
 
 

@@ -2,11 +2,13 @@
 
     python -m tools.compress --config configs/ringmoe_14b.py --modality optical --dry-run
     python -m tools.compress --checkpoint /tmp/tiny --config configs/tiny.py --modality optical \\
-        --out /tmp/tiny_optical [--keep-collaborative 0.25] [--merge svd] [--distill-steps 200] \\
+        --out /tmp/tiny_optical [--keep-collaborative 0.25] [--merge refit|svd] [--distill-steps 200] \\
         [--data-dir /tmp/syn64] [--probe-data-dir /tmp/probe_set]
 
 Stages (ringmoe/compress/run.py): expert statistics -> modality extraction ->
-collaborative pruning -> SVD merge into a dense FFN per block -> distillation ->
+collaborative pruning -> merge into a dense FFN per block (truncated SVD of the
+experts' weights; `refit`, the default, then refits every block's output layer to
+the pruned MoE's FFN outputs on calibration tokens) -> distillation ->
 export (Orbax checkpoint, model.safetensors under timm SwinV2 names, model.json).
 Each stage's model is saved under OUT/stages/ and loads with
 `tools.evaluate --checkpoint`. --dry-run computes every stage's parameter count
@@ -31,7 +33,8 @@ _MODALITY = flags.DEFINE_string("modality", None, "The modality the dense model 
 _OUT = flags.DEFINE_string("out", None, "Output directory: stages/, statistics/, distill/, export/, report.*")
 _KEEP = flags.DEFINE_float("keep-collaborative", None, "Share of collaborative experts kept per layer "
                            "(default config.compress.keep_collaborative, the reference's 0.25).")
-_MERGE = flags.DEFINE_string("merge", "svd", "How each block's experts become one FFN: svd.")
+_MERGE = flags.DEFINE_string("merge", "refit", "How each block's experts become one FFN: refit (SVD, then the "
+                             "output layer fitted on calibration tokens) or svd (weights only).")
 _DISTILL = flags.DEFINE_integer("distill-steps", None, "Distillation steps (default "
                                 "config.compress.distill_steps; 0 = none, as in the reference).")
 _DATA = flags.DEFINE_string("data-dir", None, "Calibration / distillation data (default config.data_dir).")

@@ -11,7 +11,7 @@
    figures are their means over modalities), segmentation of the real chips'
    land-cover maps from Sentinel-2 L2A (ringmoe.eval);
 4. compression of the pretrained model to a dense SwinV2 for multispectral
-   (ringmoe.compress: statistics, extraction, pruning, SVD merge, distillation,
+   (ringmoe.compress: statistics, extraction, pruning, merge, distillation,
    export), every stage linear-probed on the probe set;
 5. DEMO_OUT/report.md with the figures and the PNGs (reconstructions, expert
    loads, loss curves, calibration statistics).
@@ -59,7 +59,7 @@ def _report(path: str, figures: dict, pictures: list[str]) -> None:
                      f"{p['random_init_value']:.3f} |")
     compression = figures["compression"]
     lines += ["", f"Compression (tools.compress) of the {compression['modality']} model: keep "
-              f"{compression['keep_collaborative']:.0%} of the collaborative experts, SVD merge, "
+              f"{compression['keep_collaborative']:.0%} of the collaborative experts, {compression['merge']} merge, "
               f"{compression['distill_steps']} distillation steps; linear probe on the probe set "
               "(full = the MoE teacher):", "", "| stage | parameters | linear probe |", "|---|---|---|"]
     for stage in compression["stages"]:

@@ -1,4 +1,5 @@
-"""Knowledge compression: every block's remaining experts become one dense FFN by truncated SVD.
+"""Knowledge compression: every block's remaining experts become one dense FFN by truncated SVD
+(the `svd` merge; `refit.py` starts from it and refits the output layers on calibration tokens).
 
 A block's MoE output is  sum over routed experts e of gate_e(x) FFN_e(x)  plus the
 shared expert. Replacing each gate by its mean over the calibration tokens
@@ -14,9 +15,21 @@ Expert e keeps r_e directions of its hidden space: the top left singular
 vectors P (F_e, r_e) of [W_in^T | w_e W_out] (F_e, 2D), the subspace that holds
 most of both its input and its (weighted) output maps. Then
 W_in' = W_in P, b_in' = b_in P, W_out' = P^T w_e W_out, b_out' = sum_e w_e b_out_e.
-An expert that keeps its full width keeps its own hidden units (exact). A
-truncated one is exact for a linear activation; through the GELU it is the
-reference's approximation, which distillation (`distill.py`) then repairs.
+An expert that keeps its full width keeps its own hidden units (exact, given the
+mean gate). A truncated one is approximate, even for a linear activation: with the
+identity in place of the GELU, expert e maps x to (x W_in + b_in) w_e W_out and its
+merge to (x W_in + b_in) P P^T w_e W_out, equal for every x iff
+[W_in; b_in] (I - P P^T) W_out = 0. The projection guarantees that only when
+r_e >= rank [W_in^T | w_e W_out] (then P P^T w_e W_out = w_e W_out), a rank of up to
+min(F_e, 2D). The budgets are well below it: F / N units per group, split among
+its experts; in the 14.7B model (F = 4D, 3 groups, 4 modal experts, 1 collaborative
+after pruning) about D/3 per modal expert and 4D/3 for the collaborative and the
+shared expert, against ranks of up to 2D. (For a linear activation the best rank-r
+map would be the truncated SVD of the product [W_in; b_in] w_e W_out, not of the
+stacked matrix.) The merge is thus approximate twice over: the truncation, and each
+gate replaced by its mean (real gates vary per token, and capacity drops tokens).
+Through the GELU it is the reference's approximation; `refit.py` fits the output
+layers to the MoE's actual outputs, and distillation (`distill.py`) trains the whole.
 """
 from __future__ import annotations
 
@@ -25,7 +38,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ringmoe.compress.extraction import Path, build
+from ringmoe.compress.extraction import Path, build, flat_params
 from ringmoe.compress.pruning import block_prefixes
 from ringmoe.compress.statistics import shares
 from ringmoe.model.ringmoe import RingMoE
@@ -115,3 +128,12 @@ def merge_experts(params: Mapping[Path, np.ndarray], dense_config, statistics: d
         out[ffn + ("fc2", "kernel")], out[ffn + ("fc2", "bias")] = dense["fc2_kernel"], dense["fc2_bias"]
         reports.append(report)
     return build(dense_config, out), reports
+
+
+def svd_merge(teacher: RingMoE, teacher_config, dense_config, statistics: dict, modality: str, data_dir: str,
+              *, max_images: int) -> tuple[RingMoE, dict]:
+    """`merge_experts` with the merge registry's signature (`run.MERGES`): the weights and the
+    routing statistics are all it uses. Returns (model, {"ranks": per block the merge report})."""
+    del teacher_config, data_dir, max_images
+    model, ranks = merge_experts(flat_params(teacher), dense_config, statistics, modality)
+    return model, {"ranks": ranks}

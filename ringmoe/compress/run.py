@@ -3,7 +3,8 @@
     1 statistics  routing of the full model over calibration images of every modality
     2 extracted   the chosen modality's model                               stages/extracted
     3 pruned      the most-used collaborative experts per layer             stages/pruned
-    4 dense_svd   every block's experts merged into one FFN (SVD)           stages/dense_svd
+    4 dense_MERGE every block's experts merged into one FFN (`--merge`:      stages/dense_MERGE
+                  `svd` from the weights, `refit` also fitted on calibration tokens)
     5 dense       the merged model distilled against the MoE teacher        stages/dense
     6 export      Orbax checkpoint + safetensors + sidecar of the last one  export/
 
@@ -19,11 +20,10 @@ import logging
 import os
 import time
 
-from ringmoe.compress import stages, statistics
+from ringmoe.compress import merging, refit, stages, statistics
 from ringmoe.compress.distill import distill
 from ringmoe.compress.export import export
 from ringmoe.compress.extraction import extract_modality, flat_params
-from ringmoe.compress.merging import merge_experts
 from ringmoe.compress.pruning import prune_collaborative
 from ringmoe.data import shards
 from ringmoe.data.pipeline import modality_specs
@@ -32,7 +32,9 @@ from ringmoe.model.params import count
 
 log = logging.getLogger("ringmoe.compress")
 
-MERGES = ("svd",)
+# How a block's experts become one dense FFN: name -> merge(teacher, teacher_config, dense_config,
+# statistics, modality, data_dir, *, max_images) -> (dense model, report with "ranks" [and "blocks"]).
+MERGES = {"svd": merging.svd_merge, "refit": refit.refit_merge}
 
 
 def check_checkpoint(checkpoint: str, config) -> None:
@@ -74,7 +76,7 @@ def check_arguments(config, modality: str, keep: float, merge: str, distill_step
     check_checkpoint(checkpoint, config)
 
 
-def compress(checkpoint: str, config, modality: str, out: str, *, keep: float, merge: str = "svd",
+def compress(checkpoint: str, config, modality: str, out: str, *, keep: float, merge: str = "refit",
              distill_steps: int, data_dir: str | None = None, probe_data_dir: str | None = None) -> dict:
     """Runs every stage; returns the report (also written to `out`/report.json)."""
     data_dir = data_dir or config.data_dir
@@ -116,9 +118,12 @@ def compress(checkpoint: str, config, modality: str, out: str, *, keep: float, m
     pruned_stats = statistics.expert_statistics(pruned, configs["pruned"], data_dir, [modality],
                                                 max_images=settings.calibration_images)
     report["statistics"]["pruned"] = statistics.save(pruned_stats, os.path.join(out, "statistics"), "pruned")
-    dense, merge_report = merge_experts(flat_params(pruned), configs["dense"], pruned_stats, modality)
-    report["merge_ranks"] = merge_report
-    stage("dense_svd", dense, configs["dense"])
+    dense, merge_report = MERGES[merge](pruned, configs["pruned"], configs["dense"], pruned_stats, modality,
+                                        data_dir, max_images=settings.calibration_images)
+    report["merge_ranks"] = merge_report["ranks"]
+    if "blocks" in merge_report:
+        report["merge_fit"] = merge_report["blocks"]
+    stage(f"dense_{merge}", dense, configs["dense"])
 
     if distill_steps:
         dense, metrics = distill(dense, models["extracted"], configs["dense"], modality, steps=distill_steps,
@@ -154,6 +159,14 @@ def write_markdown(report: dict, path: str) -> None:
     for i, block in enumerate(report["merge_ranks"]):
         cells = ", ".join(f"{e['group']} {e['weight']:.2f} r{e['rank']} {e['energy_kept']:.0%}" for e in block)
         lines.append(f"| {i} | {cells} |")
+    if report.get("merge_fit"):
+        lines += ["", "Refit (refit.py), per block: the ridge rho chosen on the held-out fifth of the calibration",
+                  "images, and there the FFN output error ||f(h) - y||^2 / ||y||^2 of the refitted and of the",
+                  "SVD merge's output layer.", "", "| block | tokens | rho | held-out error | SVD merge |",
+                  "|---|---|---|---|---|"]
+        for i, b in enumerate(report["merge_fit"]):
+            errors = [("-" if b[k] is None else f"{b[k]:.4f}") for k in ("held_out_error", "held_out_error_svd")]
+            lines.append(f"| {i} | {b['tokens']} | {b['ridge']} | {errors[0]} | {errors[1]} |")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -162,11 +175,10 @@ def probe_stages(models: dict, configs: dict, data_dir: str, modality: str) -> d
     """Linear-probe accuracy of every stage's model on `modality` (the full model is the teacher)."""
     from ringmoe.eval.features import evaluate
 
-    stage_config = {"full": "full", "extracted": "extracted", "pruned": "pruned", "dense_svd": "dense",
-                    "dense": "dense"}
     out = {}
     for name, model in models.items():
-        result = evaluate(configs[stage_config[name]], model, data_dir, "linear", modality, baseline=False)
+        stage_config = configs[name] if name in configs else configs["dense"]   # dense_<merge>: the dense one
+        result = evaluate(stage_config, model, data_dir, "linear", modality, baseline=False)
         out[name] = result["value"]
         log.info("linear probe %-9s %.3f", name, result["value"])
     return out

@@ -24,8 +24,11 @@ class FeedForward(nnx.Module):
                               bias_init=partitioned(nnx.initializers.zeros, "embed"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.gelu(_linear(self.fc1, x, self.dtype))
-        return _linear(self.fc2, h, self.dtype)
+        return _linear(self.fc2, self.hidden(x), self.dtype)
+
+    def hidden(self, x: jax.Array) -> jax.Array:
+        """The hidden units GELU(x fc1 + b1), (..., hidden): what fc2 maps to the output."""
+        return jax.nn.gelu(_linear(self.fc1, x, self.dtype))
 
 
 def _linear(layer: nnx.Linear, x: jax.Array, dtype) -> jax.Array:

@@ -182,9 +182,11 @@ class WindowAttention(nnx.Module):
 class SwinV2Block(nnx.Module):
     """One SwinV2 block: (shifted) window attention and an injected FFN, post-norm.
 
-    x = x + norm1(attn(x)); y, aux = ffn(x, modality); x = x + norm2(y).
-    When resolution <= window_size the window is clipped to the resolution and the
-    shift dropped, as in Swin. The residual stream keeps the input's dtype.
+    x = x + norm1(attn(x)); y, aux = ffn(x, modality); x = x + norm2(y)
+    (`attend` is the first step, `add_ffn` the last: the compression's refit runs
+    them around a teacher's and a student's FFN). When resolution <= window_size
+    the window is clipped to the resolution and the shift dropped, as in Swin. The
+    residual stream keeps the input's dtype.
     `zero_init_post_norm=True` starts norm1/norm2 scales at 0 (SwinV2's
     `_init_respostnorm`), making the block an identity at initialisation.
     """
@@ -213,6 +215,12 @@ class SwinV2Block(nnx.Module):
 
     def __call__(self, x: jax.Array, modality: str) -> tuple[jax.Array, dict]:
         """x: (B, H, W, D) with H = W = resolution -> (same shape, the ffn's aux dict)."""
+        x = self.attend(x)
+        y, aux = self.ffn(x, modality)
+        return self.add_ffn(x, y), aux
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """The block up to its FFN: x + norm1(attn(x)), the FFN's input."""
         _, h, w, _ = x.shape
         if h != self.resolution or w != self.resolution:
             raise ValueError(f"SwinV2Block: expected {self.resolution}x{self.resolution} tokens, got {h}x{w}")
@@ -225,10 +233,12 @@ class SwinV2Block(nnx.Module):
         if s:
             attn = jnp.roll(attn, (s, s), axis=(1, 2))
         x = x + self.norm1(attn.astype(jnp.float32)).astype(x.dtype)
-        x = constrain(x, "batch", None, None, "act_embed")
-        y, aux = self.ffn(x, modality)
+        return constrain(x, "batch", None, None, "act_embed")
+
+    def add_ffn(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        """The block's output from its FFN's input x and output y: x + norm2(y)."""
         x = x + self.norm2(y.astype(jnp.float32)).astype(x.dtype)
-        return constrain(x, "batch", None, None, "act_embed"), aux
+        return constrain(x, "batch", None, None, "act_embed")
 
 
 class PatchMerging(nnx.Module):
