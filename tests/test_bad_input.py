@@ -117,12 +117,13 @@ def test_nan_inf_pixels_name_file_and_band(tmp_path):
     csv = write_csv(tmp_path / "m.csv", [("a", "sentinel1_db", "s1.tif")])
     with pytest.raises(RecordError, match=rf"{path}: 2 NaN/Inf pixels not marked as nodata \(per band VH:2\)"):
         _ingest(csv)
-    # Declared as nodata they are filled and left out of the statistics.
+    # Declared as nodata they are filled and left out of the statistics: the whole pixel, as
+    # training leaves it out (schema.valid_pixels), so VV loses the same two pixels as VH.
     arr[1, 0, 0] = np.nan
     write_tif(tmp_path / "s1n.tif", arr, nodata=np.nan)
     csv = write_csv(tmp_path / "n.csv", [("a", "sentinel1_db", "s1n.tif")])
     m = geotiff.convert_geotiff(csv, str(tmp_path / "out"))
-    assert m["modalities"]["sar_l2"]["valid_pixels"] == [64, 62]
+    assert m["modalities"]["sar_l2"]["valid_pixels"] == [62, 62]
     rec = next(shards.iter_records(str(tmp_path / "out")))
     assert rec.modalities["sar_l2"].nodata == -9999.0 and rec.modalities["sar_l2"].pixels[2, 3, 1] == -9999.0
 
