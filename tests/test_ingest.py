@@ -15,9 +15,6 @@ from ringmoe.data.ingest import geotiff
 from ringmoe.data.schema import RecordError
 from tests.tif_helpers import REAL, REAL_CSV, REAL_IDS, REPO, s1_db, write_csv, write_tif
 
-needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason=f"real chips not found at {REAL}")
-
-
 def _read(folder, sample_id):
     with rasterio.open(os.path.join(REAL, folder, sample_id + ".tif")) as ds:
         return np.moveaxis(ds.read(), 0, -1)
@@ -30,7 +27,6 @@ def real_dir(tmp_path_factory):
     return out
 
 
-@needs_real
 def test_real_chips_convert_as_three_paired_records_with_labels(real_dir):
     m = shards.read_manifest(real_dir)
     assert m["records"] == 3 and m["paired_records"] == 3 and m["single_modality_records"] == 0
@@ -45,7 +41,6 @@ def test_real_chips_convert_as_three_paired_records_with_labels(real_dir):
     assert -16 < vv < -10 and -22 < vh < -17
 
 
-@needs_real
 def test_real_chips_round_trip_matches_rasterio(real_dir):
     records = {r.sample_id: r for r in shards.iter_records(real_dir)}
     assert sorted(records) == sorted(REAL_IDS)
@@ -64,7 +59,6 @@ def test_real_chips_round_trip_matches_rasterio(real_dir):
         assert ms.nodata == 0.0 and sar.nodata is None
 
 
-@needs_real
 def test_cli_convert_then_inspect_real_chips(tmp_path):
     out = str(tmp_path / "ds")
     run = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=REPO, capture_output=True, text=True)
@@ -80,7 +74,6 @@ def test_cli_convert_then_inspect_real_chips(tmp_path):
     assert "B8A" in insp.stdout and "snow/ice" in insp.stdout
 
 
-@needs_real
 def test_tiling_splits_rasters_into_suffixed_windows(tmp_path):
     m = geotiff.convert_geotiff(REAL_CSV, str(tmp_path / "t"), tile=100)
     assert m["records"] == 3 * 4                                  # 224 // 100 = 2 per axis, edges dropped

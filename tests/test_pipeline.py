@@ -11,6 +11,7 @@ from configs import tiny
 from ringmoe.data import pipeline as pl
 from ringmoe.data import schema, sensors, shards, synthetic
 from ringmoe.data.schema import ModalityImage, Record, RecordError
+from tests.tif_helpers import REAL_CSV
 
 PRESET = {"optical": "rgb", "multispectral": "sentinel2_l2a", "sar_l2": "sentinel1_db",
           "sar_l1": "sar_l1_quadpol"}
@@ -286,20 +287,6 @@ def test_config_unit_must_match_the_data(mixed):
     assert ringmoe_14b.get_config().model.modalities.sar_l2.unit == "db"
 
 
-REAL_CSV = os.path.join(os.path.dirname(__file__), "data", "real_chips.csv")
-
-
-def _real_chips_present():
-    try:
-        import csv
-        with open(REAL_CSV) as f:
-            row = next(csv.DictReader(f))
-        return os.path.isfile(os.path.join(os.path.dirname(REAL_CSV), row["path"]))
-    except (OSError, StopIteration, KeyError):
-        return False
-
-
-@pytest.mark.skipif(not _real_chips_present(), reason="real Sentinel chips not available")
 def test_real_chips_serve_three_modalities(tmp_path):
     """Ingested S2 L2A (12) + S1 dB (2) + RGB (3) chips with LULC labels run through the tiny config."""
     from ringmoe.data.ingest import geotiff

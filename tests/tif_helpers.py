@@ -8,7 +8,7 @@ from affine import Affine
 from ringmoe.data.schema import Band, ModalityImage, Record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "real"))
+REAL = os.path.join(REPO, "data", "real")   # vendored chips (data/real/SOURCE.md)
 REAL_CSV = os.path.join(REPO, "tests", "data", "real_chips.csv")
 REAL_IDS = ("282D_485L_3_3", "609U_541L_3_0", "637U_59R_1_3")
 TRANSFORM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 6000000.0)

@@ -4,7 +4,7 @@
 
 1. labelled synthetic data (tools.make_synthetic): a pretraining set and, from
    another seed, a probe set of unseen scenes; the real Sentinel-1/2 chips cut
-   into 64 px tiles (tools.convert, ../shared/data/real);
+   into 64 px tiles (tools.convert, data/real);
 2. pretraining of configs/tiny.py on the pretraining set (pretrain.train);
 3. probes on the frozen encoder vs its random initialisation: linear and kNN
    scene classification of the probe set for every modality (the headline
