@@ -7,6 +7,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from ringmoe.model import dispatch
+from ringmoe.model.bench import expert_rows
 from ringmoe.model.experts import RoutedExperts
 from ringmoe.model.moe import HierarchicalMoE, router_loss
 from ringmoe.model.router import capacity, route
@@ -54,14 +55,16 @@ def test_modality_reaches_only_its_own_modal_experts():
     np.testing.assert_array_equal(before, after)
 
 
-@pytest.mark.parametrize("router,top_k", [("token_choice", 1), ("token_choice", 2), ("dropless", 1),
-                                          ("dropless", 2), ("expert_choice", 1)])
-def test_dispatch_paths_agree(router, top_k):
+@pytest.mark.parametrize("router,top_k,capacity_factor", [
+    ("token_choice", 1, 3.0), ("token_choice", 2, 3.0), ("dropless", 1, 3.0), ("dropless", 2, 3.0),
+    ("expert_choice", 1, 3.0), ("expert_choice", 1, 1.0), ("expert_choice", 2, 0.5)])
+def test_dispatch_paths_agree(router, top_k, capacity_factor):
     # capacity_factor = E makes C = S: nothing can be dropped under token choice.
-    cfg = moe_config(router=router, top_k=top_k, capacity_factor=3.0)
+    # Expert choice with C < S leaves most (token, expert) pairs unchosen.
+    cfg = moe_config(router=router, top_k=top_k, capacity_factor=capacity_factor)
     layer = RoutedExperts(3, 16, 32, cfg, rngs=nnx.Rngs(0))
     x = tokens(shape=(3, 20, 16))
-    plan, stats = route(layer.router(x), router=router, top_k=top_k, capacity_factor=3.0)
+    plan, stats = route(layer.router(x), router=router, top_k=top_k, capacity_factor=capacity_factor)
     if router != "expert_choice":
         assert float(stats["dropped"]) == 0.0
     outputs = [dispatch.run(p, layer.experts.weights(), x, plan) for p in dispatch.PATHS]
@@ -80,6 +83,36 @@ def test_dispatch_paths_agree_when_tokens_are_dropped():
     # A dropped token gets nothing from the experts (the residual carries it).
     dropped = np.asarray(plan.slot[..., 0] >= plan.capacity)
     np.testing.assert_array_equal(np.asarray(outputs[0])[dropped], 0.0)
+
+
+@pytest.mark.parametrize("path", dispatch.PATHS)
+@pytest.mark.parametrize("router,capacity_factor", [("expert_choice", 1.0), ("token_choice", 0.5)])
+def test_experts_compute_only_the_chosen_rows(path, router, capacity_factor):
+    # E=4, S=32, C=8 (expert choice) or 4 (token choice, half the tokens dropped):
+    # every path must issue E*C rows per group to the experts, not S*E or S*K,
+    # and all paths must agree on outputs and gradients.
+    groups, seq, dim, num_experts = 2, 32, 16, 4
+    cfg = moe_config(router=router, capacity_factor=capacity_factor, dispatch=path)
+    layer = RoutedExperts(num_experts, dim, 64, cfg, rngs=nnx.Rngs(0))
+    x = tokens(shape=(groups, seq, dim))
+    cap = capacity(seq, num_experts, 1, capacity_factor)
+    rows = expert_rows(jax.make_jaxpr(lambda x: layer(x)[0])(x).jaxpr, layer.experts.w_in.shape)
+    assert rows == groups * num_experts * cap, f"{path} computes {rows} rows for {groups}x{num_experts}x{cap} slots"
+
+    def loss(path):
+        graphdef, params = nnx.split(layer, nnx.Param)
+
+        def f(params, x):
+            model = nnx.merge(graphdef, params)
+            model.dispatch = path
+            return jnp.sum(model(x)[0] ** 2)
+        return jax.value_and_grad(f, argnums=(0, 1))(params, x)
+
+    value, grad = loss(path)
+    ref_value, ref_grad = loss("einsum")
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_capacity_is_respected_and_slots_are_unique():

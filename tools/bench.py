@@ -3,8 +3,10 @@
     python -m tools.bench moe --config configs/base.py [--batch 8] [--stage 2]
     python -m tools.bench data --data DIR --config configs/tiny.py
 
-`moe`: forward+backward of one MoE FFN layer with each dispatch path and of a
-dense FFN with the same active FLOPs, as ratios to the dense time.
+`moe`: forward+backward of one MoE FFN layer with each dispatch path, under the
+configured router and under expert choice, and of a dense FFN with the same
+active FLOPs (token choice), as ratios to the dense time; with the rows each
+path's experts compute against the rows the routing kept, and useful GFLOP/s.
 `data`: the full input pipeline against a raw ArrayRecord read of the same records.
 """
 import json
@@ -29,9 +31,11 @@ def main(argv):
     if argv[1] == "moe":
         from ringmoe.model import bench
         result = bench.run(config.model, batch=_BATCH.value, stage=_STAGE.value, rounds=_ROUNDS.value)
-        for name, r in result["paths"].items():
-            print(f"{name:>8}: {r['s'] * 1e3:9.2f} ms  ratio {r['ratio']:.2f}")
-        print(f"{'dense':>8}: {result['dense_s'] * 1e3:9.2f} ms")
+        for router, paths in result["routers"].items():
+            for name, r in paths.items():
+                print(f"{router:>13} {name:>6}: {r['s'] * 1e3:9.2f} ms  ratio {r['ratio']:5.2f}  rows {r['rows']:>7}"
+                      f" (kept {r['kept_rows']:>7})  {r['useful_gflops']:7.2f} useful GFLOP/s")
+        print(f"{'dense':>20}: {result['dense_s'] * 1e3:9.2f} ms  {result['dense_gflops']:7.2f} GFLOP/s")
     else:
         from ringmoe.data import bench
         if not _DATA.value:

@@ -11,10 +11,15 @@ every path zeroes the same dropped assignments.
 * `sort`: gather each expert's tokens into a padded (E, G, C, D) buffer by
   index, one batched matmul per layer, gather the results back. No wasted
   FLOPs besides the capacity padding; the fastest path on CPU.
-* `ragged`: flatten all assignments, sort them by expert and run
-  `jax.lax.ragged_dot` grouped matmuls (dropless by nature; dropped
-  assignments are computed and given gate 0). Grouped GEMM is the GPU/TPU
-  path; on the CPU it ran ~16x slower than a dense matmul (DESIGN.md s.3).
+* `ragged`: sort the kept assignments by expert and run `jax.lax.ragged_dot`
+  grouped matmuls over at most min(S*K, E*C) rows per group (dropless by
+  nature; dropped and unchosen pairs are never rows). Grouped GEMM is the
+  GPU/TPU path; on the CPU it ran ~16x slower than a dense matmul (DESIGN.md s.3).
+
+Expert FFN rows per group: E*C on `einsum` and `sort` (the padded buffer), at
+most min(S*K, E*C) on `ragged`. Under expert choice every slot is a chosen
+token, so all three compute exactly E*C rows even though the plan lists all E
+experts per token (`tools.bench moe` reports the rows of each path).
 
 Under a mesh the (E, G, C, D) buffers of `einsum` and `sort` are constrained
 to be split over the `expert` axis and their groups over the data axes, so
@@ -96,16 +101,32 @@ def sort(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
 
 
 def ragged(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
+    """Kept assignments sorted by expert through two grouped matmuls, combined token-major.
+
+    Only kept assignments (slot < capacity) are rows: per group at most S*K (one
+    per listed pair) and at most E*C (one per buffer slot), a static bound. This
+    matters for expert choice, whose plan lists all E experts per token (K = E)
+    of which only E*C per group are chosen: rows = G*E*C, not G*S*E. Rows left
+    over when fewer assignments were kept (token dropping) join the last
+    expert's group, so every row is well defined on every backend, and their
+    outputs are discarded.
+    """
     w_in, b_in, w_out, b_out = weights
     groups, tokens, dim = x.shape
-    top_k = plan.expert_index.shape[-1]
-    experts = plan.expert_index.reshape(-1)
-    order = jnp.argsort(experts, stable=True)
-    rows = jnp.take(x.reshape(groups * tokens, dim), order // top_k, axis=0)
-    sorted_experts = experts[order]
-    sizes = jnp.bincount(experts, length=w_in.shape[0]).astype(jnp.int32)
-    h = jax.nn.gelu(jax.lax.ragged_dot(rows, w_in, sizes) + b_in[sorted_experts])
+    num_experts, top_k = w_in.shape[0], plan.expert_index.shape[-1]
+    listed = groups * tokens * top_k
+    rows = groups * min(tokens * top_k, num_experts * plan.capacity)
+    kept = (plan.slot < plan.capacity).reshape(-1)
+    key = jnp.where(kept, plan.expert_index.reshape(-1), num_experts)   # dropped pairs sort last, then are cut
+    order = jnp.argsort(key, stable=True)[:rows]
+    sizes = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    sizes = sizes.at[-1].add(rows - jnp.sum(sizes))                    # padding rows: last expert, discarded
+    sorted_experts = jnp.minimum(key[order], num_experts - 1)
+    inputs = jnp.take(x.reshape(groups * tokens, dim), order // top_k, axis=0)
+    h = jax.nn.gelu(jax.lax.ragged_dot(inputs, w_in, sizes) + b_in[sorted_experts])
     y = jax.lax.ragged_dot(h, w_out, sizes) + b_out[sorted_experts]
-    y = jnp.zeros_like(y).at[order].set(y, unique_indices=True)
+    # Back to (token, k) order; padding rows get distinct out-of-range targets and are dropped.
+    target = jnp.where(key[order] < num_experts, order, listed + jnp.arange(rows))
+    y = jnp.zeros((listed, dim), y.dtype).at[target].set(y, mode="drop", unique_indices=True)
     y = y.reshape(groups, tokens, top_k, dim)
     return jnp.einsum("gskd,gsk->gsd", y, plan.gate.astype(x.dtype))

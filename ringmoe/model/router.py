@@ -13,7 +13,9 @@ tokens from another device. Three policies (`config.model.moe.router`):
   C = ceil(capacity_factor * S * k / E); a token may get 0..E experts.
 
 Every policy produces the same token-major `RoutingPlan`, which all dispatch
-implementations consume (see `dispatch.py`).
+implementations consume (see `dispatch.py`). Under expert choice a token's K
+entries are all E experts, of which only the E*C chosen (expert, token) pairs
+per group are kept (slot < capacity); dispatch computes only those.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ class RoutingPlan(NamedTuple):
 
     expert_index (G, S, K) int32: the expert of each of a token's K assignments.
     gate (G, S, K) float32: its combine weight; 0 for a dropped assignment.
-    slot (G, S, K) int32: position in that expert's buffer; >= capacity if dropped.
+    slot (G, S, K) int32: position in that expert's buffer; >= capacity if dropped
+        (or, under expert choice, where K = E, if that expert did not choose the token).
     capacity: static buffer length per expert and group.
     """
     expert_index: jax.Array
