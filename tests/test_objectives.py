@@ -393,11 +393,11 @@ def test_pretraining_loss_terms_total_and_weight_zero():
     total, terms = jitted_loss(model, cfg, moe, norm)(outputs, batch)
     expected = {f"{m}/{t}" for m in ALL for t in ("simmim", "total")} | {
         "sar_l1/span", "sar_l1/pauli", "sar_l2/speckle_nll", "sar_l2/xpol_ratio", "multispectral/sam",
-        "multispectral/index", "cross_modal", "router/load_balance", "router/z_loss", "router/total"}
+        "multispectral/index", "cross_modal", "router/modal_load_balance", "router/modal_z_loss", "router/total"}
     assert set(terms) == expected
     assert all(np.isfinite(float(v)) for v in terms.values())
-    # Router: the mean over modalities of router_loss (load balance 1, 2, 3, 4 -> 2.5).
-    assert float(terms["router/load_balance"]) == pytest.approx(2.5)
+    # Router (modal group only here): the modal loss averaged over modalities (1, 2, 3, 4 -> 2.5).
+    assert float(terms["router/modal_load_balance"]) == pytest.approx(2.5)
     assert float(terms["router/total"]) == pytest.approx(1e-3 * 2.5 + moe.z_loss_weight * 2.0)
     w = {"simmim": cfg.simmim, "span": cfg.span, "pauli": cfg.pauli, "speckle_nll": cfg.speckle_nll,
          "xpol_ratio": cfg.xpol_ratio, "sam": cfg.sam, "index": cfg.index}
@@ -429,14 +429,38 @@ def test_weight_zero_removes_terms_and_dense_router_terms_are_zero():
     _, terms = pretraining_loss(model, outputs, batch, cfg, moe, norm)
     assert set(terms) == {f"{m}/total" for m in ALL} | {
         "sar_l1/pauli", "sar_l2/speckle_nll", "sar_l2/xpol_ratio", "multispectral/index",
-        "router/load_balance", "router/z_loss", "router/total"}
-    assert float(terms["router/total"]) == 0.0 and float(terms["router/load_balance"]) == 0.0
+        "router/total"}
+    assert float(terms["router/total"]) == 0.0   # a dense model: no router, no router terms but the total
     assert float(terms["optical/total"]) == 0.0
     with pytest.raises(ValueError, match="norm_stats"):
         pretraining_loss(model, outputs, batch, cfg, moe, {})
     del outputs["sar_l1"]["log_power"]
     with pytest.raises(ValueError, match="sar_l1: span/Pauli terms need a power decoder with 4 channels"):
         pretraining_loss(model, outputs, batch, cfg, moe, norm)
+
+
+def test_router_terms_of_the_total_loss_golden_values():
+    """Router terms of pretraining_loss on the typed-in statistics of tests/test_moe.py
+    (ROUTER_GOLDEN, arithmetic there): modal 1.7, collaborative 1.6 (each with the full 1e-3),
+    z-losses 6.5 and 3 (1e-4): total 1e-3 * 3.3 + 1e-4 * 9.5 = 4.25e-3."""
+    from tests.test_moe import golden_stats
+    config = tiny.get_config()
+    cfg, moe = config.objectives, config.model.moe
+    for name in ("simmim", "span", "pauli", "speckle_nll", "xpol_ratio", "sam", "index"):
+        cfg[name] = 0.0
+    moe.load_balance_weight, moe.z_loss_weight = 1e-3, 1e-4
+    model = FakeModel({"optical": 3, "sar_l2": 2})
+    outputs, batch = {}, {}
+    for i, (m, layers) in enumerate(golden_stats(("modal", "collaborative")).items()):
+        outputs[m] = {"reconstruction": normal(i, model.decoders[m].channels), "encoded": encoded(i, B, tuple(layers))}
+        batch[m] = {"pixels": outputs[m]["reconstruction"], "mask": token_mask(i)}
+    total, terms = pretraining_loss(model, outputs, batch, cfg, moe)
+    assert float(terms["router/total"]) == pytest.approx(4.25e-3, rel=1e-6)
+    assert float(total) == pytest.approx(4.25e-3, rel=1e-6)   # every other term has weight 0
+    assert float(terms["router/modal_load_balance"]) == pytest.approx(1.7, rel=1e-6)
+    assert float(terms["router/collaborative_load_balance"]) == pytest.approx(1.6, rel=1e-6)
+    assert float(terms["router/modal_z_loss"]) == pytest.approx(6.5, rel=1e-6)
+    assert float(terms["router/collaborative_z_loss"]) == pytest.approx(3.0, rel=1e-6)
 
 
 def test_pretraining_loss_jits_on_a_real_model():
@@ -464,4 +488,4 @@ def test_pretraining_loss_jits_on_a_real_model():
     total, terms = loss(model, batch)
     assert np.isfinite(float(total)) and all(np.isfinite(float(v)) for v in terms.values())
     assert {"sar_l1/span", "sar_l1/pauli", "multispectral/sam", "multispectral/index", "cross_modal"} <= set(terms)
-    assert float(terms["router/load_balance"]) > 0
+    assert float(terms["router/modal_load_balance"]) > 0 and float(terms["router/collaborative_load_balance"]) > 0

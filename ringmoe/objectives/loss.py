@@ -2,7 +2,7 @@
 
     total = sum_m  sum_t w_t L_{m,t}            (per-modality terms, "{m}/{t}")
           + w_cross L_cross                    ("cross_modal", if enabled)
-          + mean_m router_loss_m.total          ("router/total")
+          + router_loss.total                  ("router/total")
 
 Terms by modality (DESIGN.md sections 2-4; the weights are `objectives.<term>`):
 
@@ -21,14 +21,14 @@ target are de-normalised with `norm_stats[m]` (common.py). Every term averages
 over the pixels that are masked and hold data (`common.loss_weights`): a no-data
 pixel has no target, and the encoder sees 0 (the band mean) there.
 
-Router losses. Each modality runs through the backbone in its own forward pass,
-so `router_loss` of modality m averages m's modal-router and the collaborative
-router's losses over layers. The reference averages the modal load-balancing
-loss over modalities and adds the collaborative one; averaging the per-modality
-`router_loss` results over modalities is the equivalent for separate passes
-(each pass's collaborative statistics count once per modality, i.e. the
-collaborative loss is itself averaged over the modalities that reached it).
-A dense model has no router statistics, so its router terms are 0.
+Router losses (`moe.router_loss`): load_balance_weight (1e-3, ref) times the modal
+Switch loss averaged over modalities plus the same weight times the collaborative
+one, z-loss likewise, all averaged over layers. Each modality runs through the
+backbone in its own forward pass, so the collaborative router's statistics exist
+per pass; its loss is their mean weighted by each pass's images, which is the
+reference's loss over the whole mixed batch (routing groups are images). Logged as
+"router/{modal,collaborative}_{load_balance,z_loss}" (unweighted, for the groups
+the model has) and "router/total" (weighted; 0 for a dense model).
 
 `terms` holds each term's unweighted value (for logging); "{m}/total",
 "router/total" and the returned total are weighted sums.
@@ -160,8 +160,8 @@ def pretraining_loss(model, outputs: Mapping, batch: Mapping, objectives_config,
         total = total + weight(cfg, "cross_modal_weight") * terms["cross_modal"]
 
     if outputs:
-        per_modality = [router_loss(out["encoded"].router_stats, moe_config) for out in outputs.values()]
-        for key in ("load_balance", "z_loss", "total"):
-            terms[f"router/{key}"] = jnp.mean(jnp.stack([r[key] for r in per_modality]))
+        router = router_loss({m: out["encoded"].router_stats for m, out in outputs.items()}, moe_config,
+                             images={m: batch[m]["pixels"].shape[0] for m in outputs})
+        terms.update({f"router/{key}": value for key, value in router.items()})
         total = total + terms["router/total"]
     return total, terms
