@@ -140,6 +140,11 @@ def base_config() -> ConfigDict:
     c.objectives.index_tolerance_nm = 35.0  # a band serves for an S2 one within this (B8A/OLI NIR for B8)
     c.objectives.sar_l1_polarizations = ("HH", "HV", "VH", "VV")  # Re/Im interleaved (sar_l1_quadpol)
     c.objectives.sar_l2_polarizations = ("VV", "VH")               # dB channels (sentinel1_db)
+    # These are every objective setting and the only place their defaults are written: the
+    # loss reads each key without a fallback and refuses keys it does not know
+    # (loss.check_objectives). Locked, so a misspelt key in a config file fails where it is
+    # written (`--config.objectives.spann=1` already fails in config_flags).
+    c.objectives.lock()
 
     # Frozen-encoder evaluation (ringmoe/eval, `python -m tools.evaluate`). The linear heads
     # are trained full-batch with AdamW on standardised features.

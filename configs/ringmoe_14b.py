@@ -9,7 +9,7 @@ Expected: 14.74B parameters in all, 6.53B per modality, about 2.4B active per to
 The optional `:TARGET` picks the global batch for a pod (`BATCH_SIZE`; default
 h100-64); everything else is the same on every target.
 """
-from configs.common import base_config, modality
+from configs.common import S2_L2A_BANDS, base_config, modality
 
 # Global batch per target: one image per modality per device (the token batch is split
 # over every device, so each modality's batch is a multiple of the device count).
@@ -29,7 +29,11 @@ def get_config(target: str = "h100-64"):
     m.num_heads = (14, 28, 56, 112)
     m.mlp_ratio = 4.0
     m.modalities.optical = modality(3)         # RGB
-    m.modalities.multispectral = modality(4)   # 4 bands in the reference
+    # Multispectral: 4 bands in the reference, assumed blue, green, red, NIR (the usual 4-band
+    # product, e.g. GF-2 PMS); declared as their Sentinel-2 counterparts B2, B3, B4, B8 (a
+    # data set must name its bands so; other sensors' B/G/R/NIR lie within index_tolerance_nm
+    # of these) so that the physics terms can find them. Patch embedding, as in the reference.
+    m.modalities.multispectral = modality(4, bands=[b for b in S2_L2A_BANDS if b[0] in ("B2", "B3", "B4", "B8")])
     # SAR-L2: the reference copies one amplitude band to 3 channels. Here the channels hold
     # sigma0 in dB (the pipeline's SAR-L2 unit, which the speckle NLL reads as I = 10^(x/10),
     # with objectives.sar_looks = 4.4 for S1 GRD): one VV dB band copied to 3 channels.
@@ -40,9 +44,13 @@ def get_config(target: str = "h100-64"):
     m.moe.shared_expert = True
     m.moe.top_k = 1
     m.moe.capacity_factor = 1.2
-    # The SAR-L2 physics terms need each channel's polarisation: one (VV) dB band in
-    # all three, so there is no cross-pol pair and no xpol_ratio term.
+    # Objectives: SimMIM everywhere; SAR-L1 span (ref) and Pauli; SAR-L2 speckle NLL;
+    # multispectral SAM and the indices that B, G, R, NIR allow (NDVI, NDWI: NDBI and MNDWI
+    # need SWIR). The SAR-L2 physics terms need each channel's polarisation: one (VV) dB band
+    # in all three, so there is no cross-pol pair and no xpol_ratio term.
+    c.objectives.indices = ("ndvi", "ndwi")
     c.objectives.sar_l2_polarizations = ("VV", "VV", "VV")
+    c.objectives.xpol_ratio = 0.0
     # Pod settings (README "Running on a pod"; checked by `python -m tools.aot`):
     # bf16 compute with float32 master weights and AdamW state; each SwinV2 block
     # rematerialised (only block inputs kept for the backward pass); `sort` dispatch,

@@ -172,9 +172,63 @@ def test_statistics_and_router_loss():
     assert stats["modal"]["load"].shape == (2,) and stats["collaborative"]["load"].shape == (3,)
     np.testing.assert_allclose(np.sum(stats["collaborative"]["load"]), 1.0, rtol=1e-6)
     assert 0.0 <= float(stats["modal"]["dropped"]) <= 1.0
-    loss = router_loss([stats, stats], moe_config())
-    expected = 1e-3 * loss["load_balance"] + 1e-4 * loss["z_loss"]
-    np.testing.assert_allclose(loss["total"], expected, rtol=1e-6)
+
+
+# Router-loss golden values. Two passes (optical, sar_l2), two MoE layers each; the typed-in
+# per-layer Switch (lb) and z-loss (z) values of each group:
+#
+#   pass     group           lb layer 1, 2 -> mean    z layer 1, 2 -> mean
+#   optical  modal           1.0, 1.4      -> 1.2     4, 6         -> 5
+#   optical  collaborative   1.1, 1.3      -> 1.2     2, 2         -> 2
+#   sar_l2   modal           2.0, 2.4      -> 2.2     8, 8         -> 8
+#   sar_l2   collaborative   1.5, 2.5      -> 2.0     3, 5         -> 4
+#
+# modal:          mean over modalities            lb (1.2 + 2.2) / 2 = 1.7    z (5 + 8) / 2 = 6.5
+# collaborative:  mean over the mixed batch's     lb (1.2 + 2.0) / 2 = 1.6    z (2 + 4) / 2 = 3
+#                 images (2 + 2: equal weights)
+# total = 1e-3 * (1.7 + 1.6) + 1e-4 * (6.5 + 3) = 3.3e-3 + 9.5e-4 = 4.25e-3: each group has the
+# full weight 1e-3 (averaging the two groups together, 1e-3 * (1.7 + 1.6) / 2, would halve it).
+# One group only: modal-only 1e-3 * 1.7 + 1e-4 * 6.5 = 2.35e-3; collaborative-only
+# 1e-3 * 1.6 + 1e-4 * 3 = 1.9e-3: the same 1e-3 per group as with both.
+# Unequal batches, optical 2 images, sar_l2 6: the collaborative loss of the mixed batch is the
+# mean over its 8 images, (2 * 1.2 + 6 * 2.0) / 8 = 1.8; the modal one stays 1.7.
+ROUTER_GOLDEN = {
+    "optical": {"modal": ((1.0, 4.0), (1.4, 6.0)), "collaborative": ((1.1, 2.0), (1.3, 2.0))},
+    "sar_l2": {"modal": ((2.0, 8.0), (2.4, 8.0)), "collaborative": ((1.5, 3.0), (2.5, 5.0))},
+}
+
+
+def golden_stats(groups):
+    """{modality: per-layer stats} of ROUTER_GOLDEN restricted to `groups`."""
+    return {m: [{g: {"load_balance": jnp.float32(per_group[g][layer][0]),
+                     "z_loss": jnp.float32(per_group[g][layer][1])} for g in groups}
+                for layer in range(2)]
+            for m, per_group in ROUTER_GOLDEN.items()}
+
+
+def test_router_loss_golden_values_give_each_group_the_full_weight():
+    config = moe_config(load_balance_weight=1e-3, z_loss_weight=1e-4)
+    both = router_loss(golden_stats(("modal", "collaborative")), config)
+    assert set(both) == {"modal_load_balance", "modal_z_loss", "collaborative_load_balance",
+                         "collaborative_z_loss", "total"}
+    assert float(both["modal_load_balance"]) == pytest.approx(1.7, rel=1e-6)
+    assert float(both["collaborative_load_balance"]) == pytest.approx(1.6, rel=1e-6)
+    assert float(both["modal_z_loss"]) == pytest.approx(6.5, rel=1e-6)
+    assert float(both["collaborative_z_loss"]) == pytest.approx(3.0, rel=1e-6)
+    assert float(both["total"]) == pytest.approx(4.25e-3, rel=1e-6)
+
+    modal_only = router_loss(golden_stats(("modal",)), config)
+    assert set(modal_only) == {"modal_load_balance", "modal_z_loss", "total"}
+    assert float(modal_only["total"]) == pytest.approx(2.35e-3, rel=1e-6)
+    collaborative_only = router_loss(golden_stats(("collaborative",)), config)
+    assert float(collaborative_only["total"]) == pytest.approx(1.9e-3, rel=1e-6)
+
+    unequal = router_loss(golden_stats(("modal", "collaborative")), config, images={"optical": 2, "sar_l2": 6})
+    assert float(unequal["modal_load_balance"]) == pytest.approx(1.7, rel=1e-6)
+    assert float(unequal["collaborative_load_balance"]) == pytest.approx(1.8, rel=1e-6)
+
+    dense = router_loss({"optical": [{}, {}], "sar_l2": [{}, {}]}, config)
+    assert set(dense) == {"total"} and float(dense["total"]) == 0.0
 
 
 def test_ablation_variants_and_errors():

@@ -1,4 +1,5 @@
 """Pretraining objectives: SimMIM, SAR and spectral physics terms, cross-modal term, total loss."""
+import json
 import math
 
 import jax
@@ -393,11 +394,11 @@ def test_pretraining_loss_terms_total_and_weight_zero():
     total, terms = jitted_loss(model, cfg, moe, norm)(outputs, batch)
     expected = {f"{m}/{t}" for m in ALL for t in ("simmim", "total")} | {
         "sar_l1/span", "sar_l1/pauli", "sar_l2/speckle_nll", "sar_l2/xpol_ratio", "multispectral/sam",
-        "multispectral/index", "cross_modal", "router/load_balance", "router/z_loss", "router/total"}
+        "multispectral/index", "cross_modal", "router/modal_load_balance", "router/modal_z_loss", "router/total"}
     assert set(terms) == expected
     assert all(np.isfinite(float(v)) for v in terms.values())
-    # Router: the mean over modalities of router_loss (load balance 1, 2, 3, 4 -> 2.5).
-    assert float(terms["router/load_balance"]) == pytest.approx(2.5)
+    # Router (modal group only here): the modal loss averaged over modalities (1, 2, 3, 4 -> 2.5).
+    assert float(terms["router/modal_load_balance"]) == pytest.approx(2.5)
     assert float(terms["router/total"]) == pytest.approx(1e-3 * 2.5 + moe.z_loss_weight * 2.0)
     w = {"simmim": cfg.simmim, "span": cfg.span, "pauli": cfg.pauli, "speckle_nll": cfg.speckle_nll,
          "xpol_ratio": cfg.xpol_ratio, "sam": cfg.sam, "index": cfg.index}
@@ -429,14 +430,38 @@ def test_weight_zero_removes_terms_and_dense_router_terms_are_zero():
     _, terms = pretraining_loss(model, outputs, batch, cfg, moe, norm)
     assert set(terms) == {f"{m}/total" for m in ALL} | {
         "sar_l1/pauli", "sar_l2/speckle_nll", "sar_l2/xpol_ratio", "multispectral/index",
-        "router/load_balance", "router/z_loss", "router/total"}
-    assert float(terms["router/total"]) == 0.0 and float(terms["router/load_balance"]) == 0.0
+        "router/total"}
+    assert float(terms["router/total"]) == 0.0   # a dense model: no router, no router terms but the total
     assert float(terms["optical/total"]) == 0.0
     with pytest.raises(ValueError, match="norm_stats"):
         pretraining_loss(model, outputs, batch, cfg, moe, {})
     del outputs["sar_l1"]["log_power"]
     with pytest.raises(ValueError, match="sar_l1: span/Pauli terms need a power decoder with 4 channels"):
         pretraining_loss(model, outputs, batch, cfg, moe, norm)
+
+
+def test_router_terms_of_the_total_loss_golden_values():
+    """Router terms of pretraining_loss on the typed-in statistics of tests/test_moe.py
+    (ROUTER_GOLDEN, arithmetic there): modal 1.7, collaborative 1.6 (each with the full 1e-3),
+    z-losses 6.5 and 3 (1e-4): total 1e-3 * 3.3 + 1e-4 * 9.5 = 4.25e-3."""
+    from tests.test_moe import golden_stats
+    config = tiny.get_config()
+    cfg, moe = config.objectives, config.model.moe
+    for name in ("simmim", "span", "pauli", "speckle_nll", "xpol_ratio", "sam", "index"):
+        cfg[name] = 0.0
+    moe.load_balance_weight, moe.z_loss_weight = 1e-3, 1e-4
+    model = FakeModel({"optical": 3, "sar_l2": 2})
+    outputs, batch = {}, {}
+    for i, (m, layers) in enumerate(golden_stats(("modal", "collaborative")).items()):
+        outputs[m] = {"reconstruction": normal(i, model.decoders[m].channels), "encoded": encoded(i, B, tuple(layers))}
+        batch[m] = {"pixels": outputs[m]["reconstruction"], "mask": token_mask(i)}
+    total, terms = pretraining_loss(model, outputs, batch, cfg, moe)
+    assert float(terms["router/total"]) == pytest.approx(4.25e-3, rel=1e-6)
+    assert float(total) == pytest.approx(4.25e-3, rel=1e-6)   # every other term has weight 0
+    assert float(terms["router/modal_load_balance"]) == pytest.approx(1.7, rel=1e-6)
+    assert float(terms["router/collaborative_load_balance"]) == pytest.approx(1.6, rel=1e-6)
+    assert float(terms["router/modal_z_loss"]) == pytest.approx(6.5, rel=1e-6)
+    assert float(terms["router/collaborative_z_loss"]) == pytest.approx(3.0, rel=1e-6)
 
 
 def test_pretraining_loss_jits_on_a_real_model():
@@ -464,4 +489,116 @@ def test_pretraining_loss_jits_on_a_real_model():
     total, terms = loss(model, batch)
     assert np.isfinite(float(total)) and all(np.isfinite(float(v)) for v in terms.values())
     assert {"sar_l1/span", "sar_l1/pauli", "multispectral/sam", "multispectral/index", "cross_modal"} <= set(terms)
-    assert float(terms["router/load_balance"]) > 0
+    assert float(terms["router/modal_load_balance"]) > 0 and float(terms["router/collaborative_load_balance"]) > 0
+
+
+# --- configs that fail loudly (issue 14, fault 7) -----------------------------------------------
+
+def physics_inputs(channels, band_spectra=None, bands=None):
+    """(model, outputs, batch, norm) for `channels` = {modality: C}, router-free; norm[m]['bands']
+    from `bands` (manifest band names), when given."""
+    model = FakeModel(channels, band_spectra=band_spectra)
+    outputs, batch, norm = {}, {}, {}
+    for i, (m, c) in enumerate(channels.items()):
+        outputs[m] = {"reconstruction": normal(20 + i, c, 0.1, 0.2), "encoded": encoded(i, B)}
+        batch[m] = {"pixels": normal(i, c, 0.1, 0.2), "mask": token_mask(i), "record_index": jnp.array([3, i + 10])}
+        norm[m] = {"mean": np.zeros(c, np.float32), "std": np.ones(c, np.float32)}
+        if bands and m in bands:
+            norm[m]["bands"] = bands[m]
+    if "sar_l1" in outputs:
+        outputs["sar_l1"]["log_power"] = normal(40, 4)
+    return model, outputs, batch, norm
+
+
+def test_unknown_objective_key_is_an_error():
+    config = tiny.get_config()
+    # configs/common.py locks the section: a config file's misspelt key fails where it is written.
+    with pytest.raises(AttributeError, match="spann"):
+        config.objectives.spann = 1.0
+    # A config that got one anyway (unlocked, or restored from JSON): the loss refuses it.
+    cfg = config.objectives
+    with cfg.unlocked():
+        cfg.spann = 1.0
+    model, outputs, batch, norm = physics_inputs({"optical": 3})
+    with pytest.raises(ValueError, match=r"unknown key.*'spann'.*did you mean 'span'"):
+        pretraining_loss(model, outputs, batch, cfg, config.model.moe, norm)
+
+
+def test_objective_settings_have_no_default_outside_configs_common():
+    """loss.py reads every setting from the config: a missing one is an error naming it, not a
+    second default typed into the loss."""
+    config = tiny.get_config()
+    cfg = config.objectives
+    with cfg.unlocked():
+        del cfg["sar_looks"]
+    model, outputs, batch, norm = physics_inputs({"sar_l2": 2})
+    with pytest.raises(ValueError, match="objectives lacks .*'sar_looks'"):
+        pretraining_loss(model, outputs, batch, cfg, config.model.moe, norm)
+
+
+def test_old_checkpoint_configs_get_the_current_defaults_in_one_place():
+    """A config saved before a key existed loads with base_config()'s value of that key; what it
+    saved stays, and modality maps are taken whole (not merged with the base's)."""
+    from configs.common import base_config
+    from ringmoe.model.checkpoint import config_from_json
+    saved = json.loads(tiny.get_config().to_json())
+    del saved["objectives"]["span_looks"], saved["model"]["remat"]
+    saved["objectives"]["sar_looks"] = 1.0
+    saved["data"]["modality_weights"] = {"optical": 1.0}
+    config = config_from_json(saved)
+    assert config.objectives.span_looks == base_config().objectives.span_looks
+    assert config.model.remat == base_config().model.remat
+    assert config.objectives.sar_looks == 1.0
+    assert dict(config.data.modality_weights) == {"optical": 1.0}
+    assert config.model.depths == (2, 2, 2, 2) and set(config.model.modalities) == set(tiny.get_config().model.modalities)
+
+
+def loss_with(objectives, channels, **kw):
+    model, outputs, batch, norm = physics_inputs(channels, **kw)
+    return pretraining_loss(model, outputs, batch, objectives, tiny.get_config().model.moe, norm)
+
+
+def test_a_term_asked_for_that_cannot_run_is_an_error():
+    cfg = tiny.get_config().objectives
+    # index on a multispectral modality without wavelengths (configs/ringmoe_14b.py's modality(4)).
+    with pytest.raises(ValueError, match=r"multispectral: objectives.index .*no band wavelengths"):
+        loss_with(cfg, {"multispectral": 4})
+    # ... or without the bands of one of its indices: B, G, R, NIR have no SWIR for NDBI.
+    bgrn = tuple((b[1], b[2]) for b in S2_L2A_BANDS if b[0] in ("B2", "B3", "B4", "B8"))
+    with pytest.raises(ValueError, match=r"multispectral: objectives.index .*ndbi"):
+        loss_with(cfg, {"multispectral": 4}, band_spectra={"multispectral": bgrn})
+    # xpol_ratio without a cross-pol pair.
+    with cfg.unlocked():
+        cfg.sar_l2_polarizations = ("VV", "VV")
+    with pytest.raises(ValueError, match=r"sar_l2: objectives.xpol_ratio .*cross-pol"):
+        loss_with(cfg, {"sar_l2": 2})
+    # Pauli without quad-pol (dual-pol HH/HV from the manifest's band names).
+    cfg = tiny.get_config().objectives
+    with pytest.raises(ValueError, match=r"sar_l1: objectives.pauli .*quad-pol"):
+        loss_with(cfg, {"sar_l1": 4}, bands={"sar_l1": ("HH_re", "HH_im", "HV_re", "HV_im")})
+    # cross_modal with one modality: no other modality to decode from.
+    cfg.cross_modal = True
+    with pytest.raises(ValueError, match=r"objectives.cross_modal .*one modality"):
+        loss_with(cfg, {"optical": 3})
+
+
+ALL_TERMS = {"sar_l1/span", "sar_l1/pauli", "sar_l2/speckle_nll", "sar_l2/xpol_ratio", "multispectral/sam",
+             "multispectral/index"}
+
+
+@pytest.mark.parametrize("name, physics", [
+    # multispectral B, G, R, NIR with SAM and NDVI/NDWI; SAR-L2 one VV band in three channels
+    # (speckle NLL, xpol_ratio off); SAR-L1 span and Pauli.
+    ("ringmoe_14b", ALL_TERMS - {"sar_l2/xpol_ratio"}),
+    ("tiny", ALL_TERMS),          # all four modalities, every term of configs/common.py
+    ("base", ALL_TERMS),
+    ("ringmoe_1b", set()),        # optical only: SimMIM
+])
+def test_config_trains_the_terms_its_comments_name(name, physics):
+    import importlib
+    config = importlib.import_module(f"configs.{name}").get_config()
+    channels = {m: mc.channels for m, mc in config.model.modalities.items()}
+    spectra = {m: tuple((b[1], b[2]) for b in mc.bands) for m, mc in config.model.modalities.items()}
+    _, terms = loss_with(config.objectives, channels, band_spectra=spectra)
+    trained = {k for k in terms if not k.endswith("/total") and not k.startswith("router/")}
+    assert trained == {f"{m}/simmim" for m in channels} | physics

@@ -43,6 +43,7 @@ def extracted_config(config, modality: str) -> ConfigDict:
     c = copy.deepcopy(config)
     c.model.modalities = ConfigDict({modality: config.model.modalities[modality]})
     c.data.modality_weights = ConfigDict({modality: 1.0})
+    c.objectives.cross_modal = False   # one modality left: no other to decode from
     return c
 
 

@@ -34,13 +34,32 @@ class CheckpointError(RuntimeError):
     """No checkpoint, or none that restores; the message names the directory."""
 
 
+# Sections keyed by modality: a saved one is taken whole, never merged with base_config()'s
+# (which would add back modalities the saved model or data weights did not have).
+_WHOLE_SECTIONS = (("model", "modalities"), ("data", "modality_weights"))
+
+
 def config_from_json(value) -> ConfigDict:
-    """A config saved as JSON back as a ConfigDict, with lists turned back into tuples."""
+    """A config saved as JSON back as a ConfigDict, with lists turned back into tuples.
+
+    The saved values are laid over configs/common.py `base_config()`: a key added since the
+    checkpoint was written (say `objectives.span_looks`) gets its default there, the one
+    place defaults live, so that code reading `config.<key>` with no fallback of its own
+    still loads old runs. Saved keys, including ones the base no longer has, are kept.
+    This is the one place a saved config is completed."""
+    from configs.common import base_config
+
     def tuples(x):
         if isinstance(x, dict):
             return {k: tuples(v) for k, v in x.items()}
         return tuple(tuples(v) for v in x) if isinstance(x, list) else x
-    return ConfigDict(tuples(value))
+
+    def over(base, saved, path=()):
+        if not (isinstance(base, dict) and isinstance(saved, dict)) or path in _WHOLE_SECTIONS:
+            return saved
+        return {**base, **{k: over(base.get(k), v, path + (k,)) for k, v in saved.items()}}
+
+    return ConfigDict(over(base_config().to_dict(), tuples(value)))
 
 
 def one_device_mesh():

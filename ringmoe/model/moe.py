@@ -12,7 +12,7 @@ ablations); with MoE disabled the block uses a plain `FeedForward` instead.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,19 +69,58 @@ class DenseFFN(nnx.Module):
         return self.ffn(x), {}
 
 
-def router_loss(stats_per_layer: Sequence[dict], moe_config) -> dict[str, jax.Array]:
-    """Weighted router losses of one modality's forward pass, averaged over layers.
+ROUTED_GROUPS = ("modal", "collaborative")
 
-    Returns {'load_balance', 'z_loss', 'total'} where total applies the configured
-    weights. (The trainer averages the modal terms over modalities, as in the
-    reference, by averaging these per-modality results.)
+
+def router_loss(stats_by_modality: Mapping[str, Sequence[dict]], moe_config,
+                images: Mapping[str, int] | None = None) -> dict[str, jax.Array]:
+    """The router losses of one step, from every modality's forward pass (DESIGN.md s.2).
+
+    stats_by_modality[m]: per layer, the statistics dict of `HierarchicalMoE` in m's pass
+    ({'modal'|'collaborative': route() statistics}, {} for a dense layer); images[m]: the
+    images (routing groups) of m's pass, default equal.
+
+    The reference adds the modal Switch loss, averaged over modalities, to the
+    collaborative one, each with weight `load_balance_weight` (1e-3). Here:
+
+    * each pass's value of a group is its mean over the layers that have the group;
+    * modal: the mean over the modalities (each modality has its own router);
+    * collaborative: one router sees the whole mixed batch, but each modality runs
+      through the backbone in its own pass, so its statistics exist per pass. Routing
+      groups are images and `route` averages the Switch loss over groups, so the
+      reference's loss over the mixed batch is the mean over all its images: the
+      per-pass values averaged with the passes' image counts as weights (equal
+      batches: the plain mean over the modalities that reached it);
+    * z-loss (`z_loss_weight`) the same way, per group.
+
+        total = load_balance_weight * (modal_load_balance + collaborative_load_balance)
+              + z_loss_weight * (modal_z_loss + collaborative_z_loss)
+
+    so each group carries the full weight whether the model has one group (the
+    modal-only / collaborative-only ablations) or both.
+
+    Returns '{group}_load_balance' and '{group}_z_loss' (unweighted) for each group the
+    model has, and 'total' (weighted; 0 for a dense model).
     """
-    terms = {"load_balance": [], "z_loss": []}
-    for layer in stats_per_layer:
-        for group in layer.values():
-            for name in terms:
-                terms[name].append(group[name])
-    out = {name: (jnp.mean(jnp.stack(v)) if v else jnp.zeros((), jnp.float32)) for name, v in terms.items()}
-    out["total"] = (moe_config.load_balance_weight * out["load_balance"]
-                    + moe_config.z_loss_weight * out["z_loss"])
+    images = images or {}
+    total = jnp.zeros((), jnp.float32)
+    out: dict[str, jax.Array] = {}
+    for group in ROUTED_GROUPS:
+        per_pass = {}   # modality -> {loss name: mean over layers}
+        for m, layers in stats_by_modality.items():
+            found = [layer[group] for layer in layers if group in layer]
+            if found:
+                per_pass[m] = {k: jnp.mean(jnp.stack([s[k] for s in found])) for k in ("load_balance", "z_loss")}
+        if not per_pass:
+            continue
+        if group == "modal":
+            share = {m: 1.0 / len(per_pass) for m in per_pass}
+        else:
+            count = {m: float(images.get(m, 1)) for m in per_pass}
+            share = {m: c / sum(count.values()) for m, c in count.items()}
+        for name, w in (("load_balance", moe_config.load_balance_weight), ("z_loss", moe_config.z_loss_weight)):
+            value = sum(share[m] * v[name] for m, v in per_pass.items())
+            out[f"{group}_{name}"] = value
+            total = total + w * value
+    out["total"] = total
     return out
