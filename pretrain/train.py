@@ -69,6 +69,34 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive NaN/Inf updates; the message names the modality and term."""
 
 
+class NonFiniteGuard:
+    """Counts the skipped (NaN/Inf) updates in a row on the host; `limit` in a row stop the run.
+
+    A step's 'finite' flag is read only when the host waits for that step anyway, so the
+    check costs no device sync of its own: one step late (`check` after the next step was
+    queued: the device keeps working while the host reads), or at once when the step is
+    logged, checkpointed or the last (`check` before the save: those read the step's
+    results regardless). Every step is checked exactly once, the last one included, and
+    a step that reaches the limit is never saved as a finished checkpoint.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.run, self.pending = limit, 0, None
+
+    def defer(self, step: int, metrics: dict) -> None:
+        self.pending = (step, metrics)
+
+    def check(self) -> None:
+        """Reads the deferred step's flag (if any); NonFiniteError at `limit` in a row."""
+        if self.pending is None:
+            return
+        (step, metrics), self.pending = self.pending, None
+        self.run = 0 if float(metrics["finite"]) else self.run + 1
+        if self.run >= self.limit:
+            raise NonFiniteError(f"{self.run} consecutive non-finite updates up to step {step}: "
+                                 f"{describe_nonfinite(jax.device_get(metrics))}")
+
+
 def initialize_distributed() -> bool:
     """Starts JAX's multi-controller runtime from the flags or the cluster JAX detects (if any)."""
     return distributed.initialize(_FLAGS.coordinator.value, _FLAGS.num_processes.value, _FLAGS.process_id.value)
@@ -210,7 +238,7 @@ def train(config, workdir: str, devices=None, *, log_records: bool = False) -> d
         single = jax.process_count() == 1
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)) if single else None
         records = RecordLog(workdir, log_records)
-        last, nonfinite_run, pending = {}, 0, None
+        last, guard = {}, NonFiniteGuard(config.max_nonfinite_steps)
         window_start, window_steps = time.perf_counter(), 0
         batch = None
         try:
@@ -220,14 +248,9 @@ def train(config, workdir: str, devices=None, *, log_records: bool = False) -> d
                 device_batch = to_device(batch, in_batch)
                 state, metrics = step_fn(state, device_batch)
                 window_steps += 1
-                # The previous step's flag is read only now, so the device never idles for it.
-                if pending is not None:
-                    nonfinite_run = 0 if float(pending["finite"]) else nonfinite_run + 1
-                    if nonfinite_run >= config.max_nonfinite_steps:
-                        raise NonFiniteError(f"{nonfinite_run} consecutive non-finite updates up to step "
-                                             f"{step}: {describe_nonfinite(jax.device_get(pending))}")
-                pending = metrics
+                guard.check()  # the previous step's flag, read now that this one is queued
                 done = step + 1
+                guard.defer(done, metrics)
                 scores = {}
                 if eval_batches and (done % config.eval_every == 0 or done == config.total_steps):
                     eval_start = time.perf_counter()
@@ -254,11 +277,15 @@ def train(config, workdir: str, devices=None, *, log_records: bool = False) -> d
                 if config.image_every and done % config.image_every == 0:
                     save_pictures(workdir, done, graphdef, state, device_batch, metrics, norm_stats, lead)
                 preempted = stop["signal"] is not None or checkpointer.reached_preemption(done)
-                if checkpointer.should_save(done) or preempted or done == config.total_steps:
+                save = checkpointer.should_save(done) or preempted or done == config.total_steps
+                if save or done % config.log_every == 0:
+                    guard.check()  # the host waits for this step anyway: check it now, before it is saved
+                if save:
                     checkpointer.save(done, state, gathered_data_state(pipeline), {**meta, "step": done}, force=True)
                 if preempted:
                     log.warning("stopping at step %d on request (signal %s); checkpoint saved", done, stop["signal"])
                     break
+            guard.check()  # (every step was checked above: a no-op, kept as the guarantee)
             if batch is not None and not preempted:
                 save_pictures(workdir, "final", graphdef, state, device_batch, metrics, norm_stats, lead)
         finally:

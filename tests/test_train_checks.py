@@ -1,4 +1,5 @@
-"""What the trainer reports can be trusted: the logged learning rate after a skipped update."""
+"""What the trainer reports can be trusted: the logged learning rate after a skipped update,
+the non-finite check of the last steps."""
 import jax
 import jax.numpy as jnp
 import optax
@@ -6,6 +7,8 @@ import pytest
 
 from pretrain.state import TrainState, learning_rate, make_optimizer
 from pretrain.step import make_train_step
+from ringmoe.data import synthetic
+from ringmoe.visualize import read_jsonl
 from tests.small import micro_config
 
 
@@ -35,3 +38,47 @@ def test_logged_lr_is_the_applied_rate_after_a_skipped_update():
         assert float(metrics["finite"]) == (0.0 if i == 2 else 1.0)
         assert float(metrics["lr"]) == pytest.approx(float(schedule(count)), rel=1e-6), f"step {i + 1}"
     assert int(state.step) == 6 and int(state.nonfinite) == 1 and applied_count(state.opt_state) == 5
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checks")
+    synthetic.write(str(root / "data"), 24, 32, seed=0)
+    return str(root / "data")
+
+
+def small_run_config(data_dir, total_steps):
+    config = micro_config(("optical",))
+    config.data_dir, config.batch_size, config.data.prefetch = data_dir, 8, 0
+    config.total_steps, config.log_every, config.checkpoint_every = total_steps, 1000, 1000
+    config.eval_every, config.image_every, config.keep_checkpoints = 0, 0, 1
+    return config
+
+
+def poisoned_steps(monkeypatch, nan_steps):
+    """train() runs with NaN input pixels at the (1-based) steps in `nan_steps`; no pictures."""
+    from pretrain import train as trainer
+    real = trainer.jit_train_step
+
+    def make(*args, **kwargs):
+        step_fn, calls = real(*args, **kwargs), iter(range(1, 1 << 30))
+
+        def run(state, batch):
+            if next(calls) in nan_steps:
+                batch = {m: {**b, "pixels": b["pixels"] * jnp.nan} for m, b in batch.items()}
+            return step_fn(state, batch)
+        return run
+    monkeypatch.setattr(trainer, "jit_train_step", make)
+    monkeypatch.setattr(trainer, "save_pictures", lambda *args: None)
+    return trainer
+
+
+def test_non_finite_last_steps_stop_the_run_at_the_last_step(data_dir, tmp_path, monkeypatch):
+    trainer = poisoned_steps(monkeypatch, {3, 4})
+    config = small_run_config(data_dir, 4)
+    config.max_nonfinite_steps = 2
+    with pytest.raises(trainer.NonFiniteError, match=r"2 consecutive non-finite updates up to step 4: .*optical"):
+        trainer.train(config, str(tmp_path), devices=jax.devices()[:1])
+    logged = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert logged[-1]["step"] == 4 and logged[-1]["finite"] == 0.0  # the failing step's metrics are written
+    assert not (tmp_path / "checkpoints" / "4").exists()  # but it is not saved as a finished run
