@@ -9,8 +9,10 @@ Mesh from `config.mesh`; state created sharded; the jitted, donated step from
 console (`pretrain.metrics`); with `eval_every`, the loss on fixed batches at step
 0, every N steps and at the end (`eval/...` metrics: the same pixels and masks
 each time, so the curve is free of batch-to-batch noise); PNGs of reconstructions and expert loads. A
-workdir with checkpoints resumes from the newest readable one. SIGTERM saves a
-checkpoint and exits cleanly.
+workdir with checkpoints resumes from the newest readable one, if the config it
+was trained under differs only in keys that may change (`pretrain.resume`:
+logging intervals, total_steps, mesh, ...; any other difference is an error
+naming each key). SIGTERM saves a checkpoint and exits cleanly.
 
 Multi-process (one process per TPU VM host, or per GPU / node under SLURM):
 `jax.distributed` is initialised from --coordinator_address/--num_processes/
@@ -39,7 +41,7 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
-from pretrain import distributed
+from pretrain import distributed, resume
 from pretrain.checkpoint import Checkpointer, abstract_with_shardings
 from pretrain.metrics import MetricsWriter, flatten_router_stats, router_load_matrices
 from pretrain.state import abstract_state, create_state
@@ -157,6 +159,18 @@ def describe_nonfinite(metrics: dict) -> str:
     return "loss finite but gradients non-finite" if "grad_norm" in bad else "non-finite loss"
 
 
+def check_saved_config(config, step: int, meta: dict) -> None:
+    """Refuses to resume checkpoint `step` if it was trained under a config that differs in a
+    key outside `resume.RESUME_ALLOWED` (ConfigMismatchError naming each key and both values);
+    logs the allowed differences."""
+    if "config" not in meta:
+        log.warning("checkpoint %d records no config: cannot check that it matches this run's", step)
+        return
+    allowed = resume.check_resume(meta["config"], json.loads(config.to_json()), f"checkpoint {step}")
+    if allowed:
+        log.warning("resuming checkpoint %d under changed settings: %s", step, resume.describe(allowed))
+
+
 def own_data_state(data_state: dict) -> dict:
     """This process's iterator state out of a checkpoint's data item (`gathered_data_state`)."""
     if "processes" not in data_state:  # a checkpoint from before the states were gathered
@@ -209,7 +223,8 @@ def train(config, workdir: str, devices=None, *, log_records: bool = False) -> d
     peak, peak_source = flops.device_peak_flops(jax.local_devices()[0], config.model.dtype)
 
     with jax.set_mesh(mesh):
-        restored = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings))
+        restored = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings),
+                                               check_meta=lambda step, meta: check_saved_config(config, step, meta))
         if restored is not None:
             start, state, data_state, _ = restored
             pipeline.set_state(own_data_state(data_state))
@@ -338,6 +353,8 @@ def main(argv):
         last = train(_FLAGS.config.value, _FLAGS.workdir.value, log_records=_FLAGS.log_records.value)
     except NonFiniteError as e:
         raise SystemExit(f"pretrain.train: stopped: {e}") from None
+    except resume.ConfigMismatchError as e:
+        raise SystemExit(f"pretrain.train: not resumed: {e}") from None
     print(json.dumps(last))
 
 

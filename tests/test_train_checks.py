@@ -82,3 +82,43 @@ def test_non_finite_last_steps_stop_the_run_at_the_last_step(data_dir, tmp_path,
     logged = read_jsonl(str(tmp_path / "metrics.jsonl"))
     assert logged[-1]["step"] == 4 and logged[-1]["finite"] == 0.0  # the failing step's metrics are written
     assert not (tmp_path / "checkpoints" / "4").exists()  # but it is not saved as a finished run
+
+
+def saved_run(workdir, config):
+    """A workdir whose one checkpoint (step 1) holds `config`'s initial state, its data state and config."""
+    import json
+
+    from pretrain.checkpoint import Checkpointer
+    from pretrain.state import create_state
+    from ringmoe import sharding
+    from ringmoe.data.pipeline import Pipeline
+    _, state, _ = create_state(config, sharding.make_mesh({}, jax.devices()[:1]))
+    with Pipeline(config) as pipeline:
+        data_state = {"processes": [pipeline.get_state()]}
+    checkpointer = Checkpointer(str(workdir), keep=1, save_every=1)
+    checkpointer.save(1, state, data_state, {"config": json.loads(config.to_json()), "step": 1}, force=True)
+    checkpointer.close()
+
+
+def test_resume_refuses_a_changed_model_data_or_objective_and_allows_logging_changes(data_dir, tmp_path, caplog):
+    from pretrain.train import train
+    saved = small_run_config(data_dir, 1)
+    saved_run(tmp_path, saved)
+    one = jax.devices()[:1]
+
+    changed = small_run_config(data_dir, 1)
+    changed.objectives.simmim, changed.data.mask_ratio = 0.5, 0.4
+    with pytest.raises(ValueError, match=r"checkpoint 1 .*data.mask_ratio: 0.6 in the checkpoint, 0.4 now; "
+                                         r"objectives.simmim: 1.0 in the checkpoint, 0.5 now"):
+        train(changed, str(tmp_path), devices=one)
+    changed = small_run_config(data_dir, 1)
+    changed.model.embed_dim = 32
+    with pytest.raises(ValueError, match="model.embed_dim: 16 in the checkpoint, 32 now"):
+        train(changed, str(tmp_path), devices=one)
+    assert (tmp_path / "checkpoints" / "1").is_dir()  # refused, not mistaken for a damaged checkpoint
+
+    allowed = small_run_config(data_dir, 1)
+    allowed.log_every, allowed.mesh.data, allowed.max_nonfinite_steps = 7, 1, 9
+    with caplog.at_level("WARNING", logger="ringmoe.train"):
+        assert train(allowed, str(tmp_path), devices=one) == {}  # resumed at its last step: nothing to do
+    assert "log_every: 1000 in the checkpoint, 7 now" in caplog.text
