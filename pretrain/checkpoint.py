@@ -43,28 +43,48 @@ class Checkpointer:
         """True on every process once any process was told to stop (JAX's multi-host signal)."""
         return self.manager.reached_preemption(step)
 
-    def restore_latest(self, abstract_state) -> tuple[int, object, dict, dict] | None:
+    def restore_latest(self, abstract_state, check_meta=None) -> tuple[int, object, dict, dict] | None:
         """(step, state, data_state, meta) of the newest readable checkpoint, or None.
 
         `abstract_state` carries the target shardings, so a checkpoint written
-        under one mesh restores under another.
+        under one mesh restores under another. `check_meta(step, meta)` runs on a
+        checkpoint's metadata before its arrays are read; what it raises propagates
+        (a refused checkpoint is neither restored nor moved aside).
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore()))
-            except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-                path = os.path.join(self.directory, str(step))
-                aside = f"{path}.unreadable"
-                log.warning("checkpoint %s is unreadable (%s: %s); moved to %s, trying the previous one",
-                            path, type(e).__name__, (str(e).splitlines() or [""])[0][:200], aside)
-                if jax.process_index() == 0:
-                    os.replace(path, aside)
-                self.manager.reload()
+            meta = self._read(step, meta=ocp.args.JsonRestore())
+            if meta is None:
                 continue
-            return step, restored.state, restored.data, restored.meta
+            if check_meta is not None:
+                check_meta(step, meta.meta)
+            restored = self._read(step, state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                                  meta=ocp.args.JsonRestore())
+            if restored is not None:
+                return step, restored.state, restored.data, restored.meta
         return None
+
+    def latest_meta(self) -> tuple[int, dict] | None:
+        """(step, meta) of the newest checkpoint whose metadata reads; nothing is moved aside."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return step, self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            except Exception:  # noqa: BLE001 -- damaged: restore_latest moves it aside when it gets there
+                continue
+        return None
+
+    def _read(self, step: int, **items):
+        """The restored Composite of `items`, or None with the step moved aside if it is unreadable."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+            path = os.path.join(self.directory, str(step))
+            aside = f"{path}.unreadable"
+            log.warning("checkpoint %s is unreadable (%s: %s); moved to %s, trying the previous one",
+                        path, type(e).__name__, (str(e).splitlines() or [""])[0][:200], aside)
+            if jax.process_index() == 0:
+                os.replace(path, aside)
+            self.manager.reload()
+            return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -19,9 +19,9 @@ from ringmoe.model.ringmoe import ParamKeys, RingMoE
 class TrainState(NamedTuple):
     params: nnx.State
     opt_state: optax.OptState
-    step: jax.Array          # int32 scalar: updates applied so far
+    step: jax.Array          # int32 scalar: steps taken so far (batches consumed), applied or skipped
     rng: jax.Array           # key data; the step's key is fold_in(rng, step)
-    nonfinite: jax.Array     # int32 scalar: updates skipped for NaN/Inf so far
+    nonfinite: jax.Array     # int32 scalar: updates skipped for NaN/Inf so far (step - nonfinite applied)
 
 
 def learning_rate(config) -> optax.Schedule:
@@ -30,6 +30,20 @@ def learning_rate(config) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=o.init_lr, peak_value=o.lr, warmup_steps=o.warmup_steps,
         decay_steps=max(config.total_steps, o.warmup_steps + 1), end_value=o.end_lr)
+
+
+def schedule_count(opt_state) -> jax.Array:
+    """The count the optimiser's learning-rate schedule is indexed by: the updates it has applied.
+
+    A skipped (non-finite) update keeps the whole optimiser state, so this count, unlike
+    `TrainState.step`, does not advance on one; `pretrain.step` logs `schedule(schedule_count)`,
+    the rate the update actually uses.
+    """
+    counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+              if isinstance(s, optax.ScaleByScheduleState)]
+    if len(counts) != 1:
+        raise ValueError(f"expected one learning-rate schedule in the optimiser state, found {len(counts)}")
+    return counts[0]
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

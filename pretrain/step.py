@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pretrain.state import TrainState, learning_rate, make_optimizer
+from pretrain.state import TrainState, learning_rate, make_optimizer, schedule_count
 from ringmoe.objectives.loss import pretraining_loss
 
 MODEL_INPUTS = ("pixels", "mask", "valid", "record_index")
@@ -46,6 +46,15 @@ def make_train_step(graphdef, config, norm_stats: dict, loss_fn=None):
     metrics: 'loss', every objective term, 'grad_norm', 'lr', 'finite' (1.0 when the
     update was applied; a NaN/Inf loss or gradient skips it and bumps
     state.nonfinite) and 'router' (per modality, per block route() statistics).
+
+    The learning-rate schedule follows the updates applied, not `state.step`: a skipped
+    update keeps the whole optimiser state (Adam's moments, its bias-correction count and
+    the schedule's count are one state, and keeping only part of it would let the bias
+    correction and the rate disagree), so the schedule resumes where the last applied
+    update left it; warm-up takes `warmup_steps` real updates. The price: after k skips
+    the run ends k updates short of the schedule's end (the rate slightly above end_lr).
+    'lr' is that rate, `schedule(schedule_count(opt_state))`, the one this step's update
+    uses (or would have used, when skipped).
     `loss_fn(params, batch, *frozen) -> (total, (terms, router))` defaults to the
     pretraining objective; `frozen` are inputs that get no gradient (the teacher's
     parameters when distilling).
@@ -85,7 +94,7 @@ def make_train_step(graphdef, config, norm_stats: dict, loss_fn=None):
         new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
                                step=state.step + 1, rng=state.rng,
                                nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
-        metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": schedule(state.step),
+        metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": schedule(schedule_count(state.opt_state)),
                    "finite": finite.astype(jnp.float32), "router": router}
         return new_state, metrics
 

@@ -9,8 +9,10 @@ Mesh from `config.mesh`; state created sharded; the jitted, donated step from
 console (`pretrain.metrics`); with `eval_every`, the loss on fixed batches at step
 0, every N steps and at the end (`eval/...` metrics: the same pixels and masks
 each time, so the curve is free of batch-to-batch noise); PNGs of reconstructions and expert loads. A
-workdir with checkpoints resumes from the newest readable one. SIGTERM saves a
-checkpoint and exits cleanly.
+workdir with checkpoints resumes from the newest readable one, if the config it
+was trained under differs only in keys that may change (`pretrain.resume`:
+logging intervals, total_steps, mesh, ...; any other difference is an error
+naming each key). SIGTERM saves a checkpoint and exits cleanly.
 
 Multi-process (one process per TPU VM host, or per GPU / node under SLURM):
 `jax.distributed` is initialised from --coordinator_address/--num_processes/
@@ -39,7 +41,7 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
-from pretrain import distributed
+from pretrain import distributed, resume
 from pretrain.checkpoint import Checkpointer, abstract_with_shardings
 from pretrain.metrics import MetricsWriter, flatten_router_stats, router_load_matrices
 from pretrain.state import abstract_state, create_state
@@ -67,6 +69,34 @@ def define_flags() -> None:
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive NaN/Inf updates; the message names the modality and term."""
+
+
+class NonFiniteGuard:
+    """Counts the skipped (NaN/Inf) updates in a row on the host; `limit` in a row stop the run.
+
+    A step's 'finite' flag is read only when the host waits for that step anyway, so the
+    check costs no device sync of its own: one step late (`check` after the next step was
+    queued: the device keeps working while the host reads), or at once when the step is
+    logged, checkpointed or the last (`check` before the save: those read the step's
+    results regardless). Every step is checked exactly once, the last one included, and
+    a step that reaches the limit is never saved as a finished checkpoint.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.run, self.pending = limit, 0, None
+
+    def defer(self, step: int, metrics: dict) -> None:
+        self.pending = (step, metrics)
+
+    def check(self) -> None:
+        """Reads the deferred step's flag (if any); NonFiniteError at `limit` in a row."""
+        if self.pending is None:
+            return
+        (step, metrics), self.pending = self.pending, None
+        self.run = 0 if float(metrics["finite"]) else self.run + 1
+        if self.run >= self.limit:
+            raise NonFiniteError(f"{self.run} consecutive non-finite updates up to step {step}: "
+                                 f"{describe_nonfinite(jax.device_get(metrics))}")
 
 
 def initialize_distributed() -> bool:
@@ -129,6 +159,18 @@ def describe_nonfinite(metrics: dict) -> str:
     return "loss finite but gradients non-finite" if "grad_norm" in bad else "non-finite loss"
 
 
+def check_saved_config(config, step: int, meta: dict) -> None:
+    """Refuses to resume checkpoint `step` if it was trained under a config that differs in a
+    key outside `resume.RESUME_ALLOWED` (ConfigMismatchError naming each key and both values);
+    logs the allowed differences."""
+    if "config" not in meta:
+        log.warning("checkpoint %d records no config: cannot check that it matches this run's", step)
+        return
+    allowed = resume.check_resume(meta["config"], json.loads(config.to_json()), f"checkpoint {step}")
+    if allowed:
+        log.warning("resuming checkpoint %d under changed settings: %s", step, resume.describe(allowed))
+
+
 def own_data_state(data_state: dict) -> dict:
     """This process's iterator state out of a checkpoint's data item (`gathered_data_state`)."""
     if "processes" not in data_state:  # a checkpoint from before the states were gathered
@@ -181,7 +223,8 @@ def train(config, workdir: str, devices=None, *, log_records: bool = False) -> d
     peak, peak_source = flops.device_peak_flops(jax.local_devices()[0], config.model.dtype)
 
     with jax.set_mesh(mesh):
-        restored = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings))
+        restored = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings),
+                                               check_meta=lambda step, meta: check_saved_config(config, step, meta))
         if restored is not None:
             start, state, data_state, _ = restored
             pipeline.set_state(own_data_state(data_state))
@@ -210,7 +253,7 @@ def train(config, workdir: str, devices=None, *, log_records: bool = False) -> d
         single = jax.process_count() == 1
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)) if single else None
         records = RecordLog(workdir, log_records)
-        last, nonfinite_run, pending = {}, 0, None
+        last, guard = {}, NonFiniteGuard(config.max_nonfinite_steps)
         window_start, window_steps = time.perf_counter(), 0
         batch = None
         try:
@@ -220,14 +263,9 @@ def train(config, workdir: str, devices=None, *, log_records: bool = False) -> d
                 device_batch = to_device(batch, in_batch)
                 state, metrics = step_fn(state, device_batch)
                 window_steps += 1
-                # The previous step's flag is read only now, so the device never idles for it.
-                if pending is not None:
-                    nonfinite_run = 0 if float(pending["finite"]) else nonfinite_run + 1
-                    if nonfinite_run >= config.max_nonfinite_steps:
-                        raise NonFiniteError(f"{nonfinite_run} consecutive non-finite updates up to step "
-                                             f"{step}: {describe_nonfinite(jax.device_get(pending))}")
-                pending = metrics
+                guard.check()  # the previous step's flag, read now that this one is queued
                 done = step + 1
+                guard.defer(done, metrics)
                 scores = {}
                 if eval_batches and (done % config.eval_every == 0 or done == config.total_steps):
                     eval_start = time.perf_counter()
@@ -254,11 +292,15 @@ def train(config, workdir: str, devices=None, *, log_records: bool = False) -> d
                 if config.image_every and done % config.image_every == 0:
                     save_pictures(workdir, done, graphdef, state, device_batch, metrics, norm_stats, lead)
                 preempted = stop["signal"] is not None or checkpointer.reached_preemption(done)
-                if checkpointer.should_save(done) or preempted or done == config.total_steps:
+                save = checkpointer.should_save(done) or preempted or done == config.total_steps
+                if save or done % config.log_every == 0:
+                    guard.check()  # the host waits for this step anyway: check it now, before it is saved
+                if save:
                     checkpointer.save(done, state, gathered_data_state(pipeline), {**meta, "step": done}, force=True)
                 if preempted:
                     log.warning("stopping at step %d on request (signal %s); checkpoint saved", done, stop["signal"])
                     break
+            guard.check()  # (every step was checked above: a no-op, kept as the guarantee)
             if batch is not None and not preempted:
                 save_pictures(workdir, "final", graphdef, state, device_batch, metrics, norm_stats, lead)
         finally:
@@ -311,6 +353,8 @@ def main(argv):
         last = train(_FLAGS.config.value, _FLAGS.workdir.value, log_records=_FLAGS.log_records.value)
     except NonFiniteError as e:
         raise SystemExit(f"pretrain.train: stopped: {e}") from None
+    except resume.ConfigMismatchError as e:
+        raise SystemExit(f"pretrain.train: not resumed: {e}") from None
     print(json.dumps(last))
 
 

@@ -60,3 +60,41 @@ def test_report_table_and_plot(tmp_path):
     assert "| hierarchical | 5 | 10.00 | 0.500 | 0.400 | 0.600 | 0.600 |" in table
     assert "| dense |" in table
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_point_is_reused_only_under_its_own_config(tmp_path, monkeypatch):
+    import numpy as np
+
+    import pretrain.train
+    import ringmoe.eval.features
+    import ringmoe.model.checkpoint
+    from pretrain.checkpoint import Checkpointer
+    trained = []
+
+    def fake_train(config, workdir):  # stands in for training: a checkpoint with the config, one metrics line
+        checkpointer = Checkpointer(workdir, keep=1, save_every=1)
+        checkpointer.save(config.total_steps, {"x": np.zeros(1)}, {},
+                          {"config": json.loads(config.to_json()), "step": config.total_steps}, force=True)
+        checkpointer.close()
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": config.total_steps, "loss": 1.0 + len(trained)}) + "\n")
+        trained.append(config)
+
+    monkeypatch.setattr(pretrain.train, "train", fake_train)
+    monkeypatch.setattr(ringmoe.model.checkpoint, "load_pretrained",
+                        lambda workdir: (trained[-1], None, trained[-1].total_steps))
+    monkeypatch.setattr(ringmoe.eval.features, "evaluate", lambda *a, **k: {"value": 0.5, "metric": "top1_accuracy"})
+    grid = moe_vs_dense.get_config()
+    grid.data_dir = "/data"
+    name, overrides = grid.points[0]
+    workdir = str(tmp_path / name)
+
+    def run(**changes):
+        return ablate.run_point(name, ablate.point_config(grid, {**dict(overrides), **changes}), workdir, "knn", "/d")
+
+    assert run()["loss"] == 1.0 and len(trained) == 1
+    assert run(log_every=7)["loss"] == 1.0 and len(trained) == 1       # logging only: the same point
+    assert run(**{"objectives.simmim": 0.5})["loss"] == 2.0 and len(trained) == 2  # another recipe: trained again
+    assert len(trained) == 2 and trained[-1].objectives.simmim == 0.5
+    assert any(p.startswith(f"{name}.stale-") for p in os.listdir(tmp_path))  # the old run is kept aside
+    assert run(**{"objectives.simmim": 0.5})["loss"] == 2.0 and len(trained) == 2

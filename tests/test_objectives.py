@@ -98,6 +98,14 @@ def test_term_gradient_is_finite(name, case):
     assert np.isfinite(float(fn(rec, target, weights())))
 
 
+def test_simmim_ignores_nan_in_pixels_it_does_not_score():
+    # masked_mean selects with where(), not a product with the mask: NaN * 0 would be NaN.
+    target, rec, w = normal(1, 3), normal(2, 3), weights()
+    poisoned = jnp.where(w[..., None] > 0, target, jnp.nan)
+    np.testing.assert_allclose(masked_l1(rec, poisoned, w), masked_l1(rec, target, w), rtol=1e-6)
+    assert np.isfinite(np.asarray(jax.grad(lambda r: masked_l1(r, poisoned, w))(rec))).all()
+
+
 def test_denormalize_and_shape_check():
     stats = {"mean": np.array([1.0, -2.0]), "std": np.array([0.5, 3.0])}
     z = jnp.array([[[[2.0, -1.0]]]])

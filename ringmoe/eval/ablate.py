@@ -10,9 +10,13 @@ A grid file (configs/ablations/NAME.py) returns a ConfigDict with
   only       optional comma-separated point names to run (default: all).
 Each point trains in DIR/<name> through the one trainer (`pretrain.train.train`),
 so a re-run resumes or skips finished points; `result.json` there holds its
-figures. The fixed-batch masked reconstruction loss (eval/<modality>/simmim, at
-the last step) and the probe accuracy of every modality are compared; the
-report is DIR/ablation.md and DIR/ablation.png.
+figures. A point is only resumed or reused under the config it was trained
+under (every key but the logging-only ones, `pretrain.resume.config_key`); a
+directory from another config (a changed grid, budget or recipe) is moved to
+DIR/<name>.stale-<n> and the point trained again. The fixed-batch masked
+reconstruction loss (eval/<modality>/simmim, at the last step) and the probe
+accuracy of every modality are compared; the report is DIR/ablation.md and
+DIR/ablation.png.
 """
 from __future__ import annotations
 
@@ -60,25 +64,57 @@ def point_config(grid: ConfigDict, overrides: dict) -> ConfigDict:
     return config
 
 
+def set_aside_if_stale(name: str, config: ConfigDict, workdir: str, key: str) -> str | None:
+    """Moves a point's directory to `<workdir>.stale-<n>` (kept, never deleted) if what it holds was
+    trained under another config than `config` (`pretrain.resume.config_key`: every key but the
+    logging-only ones, so total_steps, the recipe and the grid's overrides all count); returns
+    where it went, or None if it is current or empty. Its checkpoints' config is compared, or,
+    without checkpoints, the key result.json records."""
+    from pretrain import resume
+
+    saved = resume.saved_config(workdir)
+    path = os.path.join(workdir, RESULT_FILE)
+    if saved is not None:
+        if resume.config_key(saved) == key:
+            return None
+        why = resume.describe({k: v for k, v in resume.differences(saved, resume.as_json(config)).items()
+                               if not resume.covered(k, resume.LOGGING_KEYS)})
+    elif os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if json.load(f).get("config_key") == key:
+                return None
+        why = f"{RESULT_FILE} is from another config"
+    else:
+        return None
+    n = 1
+    while os.path.exists(f"{workdir}.stale-{n}"):
+        n += 1
+    aside = f"{workdir}.stale-{n}"
+    os.replace(workdir, aside)
+    log.warning("%s: trained under another config (%s); moved to %s, training it again", name, why, aside)
+    return aside
+
+
 def run_point(name: str, config: ConfigDict, workdir: str, probe: str, probe_data_dir: str) -> dict:
     """Trains (or resumes) one point, probes every modality, writes and returns result.json."""
+    from pretrain import resume
     from pretrain.train import train
     from ringmoe.eval.features import evaluate
     from ringmoe.model.checkpoint import load_pretrained
 
     path = os.path.join(workdir, RESULT_FILE)
-    if os.path.exists(path):
+    key = resume.config_key(resume.as_json(config))
+    if set_aside_if_stale(name, config, workdir, key) is None and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             result = json.load(f)
-        if result.get("total_steps") == config.total_steps:
-            log.info("%s: done already (%s)", name, path)
-            return result
+        log.info("%s: done already (%s)", name, path)
+        return result
     train(config, workdir)
     trained, model, step = load_pretrained(workdir)
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     final = {k: v for r in records if r.get("step") == step for k, v in r.items()}
     modalities = list(config.model.modalities.keys())
-    result = {"name": name, "total_steps": config.total_steps, "probe": probe,
+    result = {"name": name, "config_key": key, "total_steps": config.total_steps, "probe": probe,
               "active_tflops_per_image": flops.model_flops_per_step(config.model, {m: 1 for m in modalities},
                                                                     training=False) / len(modalities) / 1e12,
               "loss": final.get("loss"), "simmim": {}, "probe_value": {}}
