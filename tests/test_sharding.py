@@ -22,10 +22,9 @@ def loss_and_grads(model, batch, moe_config):
 
     def loss_fn(params):
         out = nnx.merge(graphdef, params)(batch)
-        total = 0.0
+        total = router_loss({m: o["encoded"].router_stats for m, o in out.items()}, moe_config)["total"]
         for m, o in out.items():
             total += masked_l1(o["reconstruction"], batch[m]["pixels"], pixel_mask(batch[m]["mask"], 4))
-            total += router_loss(o["encoded"].router_stats, moe_config)["total"]
         return total
 
     return jax.jit(jax.value_and_grad(loss_fn))(params)
