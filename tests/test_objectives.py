@@ -610,3 +610,10 @@ def test_config_trains_the_terms_its_comments_name(name, physics):
     _, terms = loss_with(config.objectives, channels, band_spectra=spectra)
     trained = {k for k in terms if not k.endswith("/total") and not k.startswith("router/")}
     assert trained == {f"{m}/simmim" for m in channels} | physics
+
+
+def test_the_loss_reads_exactly_the_objective_keys_of_configs_common():
+    """ringmoe/ never imports configs/: the loss names its keys, configs/common.py holds their values."""
+    from configs.common import base_config
+    from ringmoe.objectives.loss import OBJECTIVE_KEYS
+    assert set(base_config().objectives.keys()) == OBJECTIVE_KEYS

@@ -18,8 +18,8 @@ A term with weight 0 is neither computed nor reported. A term with weight > 0
 that cannot run (Pauli without quad-pol, xpol_ratio without a cross-pol pair, an
 index whose bands are missing, cross_modal with one modality) is an error naming
 the modality, the term and why: set its weight to 0 to train without it.
-`config.objectives` must hold exactly the keys of configs/common.py base_config()
-(`check_objectives`): a misspelt key is an error, and the loss has no defaults
+`config.objectives` must hold exactly `OBJECTIVE_KEYS`, the keys of configs/common.py
+base_config() (`check_objectives`): a misspelt key is an error, and the loss has no defaults
 of its own. Physics terms see physical units: reconstruction and
 target are de-normalised with `norm_stats[m]` (common.py). Every term averages
 over the pixels that are masked and hold data (`common.loss_weights`): a no-data
@@ -42,13 +42,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import difflib
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.common import base_config
 from ringmoe.model.moe import router_loss
 from ringmoe.objectives import sar, spectral
 from ringmoe.objectives.common import denormalize, loss_weights
@@ -62,26 +60,30 @@ PHYSICS_TERMS = {
 }
 
 
-@functools.cache
-def objective_keys() -> frozenset[str]:
-    """Every key `config.objectives` has: those of configs/common.py `base_config()`, the one
-    place their defaults are written."""
-    return frozenset(base_config().objectives.keys())
+# Every key `config.objectives` holds: the names the loss reads. Their values (defaults
+# included) are written once, in configs/common.py `base_config()`; tests/test_objectives.py
+# checks that the two lists agree.
+OBJECTIVE_KEYS = frozenset((
+    "cross_modal", "cross_modal_weight", "index", "index_eps", "index_tolerance_nm", "indices",
+    "pauli", "pauli_looks", "power_eps", "sam", "sam_eps", "sar_l1_polarizations",
+    "sar_l2_polarizations", "sar_looks", "simmim", "span", "span_looks", "speckle_max_log_ratio",
+    "speckle_nll", "xpol_ratio",
+))
 
 
 def check_objectives(objectives_config) -> None:
     """Refuses a `config.objectives` with a key the loss does not know (a misspelt term would
     otherwise weigh 0 without a word) or without one it reads (no second default here)."""
     keys = set(objectives_config.keys())
-    unknown = sorted(keys - objective_keys())
+    unknown = sorted(keys - OBJECTIVE_KEYS)
     if unknown:
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, sorted(objective_keys()), n=1)
+            close = difflib.get_close_matches(key, sorted(OBJECTIVE_KEYS), n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"config.objectives has unknown key(s) {', '.join(hints)}; known: "
-                         f"{', '.join(sorted(objective_keys()))}")
-    missing = sorted(objective_keys() - keys)
+                         f"{', '.join(sorted(OBJECTIVE_KEYS))}")
+    missing = sorted(OBJECTIVE_KEYS - keys)
     if missing:
         raise ValueError(f"config.objectives lacks {', '.join(map(repr, missing))}: build configs on "
                          "configs/common.py base_config() (a config saved in a checkpoint gets the keys it "
