@@ -40,6 +40,10 @@ METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 # Keys the writer adds to every record (a caller's scalar of the same name wins).
 _TIMING_KEYS = ("samples_per_s", "sec_per_step", "elapsed_s", "wall_time")
+# Every logged number that depends on the wall clock. All others are functions of the
+# config, its seed and the data: the same command twice logs them bit for bit
+# (tests/test_train.py; README "Determinism" says what must be held fixed).
+WALL_CLOCK_KEYS = _TIMING_KEYS + ("step_s", "tokens_per_s", "mfu")
 
 
 def _scalar(name: str, value) -> float:
