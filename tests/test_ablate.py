@@ -45,21 +45,48 @@ def test_unknown_override_and_missing_data_are_errors():
         ablate.run(grid, "/tmp/unused")
 
 
-def test_report_table_and_plot(tmp_path):
+def test_report_table_and_plot_with_seeds(tmp_path):
     results = []
     for i, name in enumerate(("hierarchical", "dense")):
-        os.makedirs(tmp_path / name)
-        with open(tmp_path / name / "metrics.jsonl", "w") as f:
-            for step in range(1, 6):
-                f.write(json.dumps({"step": step, "loss": (i + 2.0) / step}) + "\n")
-        results.append({"name": name, "total_steps": 5, "probe": "linear", "metric": "top1_accuracy",
-                        "active_tflops_per_image": 0.01, "loss": 0.5, "simmim": {"optical": 0.4},
-                        "probe_value": {"optical": 0.6 + i / 10}, "probe_mean": 0.6 + i / 10})
+        runs = []
+        for s in range(2):
+            os.makedirs(tmp_path / name / f"seed-{s}")
+            with open(tmp_path / name / f"seed-{s}" / "metrics.jsonl", "w") as f:
+                for step in range(1, 6):
+                    f.write(json.dumps({"step": step, "loss": (i + 2.0 + s) / step}) + "\n")
+            # probe 0.6 + i/10 +- 0.05 over the two seeds: mean 0.6 + i/10, sd (ddof 1) 0.05 * sqrt(2) = 0.0707
+            runs.append({"name": name, "total_steps": 5, "probe": "linear", "metric": "top1_accuracy",
+                         "active_tflops_per_image": 0.01, "loss": 0.5 + s, "simmim": {"optical": 0.4},
+                         "probe_value": {"optical": 0.55 + i / 10 + s / 10},
+                         "probe_mean": 0.55 + i / 10 + s / 10})
+        results.append(ablate.summarise(name, runs))
+    assert results[0]["probe_mean"] == pytest.approx(0.6) and results[0]["probe_mean_sd"] == pytest.approx(0.0707, abs=1e-4)
+    assert results[0]["loss"] == pytest.approx(1.0) and results[0]["simmim_sd"]["optical"] == 0.0
     md, png = ablate.write_report(results, str(tmp_path), "moe_vs_dense.py")
     table = open(md).read()
-    assert "| hierarchical | 5 | 10.00 | 0.500 | 0.400 | 0.600 | 0.600 |" in table
-    assert "| dense |" in table
+    assert ("| hierarchical | 5 | 10.00 | 1.000 ± 0.707 | 0.400 ± 0.000 | 0.600 ± 0.071 | 0.600 ± 0.071 |"
+            in table), table
+    assert "| dense |" in table and "over 2 seed(s)" in table
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_point_runs_with_each_seed(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run_point(name, config, workdir, probe, probe_data_dir):
+        seen.append((name, config.seed, os.path.relpath(workdir, tmp_path)))
+        return {"name": name, "total_steps": config.total_steps, "probe": probe, "metric": "top1_accuracy",
+                "active_tflops_per_image": 0.01, "loss": 1.0, "simmim": {"optical": 0.4},
+                "probe_value": {"optical": 0.5 + config.seed / 10}, "probe_mean": 0.5 + config.seed / 10}
+
+    monkeypatch.setattr(ablate, "run_point", fake_run_point)
+    grid = moe_vs_dense.get_config()
+    assert grid.seeds == 3                                           # the grids' default
+    grid.data_dir, grid.only = "/data", "hierarchical"
+    [result] = ablate.run(grid, str(tmp_path))
+    assert seen == [("hierarchical", s, os.path.join("hierarchical", f"seed-{s}")) for s in range(3)]
+    assert result["seeds"] == 3 and result["probe_mean"] == pytest.approx(0.6)
+    assert result["probe_mean_sd"] == pytest.approx(0.1)             # sd of 0.5, 0.6, 0.7 (ddof 1)
 
 
 def test_a_finished_point_is_reused_only_under_its_own_config(tmp_path, monkeypatch):

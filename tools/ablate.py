@@ -7,7 +7,8 @@
     python -m tools.ablate --grid configs/ablations/physics_terms.py --workdir /tmp/abl_phys \\
         --grid.data_dir=/tmp/syn64 --grid.probe_data_dir=/tmp/probe_set
 
-Writes DIR/<point>/ (a training run), DIR/ablation.md and DIR/ablation.png, and
+Every point runs with --grid.seeds seeds (default 3; mean and spread reported).
+Writes DIR/<point>/seed-<i>/ (training runs), DIR/ablation.md and DIR/ablation.png, and
 prints, last, JSON with the grid's points and their figures. Re-running skips
 finished points and resumes interrupted ones; --grid.only=a,b runs those points
 alone. Programs are cached in DIR/.jax_cache, so points sharing an architecture
@@ -47,8 +48,9 @@ def main(argv):
     md, png = ablate.write_report(results, _WORKDIR.value, title)
     print(open(md, encoding="utf-8").read())
     print(json.dumps({"grid": title, "report": md, "plot": png, "seconds": round(time.perf_counter() - start, 1),
-                      "points": [{"name": r["name"], "loss": r["loss"], "probe_mean": r["probe_mean"],
-                                  "probe_value": r["probe_value"], "simmim": r["simmim"]} for r in results]}))
+                      "points": [{k: r[k] for k in ("name", "seeds", "loss", "loss_sd", "probe_mean", "probe_mean_sd",
+                                                    "probe_value", "probe_value_sd", "simmim", "simmim_sd")}
+                                 for r in results]}))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ def grid(points) -> ConfigDict:
         "probe_data_dir": "",
         "budget": {"total_steps": 100, "log_every": 10, "checkpoint_every": 1000, "eval_every": 0},
         "probe": "linear",
+        "seeds": 3,                    # runs per point: figures are mean +- sd over them
         "only": "",
         "points": tuple(points),
     })

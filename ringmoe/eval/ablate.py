@@ -7,16 +7,19 @@ A grid file (configs/ablations/NAME.py) returns a ConfigDict with
   budget     config overrides shared by all points (total_steps, ...);
   probe      the probe run on each point's frozen encoder (knn | linear);
   points     ((name, {dotted config key: value}), ...);
+  seeds      runs per point, seeds config.seed + 0 .. seeds - 1 (default 3): a point's
+             figures are the mean and standard deviation over them, since one run's
+             probe differs from the next by more than many ablation effects;
   only       optional comma-separated point names to run (default: all).
-Each point trains in DIR/<name> through the one trainer (`pretrain.train.train`),
+Each run trains in DIR/<name>/seed-<i> through the one trainer (`pretrain.train.train`),
 so a re-run resumes or skips finished points; `result.json` there holds its
 figures. A point is only resumed or reused under the config it was trained
 under (every key but the logging-only ones, `pretrain.resume.config_key`); a
 directory from another config (a changed grid, budget or recipe) is moved to
-DIR/<name>.stale-<n> and the point trained again. The fixed-batch masked
+DIR/<name>/seed-<i>.stale-<n> and the run trained again. The fixed-batch masked
 reconstruction loss (eval/<modality>/simmim, at the last step) and the probe
-accuracy of every modality are compared; the report is DIR/ablation.md and
-DIR/ablation.png.
+accuracy of every modality are compared as mean +- sd over the seeds; the report
+is DIR/ablation.md and DIR/ablation.png (error bars: the sd).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from ringmoe.visualize import read_jsonl
 
 log = logging.getLogger("ringmoe.ablate")
 RESULT_FILE = "result.json"
+_COLORS = [f"C{i}" for i in range(10)] * 10   # one colour per point, its seeds alike
 
 
 def load_config_file(path: str) -> ConfigDict:
@@ -129,8 +133,31 @@ def run_point(name: str, config: ConfigDict, workdir: str, probe: str, probe_dat
     return result
 
 
+def summarise(name: str, runs: list[dict]) -> dict:
+    """One point's figures over its seeds: the means under the single-run keys ('loss',
+    'simmim', 'probe_value', 'probe_mean'), their standard deviations (ddof 1; 0 for one
+    run) under '<key>_sd', and the runs themselves under 'runs'."""
+    def stats(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None, None
+        return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    first = runs[0]
+    out = {"name": name, "seeds": len(runs), "runs": runs, "total_steps": first["total_steps"],
+           "probe": first["probe"], "metric": first.get("metric", ""),
+           "active_tflops_per_image": first["active_tflops_per_image"]}
+    for key in ("loss", "probe_mean"):
+        out[key], out[f"{key}_sd"] = stats([r[key] for r in runs])
+    for key in ("simmim", "probe_value"):
+        per = {m: stats([r[key].get(m) for r in runs]) for m in first[key]}
+        out[key] = {m: v[0] for m, v in per.items()}
+        out[f"{key}_sd"] = {m: v[1] for m, v in per.items()}
+    return out
+
+
 def run(grid: ConfigDict, workdir: str) -> list[dict]:
-    """Every point of the grid in order; returns their results."""
+    """Every point of the grid in order, each with `grid.seeds` seeds; returns their summaries."""
     if not grid.data_dir:
         raise ValueError("the grid has no data set: pass --grid.data_dir=DIR")
     names = [name for name, _ in grid.points]
@@ -139,18 +166,28 @@ def run(grid: ConfigDict, workdir: str) -> list[dict]:
     only = [n for n in str(grid.get("only", "") or "").split(",") if n]
     if set(only) - set(names):
         raise ValueError(f"--grid.only names unknown points {sorted(set(only) - set(names))} (have {names})")
+    seeds = int(grid.get("seeds", 3))
+    if seeds < 1:
+        raise ValueError(f"--grid.seeds must be >= 1, got {seeds}")
     configs = [(name, point_config(grid, dict(overrides))) for name, overrides in grid.points
                if not only or name in only]  # every config is built before any training: fail early
     results = []
     for i, (name, config) in enumerate(configs):
-        log.info("point %d/%d: %s", i + 1, len(configs), name)
-        results.append(run_point(name, config, os.path.join(workdir, name), grid.probe,
-                                 grid.get("probe_data_dir") or grid.data_dir))
+        runs = []
+        for s in range(seeds):
+            log.info("point %d/%d: %s, seed %d/%d", i + 1, len(configs), name, s + 1, seeds)
+            seeded = ConfigDict(config.to_dict())
+            seeded.seed = config.seed + s
+            runs.append(run_point(name, seeded, os.path.join(workdir, name, f"seed-{s}"), grid.probe,
+                                  grid.get("probe_data_dir") or grid.data_dir))
+        results.append(summarise(name, runs))
     return results
 
 
-def _fmt(value, digits=3) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+def _fmt(value, digits=3, sd=None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
 def write_report(results: list[dict], workdir: str, title: str) -> tuple[str, str]:
@@ -161,12 +198,17 @@ def write_report(results: list[dict], workdir: str, title: str) -> tuple[str, st
             + [f"{metric} {m}" for m in modalities] + [f"{metric} mean"])
     lines = [f"# Ablation: {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        row = ([r["name"], str(r["total_steps"]), _fmt(1e3 * r["active_tflops_per_image"], 2), _fmt(r["loss"])]
-               + [_fmt(r["simmim"].get(m)) for m in modalities]
-               + [_fmt(r["probe_value"].get(m)) for m in modalities] + [_fmt(r["probe_mean"])])
+        sd = lambda key, m=None: (r.get(f"{key}_sd") or {}).get(m) if m else r.get(f"{key}_sd")  # noqa: E731
+        row = ([r["name"], str(r["total_steps"]), _fmt(1e3 * r["active_tflops_per_image"], 2),
+                _fmt(r["loss"], sd=sd("loss"))]
+               + [_fmt(r["simmim"].get(m), sd=sd("simmim", m)) for m in modalities]
+               + [_fmt(r["probe_value"].get(m), sd=sd("probe_value", m)) for m in modalities]
+               + [_fmt(r["probe_mean"], sd=sd("probe_mean"))])
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"SimMIM: masked L1 on the fixed evaluation batches at the last step; {metric}: "
-              f"{results[0]['probe'] if results else ''} probe on the frozen encoder (ringmoe/eval/probes.py)."]
+    seeds = results[0].get("seeds", 1) if results else 1
+    lines += ["", f"Mean ± standard deviation over {seeds} seed(s) per point. SimMIM: masked L1 on the fixed "
+              f"evaluation batches at the last step; {metric}: {results[0]['probe'] if results else ''} probe on "
+              "the frozen encoder (ringmoe/eval/probes.py). A difference smaller than the spreads is not an effect."]
     md = os.path.join(workdir, "ablation.md")
     with open(md, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
@@ -174,15 +216,17 @@ def write_report(results: list[dict], workdir: str, title: str) -> tuple[str, st
     fig = Figure(figsize=(13, 4.5))
     bars, curves = fig.subplots(1, 2)
     names = [r["name"] for r in results]
-    bars.bar(range(len(results)), [r["probe_mean"] for r in results], color="tab:blue")
+    bars.bar(range(len(results)), [r["probe_mean"] for r in results], color="tab:blue",
+             yerr=[r.get("probe_mean_sd") or 0.0 for r in results], capsize=4)
     bars.set_xticks(range(len(results)), names, rotation=30, ha="right", fontsize=8)
     bars.set_ylabel(f"{metric} (mean over modalities)")
-    bars.set_title("probe per point")
-    for r in results:
-        rows = read_jsonl(os.path.join(workdir, r["name"], "metrics.jsonl"))
-        points = [(x["step"], x["loss"]) for x in rows if isinstance(x.get("loss"), (int, float))]
-        if points:
-            curves.plot(*zip(*points), label=r["name"], linewidth=1.0)
+    bars.set_title(f"probe per point (mean ± sd over {seeds} seed(s))")
+    for color, r in zip(_COLORS, results):
+        for s in range(r.get("seeds", 1)):
+            rows = read_jsonl(os.path.join(workdir, r["name"], f"seed-{s}", "metrics.jsonl"))
+            points = [(x["step"], x["loss"]) for x in rows if isinstance(x.get("loss"), (int, float))]
+            if points:
+                curves.plot(*zip(*points), label=r["name"] if s == 0 else None, linewidth=1.0, color=color)
     curves.set_yscale("log")
     curves.set_xlabel("step")
     curves.set_title("training loss")
