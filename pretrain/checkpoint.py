@@ -3,19 +3,53 @@
 Saves are asynchronous (training continues while arrays are written) and every
 process writes its own shards collectively. A step directory only becomes
 visible once Orbax has finalised it, so a save interrupted mid-way is never
-restored; a finalised step whose files were truncated or corrupted later is
-skipped with a warning naming it, moved aside to `<step>.unreadable` (kept for
-inspection, never deleted) and the next older one is restored.
+restored.
+
+Resume restores the same step on every process, the newest one that every
+process can read; a finalised step whose files were later truncated, corrupted
+or are unreadable from one host is skipped. `restore_latest`:
+
+1. each process probes the steps it sees, from files alone (no collective): the
+   step's metadata and data-iterator JSON and the state's tree metadata;
+2. the processes gather every probe (`distributed.allgather_json`) and take the
+   newest step that all of them read;
+3. all restore that step; a process whose read of its array shards fails still
+   passes Orbax's restore barrier, and the processes gather again whether each
+   one succeeded: if any failed, all go on to the next older common step.
+
+The probe reads no arrays, so it is cheap (a few small files per step) and a
+step damaged only in its array files passes it: step 3 catches that.
+
+A step that some process cannot read is moved aside to `<step>.unreadable` by
+process 0 alone (kept for inspection, never deleted), with a warning on every
+process naming the step and each process that failed, with its error. One
+process runs the same code (its gathers return at once).
+
+Waiting: the gathers, like Orbax's own barriers, are device collectives without
+a timeout of their own. A process that dies is noticed by JAX's coordination
+service (jax.distributed.initialize's heartbeat_timeout_seconds, 100 s by
+default), which ends the job; one that is alive but never arrives (hung
+elsewhere) is waited for without limit.
 """
 from __future__ import annotations
 
 import logging
 import os
+import pathlib
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from pretrain import distributed
 
 log = logging.getLogger("ringmoe.checkpoint")
+
+# Orbax names its barriers "<prefix>_<name>"; this run sets the prefix, so that a restore that
+# raised can pass the barrier that ends every CheckpointManager.restore (orbax-checkpoint 0.12,
+# _src/checkpointers/checkpointer.py Checkpointer.restore) and that the failure skipped.
+_BARRIER_PREFIX = "ringmoe"
+_ORBAX_RESTORE_BARRIER = ocp.multihost.unique_barrier_key("Checkpointer:restore", prefix=_BARRIER_PREFIX)
 
 
 class Checkpointer:
@@ -24,7 +58,9 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, save_every: int):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                               enable_async_checkpointing=True, create=True)
+                                               enable_async_checkpointing=True, create=True,
+                                               multiprocessing_options=ocp.options.MultiprocessingOptions(
+                                                   barrier_sync_key_prefix=_BARRIER_PREFIX))
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.save_every = save_every
 
@@ -44,47 +80,88 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def restore_latest(self, abstract_state, check_meta=None) -> tuple[int, object, dict, dict] | None:
-        """(step, state, data_state, meta) of the newest readable checkpoint, or None.
+        """(step, state, data_state, meta) of the newest checkpoint every process reads, or None.
 
+        Collective: every process must call it, and all return the same step.
         `abstract_state` carries the target shardings, so a checkpoint written
-        under one mesh restores under another. `check_meta(step, meta)` runs on a
-        checkpoint's metadata before its arrays are read; what it raises propagates
-        (a refused checkpoint is neither restored nor moved aside).
+        under one mesh restores under another. `check_meta(step, meta)` runs on
+        the agreed checkpoint's metadata before its arrays are read; what it
+        raises propagates (a refused checkpoint is neither restored nor moved
+        aside). It sees the same metadata on every process, so it decides alike.
         """
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            meta = self._read(step, meta=ocp.args.JsonRestore())
-            if meta is None:
-                continue
-            if check_meta is not None:
-                check_meta(step, meta.meta)
-            restored = self._read(step, state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                                  meta=ocp.args.JsonRestore())
-            if restored is not None:
-                return step, restored.state, restored.data, restored.meta
+        probes = {step: self._probe(step) for step in self.manager.all_steps()}
+        seen = distributed.allgather_json({str(step): error for step, (_, error) in probes.items()})
+        moved = False
+        for step in sorted({int(s) for steps in seen for s in steps}, reverse=True):
+            failed = {p: steps.get(str(step), "not found") for p, steps in enumerate(seen)}
+            failed = {p: error for p, error in failed.items() if error is not None}
+            if not failed:
+                if check_meta is not None:
+                    check_meta(step, probes[step][0])
+                restored, error = self._restore(step, abstract_state)
+                failed = {p: e for p, e in enumerate(distributed.allgather_json(error)) if e is not None}
+                if not failed:
+                    self._after_moving(moved)
+                    return step, restored.state, restored.data, restored.meta
+            self._move_aside(step, failed)
+            moved = True
+        self._after_moving(moved)
         return None
 
     def latest_meta(self) -> tuple[int, dict] | None:
-        """(step, meta) of the newest checkpoint whose metadata reads; nothing is moved aside."""
+        """(step, meta) of the newest checkpoint this process reads (`_probe`: no collective,
+        nothing moved aside; restore_latest moves a damaged one aside when it gets there)."""
         for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                return step, self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            except Exception:  # noqa: BLE001 -- damaged: restore_latest moves it aside when it gets there
-                continue
+            meta, error = self._probe(step)
+            if error is None:
+                return step, meta
         return None
 
-    def _read(self, step: int, **items):
-        """The restored Composite of `items`, or None with the step moved aside if it is unreadable."""
+    def _probe(self, step: int) -> tuple[dict | None, str | None]:
+        """(meta, None) if this process reads the step's JSON items and its state's tree
+        metadata, else (None, error). Files only: no collective, so processes may disagree."""
+        path = pathlib.Path(self.directory, str(step))
+        handler = ocp.StandardCheckpointHandler()
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-            path = os.path.join(self.directory, str(step))
-            aside = f"{path}.unreadable"
-            log.warning("checkpoint %s is unreadable (%s: %s); moved to %s, trying the previous one",
-                        path, type(e).__name__, (str(e).splitlines() or [""])[0][:200], aside)
-            if jax.process_index() == 0:
-                os.replace(path, aside)
+            _test_hook(step, "probe")
+            meta = ocp.JsonCheckpointHandler().restore(path / "meta")
+            ocp.JsonCheckpointHandler().restore(path / "data")
+            handler.metadata(path / "state")
+            return meta, None
+        except Exception as e:  # noqa: BLE001 -- Orbax/TensorStore raise many types for damaged files
+            return None, _describe(e)
+        finally:
+            handler.close()
+
+    def _restore(self, step: int, abstract_state) -> tuple[object | None, str | None]:
+        """(the restored Composite, None), or (None, error). A failed restore has skipped the
+        barrier that ends Orbax's restore on the other processes: this one passes it here, so
+        the collectives that follow stay paired."""
+        try:
+            _test_hook(step, "restore")
+            return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore())), None
+        except Exception as e:  # noqa: BLE001 -- as in _probe
+            ocp.multihost.sync_global_processes(_ORBAX_RESTORE_BARRIER)
+            return None, _describe(e)
+
+    def _move_aside(self, step: int, failed: dict[int, str]) -> None:
+        """Process 0 renames step `step` to `<step>.unreadable`; every process warns."""
+        path = os.path.join(self.directory, str(step))
+        aside = f"{path}.unreadable"
+        who = "; ".join(f"process {p} ({error})" for p, error in sorted(failed.items()))
+        log.warning("checkpoint %s is unreadable on %s: moved to %s, every process tries the previous one",
+                    path, who, aside)
+        if jax.process_index() == 0 and os.path.isdir(path):
+            os.replace(path, aside)
+
+    def _after_moving(self, moved: bool) -> None:
+        """After process 0 moved steps aside, every process re-lists the steps (once they are moved)."""
+        if moved:
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("ringmoe: checkpoints moved aside")
             self.manager.reload()
-            return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -92,6 +169,20 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def _test_hook(step: int, phase: str) -> None:
+    """TEST HOOK, unset in real runs: RINGMOE_TEST_UNREADABLE="1:3:probe,1:2:restore" makes
+    process 1's probe of step 3 and its restore of step 2 fail, a host-local read failure on
+    demand (tests/test_multiprocess.py)."""
+    for entry in filter(None, os.environ.get("RINGMOE_TEST_UNREADABLE", "").split(",")):
+        process, bad, when = entry.split(":")
+        if (int(process), int(bad), when) == (jax.process_index(), step, phase):
+            raise OSError(f"RINGMOE_TEST_UNREADABLE: process {process} cannot {phase} step {step}")
 
 
 def abstract_with_shardings(abstract_state, shardings):

@@ -9,7 +9,7 @@ Mesh from `config.mesh`; state created sharded; the jitted, donated step from
 console (`pretrain.metrics`); with `eval_every`, the loss on fixed batches at step
 0, every N steps and at the end (`eval/...` metrics: the same pixels and masks
 each time, so the curve is free of batch-to-batch noise); PNGs of reconstructions and expert loads. A
-workdir with checkpoints resumes from the newest readable one, if the config it
+workdir with checkpoints resumes from the newest one every process can read, if the config it
 was trained under differs only in keys that may change (`pretrain.resume`:
 logging intervals, total_steps, mesh, ...; any other difference is an error
 naming each key). SIGTERM saves a checkpoint and exits cleanly.

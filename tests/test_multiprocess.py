@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -52,11 +53,11 @@ def setup(tmp_path_factory):
     return root
 
 
-def trainer(setup, workdir, devices, *extra):
+def trainer(setup, workdir, devices, *extra, env=None):
     # No persistent compilation cache: JAX writes it from process 0 only, so process 0 would start
     # its first step long before process 1 has compiled, and gloo gives up waiting after 30 s.
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
     args = [sys.executable, "-m", "pretrain.train", f"--config={setup / 'config.py'}", f"--workdir={workdir}",
             f"--config.data_dir={setup / 'data'}", "--log_records", *extra]
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -84,9 +85,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_processes(setup, workdir, *extra) -> list[str]:
+def two_processes(setup, workdir, *extra, env=None) -> list[str]:
     coordinator = f"--coordinator_address=localhost:{free_port()}"
-    return finish([trainer(setup, workdir, 4, coordinator, "--num_processes=2", f"--process_id={i}", *extra)
+    return finish([trainer(setup, workdir, 4, coordinator, "--num_processes=2", f"--process_id={i}", *extra, env=env)
                    for i in range(2)])
 
 
@@ -131,9 +132,46 @@ def test_two_processes_train_like_one(setup, tmp_path):
     assert [s["fingerprint"]["process_index"] for s in states] == [0, 1]
     assert sorted(os.listdir(two / "checkpoints")) == ["2", "4"]
 
-    # Resume: each process continues its own stream from the checkpoint.
-    two_processes(setup, two, f"--config.total_steps={STEPS + 2}")
-    resumed = records(two, 1)
-    assert sorted(resumed) == list(range(1, STEPS + 3))
-    assert resumed[STEPS + 1] == share[1][1]  # the next epoch starts again with this process's share
-    assert [r["step"] for r in metrics(two)] == list(range(1, STEPS + 3))
+    # Resume: the newest checkpoint (4) fails to restore on process 1 only (pretrain/checkpoint.py's test
+    # hook), so both processes resume from step 2, each continuing its own stream exactly.
+    two_processes(setup, two, f"--config.total_steps={STEPS + 2}",
+                  env={"RINGMOE_TEST_UNREADABLE": f"1:{STEPS}:restore"})
+    assert f"{STEPS}.unreadable" in os.listdir(two / "checkpoints")
+    resumed = [records(two, 0), records(two, 1)]
+    assert sorted(resumed[1]) == list(range(1, STEPS + 3))
+    assert resumed[0][3] == share[0][3] and resumed[1][3] == share[1][3]  # steps 3, 4 again, from step 2's state
+    assert resumed[1][STEPS + 1] == share[1][1]  # the next epoch starts again with this process's share
+    again = metrics(two)
+    assert [r["step"] for r in again] == list(range(1, STEPS + 3))
+    np.testing.assert_allclose([r["loss"] for r in again[:STEPS]], [r["loss"] for r in multi], rtol=1e-6)
+
+
+def test_processes_agree_on_the_restored_step(tmp_path):
+    """A checkpoint that one process cannot read is restored by none: both restore the newest step
+    that every process reads (no training: ~15 s). Process 1 fails to probe step 3 (its metadata)
+    and to restore step 2 (its arrays), through pretrain/checkpoint.py's test hook."""
+    coordinator = str(free_port())
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               RINGMOE_TEST_UNREADABLE="1:3:probe,1:2:restore")
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.restore_agreement", str(tmp_path), coordinator, str(i)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    deadline = time.time() + 90
+    for p in procs:  # a process stuck in a collective its peer never joins is killed, its output kept
+        try:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+    outs, errs = zip(*(p.communicate() for p in procs))
+    results = [json.loads(line) for out in outs for line in out.splitlines() if line.startswith("{")]
+    assert [(r["process"], r["step"]) for r in results] == [(0, 1), (1, 1)], "\n".join(e[-2000:] for e in errs)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errs)
+    # Each process holds its own shards of step 1's array, and the step's data and metadata.
+    assert results[0]["shards"] == [[0.0, 1.0], [2.0, 3.0]] and results[1]["shards"] == [[4.0, 5.0], [6.0, 7.0]]
+    assert all(r["data"] == {"processes": [1]} and r["meta"] == {"step": 1} for r in results)
+    # Moved aside once (by process 0), named in both processes' warnings with the process that failed.
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2.unreadable", "3.unreadable"]
+    for err in errs:
+        assert f"checkpoint {tmp_path / 'checkpoints' / '3'} is unreadable on process 1" in err
+        assert f"checkpoint {tmp_path / 'checkpoints' / '2'} is unreadable on process 1" in err
