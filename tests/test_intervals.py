@@ -86,3 +86,23 @@ def test_raw_baseline_solves_classes_that_differ_in_band_level_only():
     assert probes.linear_probe(means[:200], y[:200], means[200:], y[200:], **fit) < 0.6
     x = raw.band_statistics(slc, "sar_l1")
     assert probes.linear_probe(x[:200], y[:200], x[200:], y[200:], **fit) >= 0.95
+
+
+def test_pooled_accuracy_is_total_correct_over_total_records():
+    pooled = intervals.pooled_accuracy([0.5, 0.75], [4, 8])      # 2 + 6 correct of 12
+    assert pooled["value"] == pytest.approx(8 / 12) and pooled["n_test"] == 12
+    assert pooled["ci"] == pytest.approx(list(intervals.wilson(8, 12)))
+
+
+def test_lbfgs_probe_converges_where_few_adamw_steps_do_not():
+    """Two classes differing along one of two strongly correlated features: logistic regression's
+    optimum separates them, but ill-conditioning keeps 30 AdamW steps at lr 1e-3 far from it."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 600)
+    base = rng.normal(size=600)
+    x = np.stack([base, base + 0.05 * (2 * y - 1) + 0.01 * rng.normal(size=600)], 1)
+    result = probes.lbfgs_probe(x[:400], y[:400], x[400:], y[400:], num_classes=2, steps=300, seed=0)
+    assert result["accuracy"] >= 0.95 and result["train_accuracy"] >= 0.95
+    assert result["l2"] in probes.L2_GRID
+    assert probes.linear_probe(x[:400], y[:400], x[400:], y[400:], num_classes=2, epochs=30, lr=1e-3,
+                               weight_decay=1e-4, seed=0) < 0.9

@@ -52,3 +52,16 @@ def bootstrap(statistic: Callable[[np.ndarray], float], n: int, *, samples: int 
     values = np.array([statistic(rng.integers(0, n, n)) for _ in range(samples)])
     tail = 100 * (1 - level) / 2
     return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def pooled_accuracy(accuracies, n_tests) -> dict:
+    """{"value", "ci", "n_test"} of several accuracies pooled as total correct / total records.
+
+    With equal test sizes the value is the plain mean. The Wilson interval treats
+    the pooled records as independent; when the accuracies score the same scenes
+    (one per modality) their errors correlate, so the interval is a lower bound
+    on the uncertainty of the mean, not its exact 95 %.
+    """
+    correct = sum(int(round(a * n)) for a, n in zip(accuracies, n_tests, strict=True))
+    n = int(sum(n_tests))
+    return {"value": correct / n, "ci": list(wilson(correct, n)), "n_test": n}
