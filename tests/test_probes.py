@@ -135,6 +135,7 @@ def test_evaluate_cli_prints_json_last_and_one_line_errors(run, capsys):
     main(["--checkpoint", workdir, "--data", data_dir, "--probe", "knn", "--no-baseline"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["probe"] == "knn" and result["random_init_value"] is None and 0 <= result["value"] <= 1
+    assert result["raw_value"] is None and result["ci"][0] <= result["value"] <= result["ci"][1]
     for args, message in ((["--probe", "nope"], "unknown probe 'nope'"),
                           (["--probe", "knn", "--modality", "sar_l1"], "unknown modality 'sar_l1'")):
         with pytest.raises(SystemExit, match=message):

@@ -71,7 +71,8 @@ def _report(path: str, figures: dict, pictures: list[str]) -> None:
     lines += ["", f"Compression (tools.compress) of the {compression['modality']} model: keep "
               f"{compression['keep_collaborative']:.0%} of the collaborative experts, {compression['merge']} merge, "
               f"{compression['distill_steps']} distillation steps; linear probe on the probe set "
-              "(full = the MoE teacher), 95 % Wilson interval:", "", "| stage | parameters | linear probe |", "|---|---|---|"]
+              "(full = the MoE teacher), 95 % Wilson interval:", "", "| stage | parameters | linear probe |",
+              "|---|---|---|"]
     for stage in compression["stages"]:
         name = stage["name"]
         lines.append(f"| {stage['name']} | {stage['params']:,} | "

@@ -7,7 +7,9 @@ once, as the training pipeline prepares it minus the randomness: the whole
 image resized to the model's input size, normalised with the manifest's band
 statistics, no crop, no flip, no mask. `evaluate` runs a probe on these
 features and, as the baseline that says what pretraining bought, on those of
-the same model at its initialisation (same config and seed, same split).
+the same model at its initialisation (same config and seed, same split), and
+on the raw input (ringmoe.eval.raw: what the bands alone give). Every score
+comes with its 95 % interval over the test records (ringmoe.eval.intervals).
 """
 from __future__ import annotations
 
@@ -192,13 +194,13 @@ def _score(probe: str, features: dict, train: np.ndarray, test: np.ndarray, sett
 
 def evaluate(config, model: RingMoE, data_dir: str, probe: str, modality: str | None = None, *,
              baseline: bool = True) -> dict:
-    """Runs one probe on `model` (and, with `baseline`, on its random initialisation).
+    """Runs one probe on `model` and, with `baseline`, on its random initialisation and the raw input.
 
     kNN / linear use each record's scene label (0 = none: such records are left
     out); segmentation uses the label maps (records without a labelled pixel are
     left out). Returns {"probe", "metric", "value", "ci", "random_init_value",
-    "random_init_ci" (None without baseline), "raw_value", "raw_ci" (the raw-input
-    baseline, ringmoe.eval.raw), "modality", "pooling", "train_records",
+    "random_init_ci", "raw_value", "raw_ci" (the raw-input baseline, ringmoe.eval.raw;
+    these four None without `baseline`), "modality", "pooling", "train_records",
     "test_records"} plus, for segmentation, "stage" and "pixel_accuracy",
     "random_init_pixel_accuracy", "raw_pixel_accuracy". Every "ci" is a 95 %
     interval [low, high] over the test records: Wilson for accuracies, a seeded
@@ -225,7 +227,7 @@ def evaluate_probes(config, model: RingMoE, data_dir: str, probes, modality: str
                          f"{', '.join(available) or 'none'})")
     settings = probe_settings(config)
     stage = settings.segmentation_stage if "segmentation" in probes else None
-    features = extract(model, config, data_dir, modality, stage=stage, pooling=settings.pooling, raw=True)
+    features = extract(model, config, data_dir, modality, stage=stage, pooling=settings.pooling, raw=baseline)
     random_features = None
     if baseline:
         baseline_model = baseline_model if baseline_model is not None else random_init_model(config)
@@ -247,14 +249,15 @@ def evaluate_probes(config, model: RingMoE, data_dir: str, probes, modality: str
         train, test = dataset_split(manifest, features["record_index"][labelled],
                                     settings.test_fraction, settings.seed)
         scores = _score(probe, features, train, test, settings, num_classes)
-        raw = _score(probe, features, train, test, settings, num_classes, inputs="raw_")
+        raw = _score(probe, features, train, test, settings, num_classes, inputs="raw_") if baseline else {}
         result = {"probe": probe, "metric": PROBES[probe], "value": scores["value"], "ci": scores["ci"],
-                  "random_init_value": None, "random_init_ci": None, "raw_value": raw["value"], "raw_ci": raw["ci"],
-                  "modality": modality, "pooling": settings.pooling, "train_records": int(len(train)),
+                  "random_init_value": None, "random_init_ci": None,
+                  "raw_value": raw.get("value"), "raw_ci": raw.get("ci"), "modality": modality,
+                  "pooling": settings.pooling, "train_records": int(len(train)),
                   "test_records": int(len(test))}
         if segmentation:
             result.update(stage=stage, pixel_accuracy=scores["pixel_accuracy"], random_init_pixel_accuracy=None,
-                          raw_pixel_accuracy=raw["pixel_accuracy"])
+                          raw_pixel_accuracy=raw.get("pixel_accuracy"))
         if random_features is not None:
             random_scores = _score(probe, random_features, train, test, settings, num_classes)
             result.update(random_init_value=random_scores["value"], random_init_ci=random_scores["ci"])
