@@ -150,6 +150,10 @@ def base_config() -> ConfigDict:
     # are trained full-batch with AdamW on standardised features.
     c.probe = ConfigDict({
         "knn_k": 20,                      # neighbours voting in the kNN probe (DINO uses 20)
+        "pooling": "stages",              # scene features: mean + std of every stage's map ("final": final mean)
+        "linear_solver": "lbfgs",         # scene-label logistic regression: "lbfgs" (L-BFGS to convergence, L2
+                                          # chosen on 20 % of the training records) | "adamw" (linear_epochs steps)
+        "linear_lbfgs_steps": 300,        # L-BFGS iterations per fit (converged by ~300 on the demo's features)
         "linear_epochs": 300,             # full-batch AdamW steps of the scene-label logistic regression
         "linear_lr": 1e-2,
         "linear_weight_decay": 1e-4,      # on the weight matrix only, not the bias

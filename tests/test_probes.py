@@ -97,14 +97,23 @@ def test_evaluate_end_to_end_on_a_checkpoint(run):
     workdir, data_dir = run
     config, model, step = load_pretrained(workdir)
     assert step == 1 and config.model.depths == (1, 1) and config.probe.segmentation_stage == 0
-    features = extract(model, config, data_dir, "optical", stage=0, batch_size=16)
-    assert features["pooled"].shape == (24, 32) and features["patch"].shape == (24, 8, 8, 16)
+    features = extract(model, config, data_dir, "optical", stage=0, batch_size=16, raw=True)
+    # "stages" pooling: mean and std of the stage maps (16, 32 channels) and the final features (32).
+    assert features["pooled"].shape == (24, 2 * (16 + 32 + 32)) and features["patch"].shape == (24, 8, 8, 16)
+    assert extract(model, config, data_dir, "optical", pooling="final")["pooled"].shape == (24, 32)
+    # The raw baseline's inputs are the bands in physical units: optical is reflectance in [0, 1].
+    assert features["raw_pooled"].shape == (24, 6) and features["raw_patch"].shape == (24, 32, 32, 3)
+    assert 0 <= features["raw_patch"].min() and features["raw_patch"].max() <= 1
+    np.testing.assert_allclose(features["raw_pooled"][:, :3], features["raw_patch"].mean((1, 2)), atol=1e-5)
     assert list(features["record_index"]) == list(range(24)) and features["label_map"].shape == (24, 32, 32)
     # Routing groups are single images, so batch size and padding leave every record's features alone.
     np.testing.assert_allclose(extract(model, config, data_dir, "optical")["pooled"], features["pooled"], atol=1e-5)
 
     knn = evaluate(config, model, data_dir, "knn")
-    assert {"probe", "metric", "value", "random_init_value", "modality", "train_records", "test_records"} <= set(knn)
+    assert {"probe", "metric", "value", "ci", "random_init_value", "random_init_ci", "raw_value", "raw_ci",
+            "modality", "train_records", "test_records"} <= set(knn)
+    for value, (low, high) in ((knn["value"], knn["ci"]), (knn["raw_value"], knn["raw_ci"])):
+        assert 0 <= low <= value <= high <= 1
     assert knn["modality"] == "optical" and knn["metric"] == "top1_accuracy"
     assert knn["train_records"] + knn["test_records"] == 24
     # The checkpoint holds the initial state, so the restored model is the baseline exactly.
@@ -112,8 +121,10 @@ def test_evaluate_end_to_end_on_a_checkpoint(run):
 
     seg = evaluate(config, model, data_dir, "segmentation", "sar_l2")
     assert seg["metric"] == "miou" and seg["modality"] == "sar_l2"
-    for key in ("value", "random_init_value", "pixel_accuracy", "random_init_pixel_accuracy"):
+    for key in ("value", "random_init_value", "raw_value", "pixel_accuracy", "random_init_pixel_accuracy",
+                "raw_pixel_accuracy"):
         assert 0 <= seg[key] <= 1
+    assert seg["ci"][0] <= seg["value"] <= seg["ci"][1]
     with pytest.raises(ValueError, match="available: optical, sar_l2"):
         evaluate(config, model, data_dir, "knn", "sar_l1")
 
@@ -124,6 +135,7 @@ def test_evaluate_cli_prints_json_last_and_one_line_errors(run, capsys):
     main(["--checkpoint", workdir, "--data", data_dir, "--probe", "knn", "--no-baseline"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["probe"] == "knn" and result["random_init_value"] is None and 0 <= result["value"] <= 1
+    assert result["raw_value"] is None and result["ci"][0] <= result["value"] <= result["ci"][1]
     for args, message in ((["--probe", "nope"], "unknown probe 'nope'"),
                           (["--probe", "knn", "--modality", "sar_l1"], "unknown modality 'sar_l1'")):
         with pytest.raises(SystemExit, match=message):

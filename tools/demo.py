@@ -6,10 +6,13 @@
    another seed, a probe set of unseen scenes; the real Sentinel-1/2 chips cut
    into 64 px tiles (tools.convert, data/real);
 2. pretraining of configs/tiny.py on the pretraining set (pretrain.train);
-3. probes on the frozen encoder vs its random initialisation: linear and kNN
+3. probes on the frozen encoder vs its random initialisation and vs the raw
+   input (band means/stds; a per-pixel head on the bands): linear and kNN
    scene classification of the probe set for every modality (the headline
    figures are their means over modalities), segmentation of the real chips'
-   land-cover maps from Sentinel-2 L2A (ringmoe.eval);
+   land-cover maps from Sentinel-2 L2A (ringmoe.eval). 2000 probe scenes give
+   400 test records, so one record is 0.25 points; every figure carries its
+   95 % interval (Wilson; a record bootstrap for mIoU);
 4. compression of the pretrained model to a dense SwinV2 for multispectral
    (ringmoe.compress: statistics, extraction, pruning, merge, distillation,
    export), every stage linear-probed on the probe set;
@@ -52,18 +55,28 @@ def _report(path: str, figures: dict, pictures: list[str]) -> None:
     for term, (first, last) in figures["eval_terms"].items():
         lines.append(f"| {term} | {first:.3f} | {last:.3f} | {100 * (last / first - 1):+.0f} % |")
     lines += ["", "Probes on the frozen encoder (ringmoe/eval/probes.py) vs the same config randomly "
-              "initialised:", "", "| probe | data | modality | metric | pretrained | random init |",
-              "|---|---|---|---|---|---|"]
+              "initialised and vs the raw input (scene probes: per-band means and stds, log power for "
+              "SAR-L1; segmentation: a per-pixel head on the bands). Each figure with its 95 % interval "
+              "over the test records (Wilson; bootstrap over records for mIoU):", "",
+              "| probe | data | modality | metric | test records | pretrained | random init | raw input |",
+              "|---|---|---|---|---|---|---|---|"]
+
+    def fmt(value, ci):
+        return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
     for p in probes:
-        lines.append(f"| {p['probe']} | {p['data']} | {p['modality']} | {p['metric']} | {p['value']:.3f} | "
-                     f"{p['random_init_value']:.3f} |")
+        lines.append(f"| {p['probe']} | {p['data']} | {p['modality']} | {p['metric']} | {p['test_records']} | "
+                     f"{fmt(p['value'], p['ci'])} | {fmt(p['random_init_value'], p['random_init_ci'])} | "
+                     f"{fmt(p['raw_value'], p['raw_ci'])} |")
     compression = figures["compression"]
     lines += ["", f"Compression (tools.compress) of the {compression['modality']} model: keep "
               f"{compression['keep_collaborative']:.0%} of the collaborative experts, {compression['merge']} merge, "
               f"{compression['distill_steps']} distillation steps; linear probe on the probe set "
-              "(full = the MoE teacher):", "", "| stage | parameters | linear probe |", "|---|---|---|"]
+              "(full = the MoE teacher), 95 % Wilson interval:", "", "| stage | parameters | linear probe |",
+              "|---|---|---|"]
     for stage in compression["stages"]:
-        lines.append(f"| {stage['name']} | {stage['params']:,} | {compression['linear_probe'][stage['name']]:.3f} |")
+        name = stage["name"]
+        lines.append(f"| {stage['name']} | {stage['params']:,} | "
+                     f"{fmt(compression['linear_probe'][name], figures['compressed_ci'][name])} |")
     lines += ["", f"Exported: {compression['export']['safetensors']} (timm SwinV2 names), "
               f"{compression['export']['sidecar']}, {compression['export']['checkpoint']}.", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, os.path.dirname(path))})" for p in pictures]
@@ -76,7 +89,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="demo_out", help="output directory (replaced)")
     p.add_argument("--steps", type=int, default=150, help="pretraining steps")
     p.add_argument("--examples", type=int, default=256, help="synthetic scenes to pretrain on")
-    p.add_argument("--probe-examples", type=int, default=384, help="synthetic scenes to probe on")
+    p.add_argument("--probe-examples", type=int, default=2000,
+                   help="synthetic scenes to probe on (2000: 400 test records, 0.25 points each)")
     p.add_argument("--distill-steps", type=int, default=100, help="distillation steps of the compressed model")
     a = p.parse_args(argv)
     start, n = time.perf_counter(), 6
@@ -137,23 +151,31 @@ def main(argv=None) -> None:
                                                             "expert_load_final.png")]
     pictures += [compression["statistics"]["full"]["png"],
                  os.path.join(a.out, "compressed", "distill", "loss_curves.png")]
+    from ringmoe.eval.intervals import accuracy_result, pooled_accuracy
+    n_test = next(p["test_records"] for p in probes if p["probe"] == "linear" and p["modality"] == "multispectral")
+    compressed_ci = {k: accuracy_result(v, n_test)["ci"] for k, v in compression["linear_probe"].items()}
     report = os.path.join(a.out, "report.md")
     _report(report, {"steps": a.steps, "synthetic_records": made["records"], "train_seconds": train_seconds,
-                     "eval_terms": eval_terms, "probes": probes, "compression": compression}, [p for p in pictures if os.path.exists(p)])
+                     "eval_terms": eval_terms, "probes": probes, "compression": compression,
+                     "compressed_ci": compressed_ci}, [p for p in pictures if os.path.exists(p)])
 
-    def mean(probe, key):
-        return sum(p[key] for p in probes if p["probe"] == probe) / sum(p["probe"] == probe for p in probes)
-
-    summary = {"linear_probe": mean("linear", "value"),
-               "linear_probe_random_init": mean("linear", "random_init_value"),
-               "knn": mean("knn", "value"), "knn_random_init": mean("knn", "random_init_value"),
-               "per_modality": {p["modality"]: {k: p[k] for k in ("value", "random_init_value")}
-                                for p in probes if p["probe"] == "linear"},
-               "segmentation_miou": mean("segmentation", "value"),
-               "segmentation_miou_random_init": mean("segmentation", "random_init_value"),
+    headline = {}
+    for probe, name in (("linear", "linear_probe"), ("knn", "knn")):
+        rows = [p for p in probes if p["probe"] == probe]   # mean over modalities = pooled correct / total
+        for prefix, suffix in (("", ""), ("random_init_", "_random_init"), ("raw_", "_raw")):
+            pooled = pooled_accuracy([p[prefix + "value"] for p in rows], [p["test_records"] for p in rows])
+            headline[name + suffix], headline[name + suffix + "_ci"] = pooled["value"], pooled["ci"]
+    seg = next(p for p in probes if p["probe"] == "segmentation")
+    for prefix, suffix in (("", ""), ("random_init_", "_random_init"), ("raw_", "_raw")):
+        headline["segmentation_miou" + suffix] = seg[prefix + "value"]
+        headline["segmentation_miou" + suffix + "_ci"] = seg[prefix + "ci"]
+    keys = ("value", "ci", "random_init_value", "random_init_ci", "raw_value", "raw_ci", "test_records")
+    summary = {**headline, "probe_test_records": n_test,
+               "per_modality": {p["modality"]: {k: p[k] for k in keys} for p in probes if p["probe"] == "linear"},
                "simmim_change": {m: last_ / first - 1 for m, (first, last_) in simmim.items()},
                "eval_terms": {k: {"step0": first, "last": last_} for k, (first, last_) in eval_terms.items()},
                "compressed_linear_probe": compression["linear_probe"],
+               "compressed_linear_probe_ci": compressed_ci,
                "compressed_params": {s["name"]: s["params"] for s in compression["stages"]},
                "final_loss": last.get("loss"), "real_chip_tiles": chips["records"], "report": report,
                "seconds": round(time.perf_counter() - start, 1)}

@@ -8,10 +8,13 @@
 readable step is restored with the run's own config, whose `probe` block holds
 the probe settings (configs/common.py). Probes: knn and linear on scene labels
 (top-1 accuracy), segmentation on label maps (mIoU). Prints a small table, then
-as its LAST stdout line one JSON object with `probe`, `metric`, `value`,
-`random_init_value`, `modality`, `train_records`, `test_records`, `step` and
-`checkpoint` (segmentation adds `stage` and the pixel accuracies). Any usage or
-data problem exits with a one-line message.
+as its LAST stdout line one JSON object with `probe`, `metric`, `value`, `ci`,
+`random_init_value`, `random_init_ci`, `raw_value`, `raw_ci` (the raw-input
+baseline: band means/stds, or a per-pixel head on the bands), `modality`,
+`pooling`, `train_records`, `test_records`, `step` and `checkpoint`
+(segmentation adds `stage` and the pixel accuracies). Every `ci` is a 95 %
+interval [low, high] over the test records (Wilson for accuracies, a record
+bootstrap for mIoU). Any usage or data problem exits with a one-line message.
 """
 from __future__ import annotations
 
@@ -25,14 +28,16 @@ PROBES = ("knn", "linear", "segmentation")
 
 
 def _table(result: dict) -> str:
-    def fmt(v):
-        return "-" if v is None else f"{v:.4f}"
+    def fmt(v, ci=None):
+        return "-" if v is None else f"{v:.4f}" + ("" if ci is None else f"  [{ci[0]:.4f}, {ci[1]:.4f}]")
     rows = [("probe", result["probe"]), ("modality", result["modality"]), ("checkpoint step", str(result["step"])),
-            ("metric", result["metric"]), ("pretrained", fmt(result["value"])),
-            ("random init", fmt(result["random_init_value"]))]
+            ("metric", result["metric"] + "  [95 % interval]"), ("pretrained", fmt(result["value"], result["ci"])),
+            ("random init", fmt(result["random_init_value"], result["random_init_ci"])),
+            ("raw input", fmt(result["raw_value"], result["raw_ci"]))]
     if "pixel_accuracy" in result:
         rows += [("stage", str(result["stage"])), ("pixel accuracy", fmt(result["pixel_accuracy"])),
-                 ("random init pixel accuracy", fmt(result["random_init_pixel_accuracy"]))]
+                 ("random init pixel accuracy", fmt(result["random_init_pixel_accuracy"])),
+                 ("raw input pixel accuracy", fmt(result["raw_pixel_accuracy"]))]
     rows.append(("train / test records", f"{result['train_records']} / {result['test_records']}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

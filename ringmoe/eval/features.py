@@ -7,7 +7,9 @@ once, as the training pipeline prepares it minus the randomness: the whole
 image resized to the model's input size, normalised with the manifest's band
 statistics, no crop, no flip, no mask. `evaluate` runs a probe on these
 features and, as the baseline that says what pretraining bought, on those of
-the same model at its initialisation (same config and seed, same split).
+the same model at its initialisation (same config and seed, same split), and
+on the raw input (ringmoe.eval.raw: what the bands alone give). Every score
+comes with its 95 % interval over the test records (ringmoe.eval.intervals).
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ from ringmoe.data import shards
 from ringmoe.data.pipeline import modality_specs
 from ringmoe.data.schema import RecordError
 from ringmoe.data.transform import RecordTransform, TransformOptions
-from ringmoe.eval.probes import dataset_split, knn_accuracy, linear_probe, segmentation_probe
+from ringmoe.eval.intervals import accuracy_result
+from ringmoe.eval.probes import dataset_split, knn_accuracy, lbfgs_probe, linear_probe, segmentation_probe
+from ringmoe.eval.raw import band_statistics, raw_bands
 from ringmoe.model.checkpoint import one_device_mesh
 from ringmoe.model.ringmoe import RingMoE, create_model
 
@@ -51,11 +55,17 @@ def available_modalities(config, model: RingMoE, manifest: dict, data_dir: str) 
     return [m for m in model.modalities if m in specs]
 
 
-@functools.partial(nnx.jit, static_argnames=("modality", "stage"))
-def _encode(model: RingMoE, pixels, modality: str, stage: int | None):
+POOLINGS = ("stages", "final")
+
+
+@functools.partial(nnx.jit, static_argnames=("modality", "stage", "pooling"))
+def _encode(model: RingMoE, pixels, modality: str, stage: int | None, pooling: str):
     encoded = model.encode(pixels, modality)
     patch = None if stage is None else encoded.stage_features[stage].astype(jnp.float32)
-    return encoded.features.mean((1, 2)), patch
+    if pooling == "final":
+        return encoded.features.mean((1, 2)), patch
+    maps = [f.astype(jnp.float32) for f in encoded.stage_features] + [encoded.features]
+    return jnp.concatenate([stat(f, (1, 2)) for f in maps for stat in (jnp.mean, jnp.std)], -1), patch
 
 
 def image_batches(config, data_dir: str, modality: str, batch_size: int = 32, *, pad: bool = True):
@@ -111,56 +121,90 @@ def image_batches(config, data_dir: str, modality: str, batch_size: int = 32, *,
 
 
 def extract(model: RingMoE, config, data_dir: str, modality: str, *, stage: int | None = None,
-            batch_size: int = 32) -> dict[str, np.ndarray | None]:
+            batch_size: int = 32, pooling: str = "stages", raw: bool = False) -> dict[str, np.ndarray | None]:
     """Encodes every record of `data_dir` that carries `modality` (`image_batches`).
 
-    Returns numpy arrays: pooled (N, D) (mean of the final stride-32 features),
-    patch (N, h, w, D_stage) = the stage's map before merging (None without
-    `stage`), scene_label (N,), label_map (N, S, S) and record_index (N,).
+    Returns numpy arrays: pooled (N, D), patch (N, h, w, D_stage) = the stage's
+    map before merging (None without `stage`), scene_label (N,), label_map
+    (N, S, S) and record_index (N,); with `raw` also the raw-input baseline's
+    inputs (ringmoe.eval.raw): raw_pooled (N, 2 C') per-band means and stds and,
+    with `stage`, raw_patch (N, S, S, C') the bands per pixel.
+
+    `pooling` "stages" (the default) concatenates the spatial mean and std of
+    every stage's map before merging and of the final normalised features (for
+    configs/tiny.py 2 x (32 + 64 + 128 + 256 + 256) = 1472 dims); "final" is the
+    mean of the final stride-32 features alone. Why: on the demo's checkpoint the
+    final mean scored below the raw band means on every modality, because the
+    deep stages keep little of the band levels and textures the scene class
+    depends on, while the first stages and the spatial std keep them (README,
+    "Probes"); a linear probe on all stages uses whatever each stage holds.
     """
     if stage is not None and not 0 <= stage < len(model.stages):
         raise ValueError(f"stage {stage} not in [0, {len(model.stages)})")
-    out: dict[str, list] = {"pooled": [], "patch": [], "scene_label": [], "label_map": [], "record_index": []}
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r} (one of {', '.join(POOLINGS)})")
+    spec = modality_specs(shards.read_manifest(data_dir), config, data_dir)[modality] if raw else None
+    keys = ("pooled", "patch", "scene_label", "label_map", "record_index", "raw_pooled", "raw_patch")
+    out: dict[str, list] = {k: [] for k in keys}
     for pixels, n, rows in image_batches(config, data_dir, modality, batch_size):
-        pooled, patch = jax.device_get(_encode(model, jnp.asarray(pixels), modality, stage))
+        pooled, patch = jax.device_get(_encode(model, jnp.asarray(pixels), modality, stage, pooling))
         out["pooled"].append(pooled[:n])
         if patch is not None:
             out["patch"].append(patch[:n])
+        if spec is not None:   # undo the normalisation: the baseline sees physical units
+            physical = pixels[:n] * spec.std + spec.mean
+            out["raw_pooled"].append(band_statistics(physical, modality))
+            if stage is not None:
+                out["raw_patch"].append(raw_bands(physical, modality))
         for k, v in rows.items():
             out[k].extend(v)
-    return {"pooled": np.concatenate(out["pooled"]),
-            "patch": np.concatenate(out["patch"]) if out["patch"] else None,
-            "scene_label": np.asarray(out["scene_label"], np.int64),
+    arrays = {k: np.concatenate(out[k]) if out[k] else None for k in ("pooled", "patch", "raw_pooled", "raw_patch")}
+    return {**arrays, "scene_label": np.asarray(out["scene_label"], np.int64),
             "label_map": np.stack(out["label_map"]).astype(np.int64),
             "record_index": np.asarray(out["record_index"], np.int64)}
 
 
-def _score(probe: str, features: dict, train: np.ndarray, test: np.ndarray, settings, num_classes: int) -> dict:
-    """The probe's metric on features of the `train` / `test` records."""
+def _score(probe: str, features: dict, train: np.ndarray, test: np.ndarray, settings, num_classes: int,
+           inputs: str = "") -> dict:
+    """The probe's {"value", "ci", "n_test"} on the `train` / `test` records' features
+    (`inputs` "raw_": the raw-input baseline's instead of the encoder's)."""
     tr, te = np.isin(features["record_index"], train), np.isin(features["record_index"], test)
     if probe == "segmentation":
-        f, y = features["patch"], features["label_map"]
+        f, y = features[inputs + "patch"], features["label_map"]
         scores = segmentation_probe(f[tr], y[tr], f[te], y[te], num_classes=num_classes,
                                     epochs=settings.segmentation_epochs, lr=settings.segmentation_lr,
                                     weight_decay=settings.segmentation_weight_decay, seed=settings.seed)
-        return {"value": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]}
-    x, y = features["pooled"], features["scene_label"]
+        return {"value": scores["miou"], "ci": scores["miou_ci"], "n_test": scores["n_test"],
+                "pixel_accuracy": scores["pixel_accuracy"]}
+    x, y = features[inputs + "pooled"], features["scene_label"]
     if probe == "knn":
-        return {"value": knn_accuracy(x[tr], y[tr], x[te], y[te], settings.knn_k)}
-    return {"value": linear_probe(x[tr], y[tr], x[te], y[te], num_classes=num_classes,
-                                  epochs=settings.linear_epochs, lr=settings.linear_lr,
-                                  weight_decay=settings.linear_weight_decay, seed=settings.seed)}
+        if inputs:   # band statistics come in mixed units: give every one the same weight
+            x = (x - x[tr].mean(0)) / (x[tr].std(0) + 1e-6)
+        return accuracy_result(knn_accuracy(x[tr], y[tr], x[te], y[te], settings.knn_k), int(te.sum()))
+    if settings.linear_solver == "lbfgs":
+        accuracy = lbfgs_probe(x[tr], y[tr], x[te], y[te], num_classes=num_classes,
+                               steps=settings.linear_lbfgs_steps, seed=settings.seed)["accuracy"]
+    elif settings.linear_solver == "adamw":
+        accuracy = linear_probe(x[tr], y[tr], x[te], y[te], num_classes=num_classes, epochs=settings.linear_epochs,
+                                lr=settings.linear_lr, weight_decay=settings.linear_weight_decay, seed=settings.seed)
+    else:
+        raise ValueError(f"unknown probe.linear_solver {settings.linear_solver!r} (lbfgs | adamw)")
+    return accuracy_result(accuracy, int(te.sum()))
 
 
 def evaluate(config, model: RingMoE, data_dir: str, probe: str, modality: str | None = None, *,
              baseline: bool = True) -> dict:
-    """Runs one probe on `model` (and, with `baseline`, on its random initialisation).
+    """Runs one probe on `model` and, with `baseline`, on its random initialisation and the raw input.
 
     kNN / linear use each record's scene label (0 = none: such records are left
     out); segmentation uses the label maps (records without a labelled pixel are
-    left out). Returns {"probe", "metric", "value", "random_init_value" (None
-    without baseline), "modality", "train_records", "test_records"} plus, for
-    segmentation, "stage", "pixel_accuracy" and "random_init_pixel_accuracy".
+    left out). Returns {"probe", "metric", "value", "ci", "random_init_value",
+    "random_init_ci", "raw_value", "raw_ci" (the raw-input baseline, ringmoe.eval.raw;
+    these four None without `baseline`), "modality", "pooling", "train_records",
+    "test_records"} plus, for segmentation, "stage" and "pixel_accuracy",
+    "random_init_pixel_accuracy", "raw_pixel_accuracy". Every "ci" is a 95 %
+    interval [low, high] over the test records: Wilson for accuracies, a seeded
+    record bootstrap for mIoU (ringmoe.eval.intervals).
     """
     return evaluate_probes(config, model, data_dir, (probe,), modality, baseline=baseline)[0]
 
@@ -183,11 +227,11 @@ def evaluate_probes(config, model: RingMoE, data_dir: str, probes, modality: str
                          f"{', '.join(available) or 'none'})")
     settings = probe_settings(config)
     stage = settings.segmentation_stage if "segmentation" in probes else None
-    features = extract(model, config, data_dir, modality, stage=stage)
+    features = extract(model, config, data_dir, modality, stage=stage, pooling=settings.pooling, raw=baseline)
     random_features = None
     if baseline:
         baseline_model = baseline_model if baseline_model is not None else random_init_model(config)
-        random_features = extract(baseline_model, config, data_dir, modality, stage=stage)
+        random_features = extract(baseline_model, config, data_dir, modality, stage=stage, pooling=settings.pooling)
     names = len(manifest["label_names"])   # label_names[i] names class id i; id 0 = unlabelled / none
     results = []
     for probe in probes:
@@ -205,13 +249,18 @@ def evaluate_probes(config, model: RingMoE, data_dir: str, probes, modality: str
         train, test = dataset_split(manifest, features["record_index"][labelled],
                                     settings.test_fraction, settings.seed)
         scores = _score(probe, features, train, test, settings, num_classes)
-        result = {"probe": probe, "metric": PROBES[probe], "value": scores["value"], "random_init_value": None,
-                  "modality": modality, "train_records": int(len(train)), "test_records": int(len(test))}
+        raw = _score(probe, features, train, test, settings, num_classes, inputs="raw_") if baseline else {}
+        result = {"probe": probe, "metric": PROBES[probe], "value": scores["value"], "ci": scores["ci"],
+                  "random_init_value": None, "random_init_ci": None,
+                  "raw_value": raw.get("value"), "raw_ci": raw.get("ci"), "modality": modality,
+                  "pooling": settings.pooling, "train_records": int(len(train)),
+                  "test_records": int(len(test))}
         if segmentation:
-            result.update(stage=stage, pixel_accuracy=scores["pixel_accuracy"], random_init_pixel_accuracy=None)
+            result.update(stage=stage, pixel_accuracy=scores["pixel_accuracy"], random_init_pixel_accuracy=None,
+                          raw_pixel_accuracy=raw.get("pixel_accuracy"))
         if random_features is not None:
             random_scores = _score(probe, random_features, train, test, settings, num_classes)
-            result["random_init_value"] = random_scores["value"]
+            result.update(random_init_value=random_scores["value"], random_init_ci=random_scores["ci"])
             if segmentation:
                 result["random_init_pixel_accuracy"] = random_scores["pixel_accuracy"]
         results.append(result)

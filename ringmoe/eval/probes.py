@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ringmoe.eval.intervals import bootstrap
+
 KNN_TEMPERATURE = 0.07    # DINO's kNN: each neighbour votes with exp(cosine / T)
 _KNN_CHUNK = 1024         # test rows scored per call (bounds the (rows, n_train) similarity matrix)
 
@@ -97,6 +99,61 @@ def linear_probe(train_x, train_y, test_x, test_y, *, num_classes: int, epochs: 
     return float(np.mean(pred == np.asarray(test_y)))
 
 
+L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)   # penalties tried, strongest first (a tie keeps the stronger)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
+def _lbfgs_fit(x, y, l2, *, num_classes: int, steps: int) -> dict:
+    """Minimises mean softmax cross-entropy + l2 / 2 * |w|^2 (bias free) with `steps` L-BFGS iterations."""
+    def loss(p):
+        ce = optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()
+        return ce + 0.5 * l2 * jnp.sum(p["w"] ** 2)
+
+    params = {"w": jnp.zeros((x.shape[-1], num_classes)), "b": jnp.zeros((num_classes,))}
+    opt, value_and_grad = optax.lbfgs(), optax.value_and_grad_from_state(loss)
+
+    def step(carry, _):
+        p, state = carry
+        value, grad = value_and_grad(p, state=state)
+        updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss)
+        return (optax.apply_updates(p, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+    return params
+
+
+def _accuracy(params, x, y) -> float:
+    return float(np.mean(np.asarray(jnp.argmax(x @ params["w"] + params["b"], -1)) == np.asarray(y)))
+
+
+def lbfgs_probe(train_x, train_y, test_x, test_y, *, num_classes: int, steps: int, seed: int,
+                validation_fraction: float = 0.2, l2_grid: Sequence[float] = L2_GRID) -> dict:
+    """Test accuracy of L2-regularised logistic regression solved to convergence, penalty chosen on validation.
+
+    Protocol (the usual linear evaluation, e.g. SimCLR's and CLIP's): features
+    standardised with the training mean/std; `validation_fraction` of the training
+    records (seeded) held out; for each penalty of `l2_grid` the convex objective
+    mean cross-entropy + l2/2 |w|^2 minimised with `steps` full-batch L-BFGS
+    iterations from zero; the penalty with the best validation accuracy (ties: the
+    stronger) refit on all training records and scored on the test records.
+    Why: a fixed number of AdamW steps stops wherever it stops, and on the demo's
+    probe set 300 steps left the low-dimensional band statistics far from their
+    optimum (train accuracy 0.83 -> 0.95 from 300 to 10,000 steps), so the
+    comparison depended on the optimiser, not the features. Returns {"accuracy",
+    "train_accuracy", "l2"}.
+    """
+    _check_labels(np.concatenate([np.ravel(train_y), np.ravel(test_y)]), num_classes)
+    train_x, test_x = _standardise(train_x, test_x)
+    train_y = jnp.asarray(train_y, jnp.int32)
+    fit_idx, val_idx = split_indices(np.arange(len(train_y)), validation_fraction, seed)
+    scores = [_accuracy(_lbfgs_fit(train_x[fit_idx], train_y[fit_idx], l2, num_classes=num_classes, steps=steps),
+                        train_x[val_idx], train_y[val_idx]) for l2 in l2_grid]
+    l2 = float(l2_grid[int(np.argmax(scores))])
+    params = _lbfgs_fit(train_x, train_y, l2, num_classes=num_classes, steps=steps)
+    return {"accuracy": _accuracy(params, test_x, test_y), "train_accuracy": _accuracy(params, train_x, train_y),
+            "l2": l2}
+
+
 def _segment_logits(params, feats, size: tuple[int, int]):
     """(N, h, w, D) -> 1x1 head -> bilinear upsampling to (N, H, W, K)."""
     logits = feats @ params["w"] + params["b"]
@@ -117,14 +174,16 @@ def _segment_predict(params, feats, size: tuple[int, int]):
 
 
 def segmentation_probe(train_f, train_lab, test_f, test_lab, *, num_classes: int, epochs: int, lr: float,
-                       weight_decay: float, seed: int) -> dict[str, float]:
+                       weight_decay: float, seed: int) -> dict:
     """mIoU and pixel accuracy of a linear 1x1 head on per-patch features.
 
     Features (N, h, w, D) are standardised per channel with the training mean/std;
     the head's logits (N, h, w, K) are upsampled bilinearly to the label maps
     (N, H, W) and trained like `linear_probe` on the cross-entropy of labelled
     pixels (classes 1..K; 0 = unlabelled is ignored in training and metrics).
-    mIoU averages IoU over the classes present in the test labels or predictions.
+    mIoU averages IoU over the classes present in the test labels or predictions;
+    "miou_ci" is its 95 % percentile bootstrap over test records (seeded by `seed`),
+    "n_test" the number of test records.
     """
     _check_labels(np.concatenate([np.ravel(train_lab), np.ravel(test_lab)]), num_classes + 1)
     train_f, test_f = _standardise(train_f, test_f)
@@ -135,11 +194,23 @@ def segmentation_probe(train_f, train_lab, test_f, test_lab, *, num_classes: int
     valid = test_lab > 0
     if not valid.any():
         raise ValueError("segmentation probe: the test label maps hold no labelled pixel")
-    truth, pred = test_lab[valid] - 1, pred[valid] - 1
-    confusion = np.bincount(truth * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, -1)
+    # One confusion matrix per test record, so the bootstrap can resample records.
+    cell = np.where(valid, (test_lab - 1) * num_classes + (pred - 1), num_classes ** 2)   # unlabelled: spare bin
+    rows = np.arange(len(cell))[:, None, None]
+    confusion = np.zeros((len(cell), num_classes ** 2 + 1), np.int64)
+    np.add.at(confusion, (np.broadcast_to(rows, cell.shape), cell), 1)
+    confusion = confusion[:, :-1].reshape(-1, num_classes, num_classes)
+    total = confusion.sum(0)
+    return {"miou": _miou(total), "pixel_accuracy": float(np.trace(total) / valid.sum()),
+            "miou_ci": list(bootstrap(lambda idx: _miou(confusion[idx].sum(0)), len(confusion), seed=seed)),
+            "n_test": int(len(confusion))}
+
+
+def _miou(confusion: np.ndarray) -> float:
+    """Mean IoU over the classes present in the truth or the predictions of a (K, K) confusion matrix."""
     tp = np.diag(confusion)
     union = confusion.sum(0) + confusion.sum(1) - tp
-    return {"miou": float(np.mean(tp[union > 0] / union[union > 0])), "pixel_accuracy": float(tp.sum() / valid.sum())}
+    return float(np.mean(tp[union > 0] / union[union > 0])) if (union > 0).any() else 0.0
 
 
 def _check_labels(labels: np.ndarray, limit: int) -> None:
