@@ -181,15 +181,21 @@ def _score(probe: str, features: dict, train: np.ndarray, test: np.ndarray, sett
         if inputs:   # band statistics come in mixed units: give every one the same weight
             x = (x - x[tr].mean(0)) / (x[tr].std(0) + 1e-6)
         return accuracy_result(knn_accuracy(x[tr], y[tr], x[te], y[te], settings.knn_k), int(te.sum()))
-    if settings.linear_solver == "lbfgs":
-        accuracy = lbfgs_probe(x[tr], y[tr], x[te], y[te], num_classes=num_classes,
-                               steps=settings.linear_lbfgs_steps, seed=settings.seed)["accuracy"]
-    elif settings.linear_solver == "adamw":
-        accuracy = linear_probe(x[tr], y[tr], x[te], y[te], num_classes=num_classes, epochs=settings.linear_epochs,
-                                lr=settings.linear_lr, weight_decay=settings.linear_weight_decay, seed=settings.seed)
-    else:
-        raise ValueError(f"unknown probe.linear_solver {settings.linear_solver!r} (lbfgs | adamw)")
+    if settings.linear_solver not in LINEAR_SOLVERS:
+        raise ValueError(f"unknown probe.linear_solver {settings.linear_solver!r} ({' | '.join(LINEAR_SOLVERS)})")
+    accuracy = LINEAR_SOLVERS[settings.linear_solver](x[tr], y[tr], x[te], y[te], num_classes, settings)
     return accuracy_result(accuracy, int(te.sum()))
+
+
+# probe.linear_solver -> test accuracy of a linear head (ringmoe/eval/probes.py): "lbfgs" solves the
+# logistic regression to convergence with a validated L2; "adamw" is the earlier fixed-step recipe.
+LINEAR_SOLVERS = {
+    "lbfgs": lambda xtr, ytr, xte, yte, k, s: lbfgs_probe(xtr, ytr, xte, yte, num_classes=k,
+                                                          steps=s.linear_lbfgs_steps, seed=s.seed)["accuracy"],
+    "adamw": lambda xtr, ytr, xte, yte, k, s: linear_probe(xtr, ytr, xte, yte, num_classes=k, epochs=s.linear_epochs,
+                                                           lr=s.linear_lr, weight_decay=s.linear_weight_decay,
+                                                           seed=s.seed),
+}
 
 
 def evaluate(config, model: RingMoE, data_dir: str, probe: str, modality: str | None = None, *,
