@@ -16,5 +16,5 @@ def get_config():
     m.modalities.optical = modality(3)
     m.modalities.multispectral = modality(12, "wavelength", S2_L2A_BANDS)
     m.modalities.sar_l2 = modality(2)
-    m.modalities.sar_l1 = modality(8, power_head=4)
+    m.modalities.sar_l1 = modality(8, "complex", power_head=4)   # Re/Im of HH, HV, VH, VV (+ log powers)
     return c

@@ -24,9 +24,10 @@ def modality(channels: int, embed: str = "patch", bands=(), power_head: int = 0,
     power_head > 0 adds a second light decoder with that many channels, predicting
     log polarimetric powers (SAR-L1: span + 3 Pauli = 4) for the span/Pauli terms.
 
-    embed='patch' is a plain strided projection with fixed channels; embed='wavelength'
-    generates the projection from each band's (wavelength, bandwidth), so any subset
-    of `bands` runs through the same weights.
+    embed (ringmoe.model.embed.EMBEDDINGS): 'patch' is a plain strided projection with
+    fixed channels; 'wavelength' generates the projection from each band's (wavelength,
+    bandwidth), so any subset of `bands` runs through the same weights; 'complex' is
+    'patch' over Re/Im pairs with each pair's log power added (single-look SAR).
     """
     if embed == "wavelength" and len(bands) != channels:
         raise ValueError(f"wavelength embedding needs one band entry per channel ({channels})")

@@ -38,7 +38,9 @@ def get_config(target: str = "h100-64"):
     # sigma0 in dB (the pipeline's SAR-L2 unit, which the speckle NLL reads as I = 10^(x/10),
     # with objectives.sar_looks = 4.4 for S1 GRD): one VV dB band copied to 3 channels.
     m.modalities.sar_l2 = modality(3, unit="db")
-    m.modalities.sar_l1 = modality(8, power_head=4)          # Re/Im of HH, HV, VH, VV
+    # SAR-L1: Re/Im of HH, HV, VH, VV; the embedding adds their log powers (model/embed.py:
+    # without them the backscatter level cannot pass the patch embedding's LayerNorm).
+    m.modalities.sar_l1 = modality(8, "complex", power_head=4)
     m.moe.num_modal_experts = 4
     m.moe.num_collaborative_experts = 4
     m.moe.shared_expert = True

@@ -27,7 +27,7 @@ def get_config():
     m.modalities.optical = modality(3)
     m.modalities.multispectral = modality(12, "wavelength", S2_L2A_BANDS)  # Sentinel-2 L2A
     m.modalities.sar_l2 = modality(2)   # Sentinel-1 VV, VH
-    m.modalities.sar_l1 = modality(8, power_head=4)   # Re/Im of HH, HV, VH, VV
+    m.modalities.sar_l1 = modality(8, "complex", power_head=4)   # Re/Im of HH, HV, VH, VV (+ log powers)
     m.moe.num_modal_experts = 2
     m.moe.num_collaborative_experts = 2
     # Data: 16 images per modality per step (with 4 the SimMIM losses barely moved

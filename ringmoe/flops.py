@@ -40,7 +40,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from ringmoe.model.embed import NUM_FREQS, WavelengthPatchEmbed
+from ringmoe.model.embed import NUM_FREQS, WavelengthPatchEmbed, projected_channels
 from ringmoe.model.router import capacity
 
 # Vendor dense peaks in FLOP/s per chip, by compute dtype. float32 is what a
@@ -112,7 +112,7 @@ def forward_flops(model_config, modality: str, batch_size: int) -> dict[str, flo
     grid = model_config.image_size // p
     out = dict.fromkeys(("embed", "attention", "scores", "cpb", "ffn", "router", "merging", "decoder"), 0.0)
 
-    out["embed"] = _matmul(b * grid * grid, p * p * channels, dim)
+    out["embed"] = _matmul(b * grid * grid, p * p * projected_channels(mc.embed, channels), dim)
     if mc.embed == "wavelength":  # per-band kernel generator, once per call
         h = _HYPER_HIDDEN
         out["embed"] += (_matmul(channels, 2 * (1 + 2 * NUM_FREQS), h) + _matmul(channels, h, h)

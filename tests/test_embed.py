@@ -1,4 +1,4 @@
-"""Patch embeddings: fixed-channel PatchEmbed and the wavelength-aware one."""
+"""Patch embeddings: fixed-channel PatchEmbed, the complex-SAR one and the wavelength-aware one."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from configs.common import S2_L2A_BANDS
-from ringmoe.model.embed import PatchEmbed, WavelengthPatchEmbed
+from ringmoe.model.embed import (EMBEDDINGS, ComplexPatchEmbed, PatchEmbed, WavelengthPatchEmbed, build_embedding,
+                                  log_power, projected_channels)
 
 D, P = 16, 4
 WAVELENGTHS = np.array([b[1] for b in S2_L2A_BANDS], np.float32)
@@ -47,6 +48,57 @@ def test_patch_embed_errors():
         embed(jnp.zeros((2, 8, 8, 4)))
     with pytest.raises(ValueError, match="not divisible by patch size 4"):
         embed(jnp.zeros((2, 8, 6, 3)))
+
+
+def single_look(power, seed=0, size=8):
+    """(2, size, size, 8) single-look quad-pol pixels, Re/Im interleaved: z ~ CN(0, power)."""
+    z = np.random.default_rng(seed).normal(0.0, np.sqrt(power / 2), (2, size, size, 8))
+    return z.astype(np.float32)
+
+
+def test_patch_embed_cannot_see_sar_l1_backscatter_but_complex_embed_can():
+    """A single-look pixel is zero-mean whatever its backscatter, and LayerNorm after a
+    bias-free projection divides out the token's scale: scaling the scene's power by 16
+    (12 dB) leaves PatchEmbed's tokens unchanged. The log-power channels carry it."""
+    z = single_look(1.0)
+    plain = PatchEmbed(8, D, P, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(plain(4.0 * z), plain(z), atol=1e-4)
+    embed = ComplexPatchEmbed(8, D, P, rngs=nnx.Rngs(0))
+    brighter = np.asarray(embed(4.0 * z))
+    change = np.linalg.norm(brighter - np.asarray(embed(z)), axis=-1) / np.linalg.norm(brighter, axis=-1)
+    assert change.min() > 0.1, change
+
+
+def test_log_power_values():
+    """ln(Re^2 + Im^2) per polarisation; its mean over single-look pixels is ln sigma^2 - 0.5772
+    (Euler's gamma) and its variance pi^2/6, whatever sigma^2: additive, fixed-variance speckle."""
+    x = np.array([[3.0, 4.0, 0.0, 0.0, -1.0, 0.0, 0.5, 0.5]], np.float32)
+    np.testing.assert_allclose(log_power(x), [[np.log(25.0), 0.0, 0.0, np.log(0.5)]], atol=1e-6)
+    for power in (0.01, 1.0, 100.0):
+        lp = np.asarray(log_power(single_look(power, seed=1, size=64)))
+        assert abs(lp.mean() - (np.log(power) - np.euler_gamma)) < 0.03, (power, lp.mean())
+        assert abs(lp.var() - np.pi ** 2 / 6) < 0.06, (power, lp.var())
+    with pytest.raises(ValueError, match="Re/Im pairs"):
+        log_power(np.zeros((1, 3), np.float32))
+
+
+def test_complex_embed_projects_log_powers_after_re_im():
+    embed = ComplexPatchEmbed(8, D, P, rngs=nnx.Rngs(0))
+    assert embed.proj.kernel.shape == (P * P * 12, D) and projected_channels("complex", 8) == 12
+    z = single_look(2.0)
+    features = np.concatenate([z, np.asarray(log_power(z))], -1)
+    np.testing.assert_allclose(embed(z), PatchEmbed.__call__(embed, features), atol=1e-5)
+    with pytest.raises(ValueError, match="expected 8 Re/Im channels, got 6"):
+        embed(jnp.zeros((2, 8, 8, 6)))
+    with pytest.raises(ValueError, match="not Re/Im pairs"):
+        ComplexPatchEmbed(7, D, P, rngs=nnx.Rngs(0))
+
+
+def test_embedding_registry():
+    assert isinstance(build_embedding("complex", 8, D, P, dtype=jnp.float32, rngs=nnx.Rngs(0)), ComplexPatchEmbed)
+    assert set(EMBEDDINGS) == {"patch", "wavelength", "complex"}
+    with pytest.raises(ValueError, match="unknown patch embedding 'conv'"):
+        build_embedding("conv", 3, D, P, dtype=jnp.float32, rngs=nnx.Rngs(0))
 
 
 def test_every_param_has_logical_names():

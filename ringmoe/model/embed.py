@@ -8,6 +8,19 @@ to a standard Swin `patch_embed.proj` unchanged.
 `WavelengthPatchEmbed` (the DOFA / Copernicus-FM idea) generates each band's
 projection kernel from the band's central wavelength and bandwidth, so any set of
 bands, in any order, runs through the same weights.
+
+`ComplexPatchEmbed` is `PatchEmbed` over single-look complex SAR with each
+polarisation's log power appended to its Re/Im channels. Why: a distributed
+target's single-look pixel z is circular Gaussian, z ~ CN(0, sigma^2), so every
+linear function of the pixels has expectation 0 whatever the backscatter sigma^2
+is, and the LayerNorm after a projection with zero bias divides out the token's
+scale: PatchEmbed(a z) = PatchEmbed(z) for every a > 0, so the backscatter level,
+which is what separates land covers, never reaches the backbone. ln|z|^2 turns
+the multiplicative speckle into additive noise of fixed variance (pi^2/6, i.e.
+5.6 dB) around ln sigma^2 - 0.577, a linear function of the backscatter in dB,
+which the projection then averages over the patch's p*p pixels.
+
+`EMBEDDINGS` names them for `config.model.modalities.M.embed`.
 """
 from __future__ import annotations
 
@@ -65,6 +78,37 @@ class PatchEmbed(nnx.Module):
         patches = to_patches(x, self.patch_size)
         patches = patches.reshape(*patches.shape[:3], -1).astype(self.dtype)
         return constrain(self.norm(self.proj(patches)), "batch", None, None, "act_embed")
+
+
+def log_power(x: jax.Array) -> jax.Array:
+    """(..., 2P) Re/Im interleaved per polarisation -> (..., P) natural-log power |z|^2.
+
+    A pixel with no power (only no-data, which the encoder has set to 0 + 0j) gets 0,
+    not log 0: it carries no measurement, like a no-data pixel's 0 in the other channels.
+    """
+    if x.shape[-1] % 2:
+        raise ValueError(f"complex pixels need Re/Im pairs, got {x.shape[-1]} channels")
+    x = x.astype(jnp.float32)
+    power = x[..., 0::2] ** 2 + x[..., 1::2] ** 2
+    has_power = power > 0
+    return jnp.where(has_power, jnp.log(jnp.where(has_power, power, 1.0)), 0.0)
+
+
+class ComplexPatchEmbed(PatchEmbed):
+    """PatchEmbed over [Re/Im of each polarisation, ln |z|^2 of each]: 2P -> 3P channels
+    per pixel (module doc: why the backscatter needs the log power to be seen)."""
+
+    def __init__(self, channels: int, dim: int, patch_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        if channels % 2:
+            raise ValueError(f"ComplexPatchEmbed: {channels} channels are not Re/Im pairs")
+        super().__init__(channels + channels // 2, dim, patch_size, dtype=dtype, rngs=rngs)
+        self.complex_channels = channels
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] != self.complex_channels:
+            raise ValueError(f"ComplexPatchEmbed: expected {self.complex_channels} Re/Im channels, got "
+                             f"{x.shape[-1]} (input shape {x.shape})")
+        return super().__call__(jnp.concatenate([x, log_power(x).astype(x.dtype)], -1))
 
 
 def spectral_features(wavelengths_nm: jax.Array, bandwidths_nm: jax.Array) -> jax.Array:
@@ -136,3 +180,30 @@ class WavelengthPatchEmbed(nnx.Module):
         """pixels (B,H,W,C), wavelengths_nm (C,), bandwidths_nm (C,) -> (B,H/p,W/p,D)."""
         out = self.norm(self.project(x, wavelengths_nm, bandwidths_nm)).astype(self.dtype)
         return constrain(out, "batch", None, None, "act_embed")
+
+
+# config embed name -> (builder(channels, dim, patch_size, dtype, rngs), features per pixel the
+# projection sees for `channels` input channels: for FLOP counts).
+EMBEDDINGS = {
+    "patch": (lambda c, dim, p, dtype, rngs: PatchEmbed(c, dim, p, dtype=dtype, rngs=rngs), lambda c: c),
+    "wavelength": (lambda c, dim, p, dtype, rngs: WavelengthPatchEmbed(dim, p, dtype=dtype, rngs=rngs),
+                   lambda c: c),
+    "complex": (lambda c, dim, p, dtype, rngs: ComplexPatchEmbed(c, dim, p, dtype=dtype, rngs=rngs),
+                lambda c: c + c // 2),
+}
+
+
+def _kind(name: str):
+    if name not in EMBEDDINGS:
+        raise ValueError(f"unknown patch embedding {name!r} (one of {', '.join(EMBEDDINGS)})")
+    return EMBEDDINGS[name]
+
+
+def build_embedding(name: str, channels: int, dim: int, patch_size: int, *, dtype, rngs) -> nnx.Module:
+    """The patch embedding `name` (EMBEDDINGS) for `channels` input channels."""
+    return _kind(name)[0](channels, dim, patch_size, dtype, rngs)
+
+
+def projected_channels(name: str, channels: int) -> int:
+    """Features per pixel that embedding `name`'s projection sees for `channels` inputs."""
+    return _kind(name)[1](channels)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ringmoe.model.decoders import SimMIMDecoder
-from ringmoe.model.embed import PatchEmbed, WavelengthPatchEmbed
+from ringmoe.model.embed import WavelengthPatchEmbed, build_embedding
 from ringmoe.model.moe import DenseFFN, HierarchicalMoE
 from ringmoe.model.swin import PatchMerging, SwinV2Block
 from ringmoe.sharding import constrain, partitioned, state_shardings
@@ -106,8 +106,9 @@ class RingMoE(nnx.Module):
             raise ValueError(f"image_size {config.image_size} must be divisible by patch_size "
                              f"{config.patch_size} * 2**{len(config.depths) - 1}")
         dim = config.embed_dim
-        self.embeddings = nnx.Dict({m: _embedding(config.modalities[m], dim, config.patch_size, self.dtype, rngs)
-                                    for m in self.modalities})
+        self.embeddings = nnx.Dict({
+            m: build_embedding(config.modalities[m].embed, config.modalities[m].channels, dim, config.patch_size,
+                               dtype=self.dtype, rngs=rngs) for m in self.modalities})
         self.mask_token = nnx.Param(partitioned(nnx.initializers.truncated_normal(0.02), "embed")(
             rngs.params(), (dim,)))
         stages = []
@@ -196,13 +197,6 @@ class ParamKeys:
         self.count += 1
         return key
 
-
-def _embedding(modality_config, dim, patch_size, dtype, rngs):
-    if modality_config.embed == "wavelength":
-        return WavelengthPatchEmbed(dim, patch_size, dtype=dtype, rngs=rngs)
-    if modality_config.embed != "patch":
-        raise ValueError(f"unknown patch embedding {modality_config.embed!r} (patch | wavelength)")
-    return PatchEmbed(modality_config.channels, dim, patch_size, dtype=dtype, rngs=rngs)
 
 
 def create_model(model_config, seed: int, mesh=None) -> RingMoE:
