@@ -20,7 +20,13 @@ Multi-process (one process per TPU VM host, or per GPU / node under SLURM):
 process reads its own disjoint share of the records and contributes its rows to
 the global batch; checkpoints are written collectively (each process its array
 shards; the data-iterator states of all processes gathered into the checkpoint);
-metrics, TensorBoard and PNGs come from process 0 only. Preemption: a single
+metrics, TensorBoard and PNGs come from process 0 only.
+
+Before any work the config's values are checked (`pretrain.validate`) and process 0
+locks the workdir (`pretrain.lock`: a second run on it stops with 'workdir in use by
+pid N'). On the command line, bad input, a bad flag, config key or value and a file
+that cannot be read or written end the run with one line on stderr
+(`ringmoe.cli`; --debug gives the traceback). Preemption: a single
 process stops on SIGTERM; several processes stop together at the step that JAX's
 preemption sync manager agrees on (`Checkpointer.reached_preemption`).
 """
@@ -43,10 +49,12 @@ from ml_collections import config_flags
 
 from pretrain import distributed, resume
 from pretrain.checkpoint import Checkpointer, abstract_with_shardings
+from pretrain.lock import workdir_lock
 from pretrain.metrics import MetricsWriter, flatten_router_stats, router_load_matrices
 from pretrain.state import abstract_state, create_state
 from pretrain.step import MODEL_INPUTS, jit_train_step, make_eval_step, model_inputs
-from ringmoe import flops, sharding, visualize
+from pretrain.validate import validate_config
+from ringmoe import cli, flops, sharding, visualize
 from ringmoe.data.pipeline import Pipeline
 
 log = logging.getLogger("ringmoe.train")
@@ -210,7 +218,16 @@ class RecordLog:
 def train(config, workdir: str, devices=None, *, log_records: bool = False) -> dict:
     """Runs (or resumes) pretraining on `devices` (default: all); returns the last logged metrics.
 
+    The config's values are checked first (`validate.validate_config`: ConfigError naming each
+    bad key), then the workdir is locked for the whole run (`lock.workdir_lock`, process 0:
+    WorkdirInUseError if another run holds it), before any data or device is touched.
     log_records: each process appends its batches' record indices to workdir/records/."""
+    validate_config(config)
+    with workdir_lock(workdir, enabled=jax.process_index() == 0):
+        return _train(config, workdir, devices, log_records=log_records)
+
+
+def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh, devices)
     pipeline = Pipeline(config)
@@ -360,4 +377,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run_absl("pretrain.train", main)

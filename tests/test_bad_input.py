@@ -222,6 +222,6 @@ def test_cli_reports_bad_input_as_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tools.convert", "geotiff", "--manifest", csv,
                            "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == (f"convert: error: {path}: sensor preset 'sentinel2_l2a' expects 12 bands "
+    assert proc.stderr.strip() == (f"tools.convert: error: {path}: sensor preset 'sentinel2_l2a' expects 12 bands "
                                    f"(B1, B2, B3, B4, B5, B6, B7, B8, B8A, B9, B11, B12), got 5")
     assert not os.path.exists(tmp_path / "o") or os.listdir(tmp_path / "o") == []

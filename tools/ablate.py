@@ -24,6 +24,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from ringmoe import cli
 from ringmoe.eval import ablate
 
 _GRID = config_flags.DEFINE_config_file("grid", None, "Grid file (configs/ablations/NAME.py).")
@@ -40,10 +41,7 @@ def main(argv):
     grid = _GRID.value
     # Points share most programs (initialiser, probe encoders): compile each once.
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(_WORKDIR.value), ".jax_cache"))
-    try:
-        results = ablate.run(grid, _WORKDIR.value)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise SystemExit(f"tools.ablate: {e}") from None
+    results = ablate.run(grid, _WORKDIR.value)
     title = os.path.basename(config_flags.get_config_filename(flags.FLAGS["grid"]))
     md, png = ablate.write_report(results, _WORKDIR.value, title)
     print(open(md, encoding="utf-8").read())
@@ -54,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl("tools.ablate", main)

@@ -46,14 +46,15 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from pretrain.checkpoint import abstract_with_shardings
 from pretrain.state import abstract_state
 from pretrain.step import jit_train_step
 from pretrain.train import abstract_batch, batch_shardings
-from ringmoe import compile_memory, flops, sharding, topology
+from pretrain.validate import validate_config
+from ringmoe import cli, compile_memory, flops, sharding, topology
 from ringmoe.data.pipeline import batch_spec, process_batch_sizes, served_modalities
 from ringmoe.model import dispatch
 
@@ -160,6 +161,7 @@ def main(argv):
     target = topology.get(_TOPOLOGY.value)
     if _MEMORY.value is not None:
         target = dataclasses.replace(target, memory_bytes=_MEMORY.value)
+    validate_config(_CONFIG.value)
     use_fake_cpu_devices(target.devices)
     config = for_target(_CONFIG.value, target)
     devices, compiled_for, why = target_devices(target)
@@ -247,4 +249,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    cli.run_absl("tools.aot", main)

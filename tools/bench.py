@@ -14,6 +14,8 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from ringmoe import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch", 8, "moe: images per call.")
 _STAGE = flags.DEFINE_integer("stage", None, "moe: Swin stage whose layer shape to use (default: deepest).")
@@ -28,6 +30,8 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required")
+    from pretrain.validate import validate_config
+    validate_config(config)
     if argv[1] == "moe":
         from ringmoe.model import bench
         result = bench.run(config.model, batch=_BATCH.value, stage=_STAGE.value, rounds=_ROUNDS.value)
@@ -45,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl("tools.bench", main)

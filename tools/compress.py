@@ -27,6 +27,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from ringmoe import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config of the checkpoint's model (configs/NAME.py).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (or its checkpoints/) to compress.")
 _MODALITY = flags.DEFINE_string("modality", None, "The modality the dense model serves.")
@@ -54,10 +56,7 @@ def main(argv):
     keep = config.compress.keep_collaborative if _KEEP.value is None else _KEEP.value
     from ringmoe.compress import stages
     if _DRY.value:
-        try:
-            result = {"stages": stages.dry_run(config, _MODALITY.value, keep)}
-        except ValueError as e:
-            raise SystemExit(f"compress: error: {e}") from None
+        result = {"stages": stages.dry_run(config, _MODALITY.value, keep)}
         for s in result["stages"]:
             print(f"{s['name']:<10} {s['params']:>16,}")
         print(json.dumps(result))
@@ -66,14 +65,9 @@ def main(argv):
         raise app.UsageError("--checkpoint and --out are required (or --dry-run)")
 
     from ringmoe.compress.run import compress
-    from ringmoe.data.schema import RecordError
-    from ringmoe.model.checkpoint import CheckpointError
     steps = config.compress.distill_steps if _DISTILL.value is None else _DISTILL.value
-    try:
-        report = compress(_CHECKPOINT.value, config, _MODALITY.value, _OUT.value, keep=keep, merge=_MERGE.value,
-                          distill_steps=steps, data_dir=_DATA.value, probe_data_dir=_PROBE.value)
-    except (CheckpointError, RecordError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"compress: error: {e}") from None
+    report = compress(_CHECKPOINT.value, config, _MODALITY.value, _OUT.value, keep=keep, merge=_MERGE.value,
+                      distill_steps=steps, data_dir=_DATA.value, probe_data_dir=_PROBE.value)
     for s in report["stages"]:
         probe = report.get("linear_probe", {}).get(s["name"])
         print(f"{s['name']:<10} {s['params']:>16,}" + ("" if probe is None else f"   linear probe {probe:.3f}"))
@@ -84,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl("tools.compress", main)

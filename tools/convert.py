@@ -10,9 +10,8 @@ Prints a short summary, then as its last line the JSON of `records`, `shards`,
 """
 import argparse
 import json
-import sys
 
-from ringmoe.data.schema import RecordError
+from ringmoe import cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,21 +35,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command("tools.convert")
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
-    try:
-        if args.kind == "geotiff":
-            from ringmoe.data.ingest import geotiff
-            manifest = geotiff.convert_geotiff(
-                args.manifest, args.out, tile=args.tile, shard_size=args.shard_size,
-                max_bad_records=args.max_bad_records, label_names=geotiff.label_names_from(args.label_names),
-                source=args.source)
-        else:
-            from ringmoe.data.ingest import tfds
-            manifest = tfds.convert_tfds(args.name, args.out, split=args.split, data_dir=args.data_dir,
-                                         shard_size=args.shard_size, max_bad_records=args.max_bad_records)
-    except RecordError as e:
-        sys.exit(f"convert: error: {e}")
+    if args.kind == "geotiff":
+        from ringmoe.data.ingest import geotiff
+        manifest = geotiff.convert_geotiff(
+            args.manifest, args.out, tile=args.tile, shard_size=args.shard_size,
+            max_bad_records=args.max_bad_records, label_names=geotiff.label_names_from(args.label_names),
+            source=args.source)
+    else:
+        from ringmoe.data.ingest import tfds
+        manifest = tfds.convert_tfds(args.name, args.out, split=args.split, data_dir=args.data_dir,
+                                     shard_size=args.shard_size, max_bad_records=args.max_bad_records)
     extra = manifest.get("extra", {})
     print(f"wrote {manifest['records']} records in {len(manifest['shards'])} shard(s) to {args.out}; "
           f"modalities {dict((m, v['records']) for m, v in manifest['modalities'].items())}; "

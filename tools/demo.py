@@ -29,6 +29,8 @@ import os
 import shutil
 import time
 
+from ringmoe import cli
+
 REAL_CHIPS_CSV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "tests", "data", "real_chips.csv")
 
@@ -85,6 +87,7 @@ def _report(path: str, figures: dict, pictures: list[str]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+@cli.command("tools.demo")
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out", help="output directory (replaced)")

@@ -19,10 +19,13 @@ bootstrap for mIoU). Any usage or data problem exits with a one-line message.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
+
+from ringmoe import cli
 
 PROBES = ("knn", "linear", "segmentation")
 
@@ -43,6 +46,7 @@ def _table(result: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+@cli.command("tools.evaluate")
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="training workdir or its checkpoints/ directory")
@@ -52,20 +56,16 @@ def main(argv=None) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the random-initialisation baseline")
     args = p.parse_args(argv)
     if args.probe not in PROBES:
-        raise SystemExit(f"evaluate: error: unknown probe {args.probe!r} (one of {', '.join(PROBES)})")
+        raise cli.UsageError(f"unknown probe {args.probe!r} (one of {', '.join(PROBES)})")
     if not os.path.isdir(args.data):
-        raise SystemExit(f"evaluate: error: {args.data}: no such data set directory")
+        raise FileNotFoundError(errno.ENOENT, "no such data set directory", args.data)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)   # Orbax notes that it opened a directory read-only
 
-    from ringmoe.data.schema import RecordError
     from ringmoe.eval.features import evaluate
-    from ringmoe.model.checkpoint import CheckpointError, load_pretrained
-    try:
-        config, model, step = load_pretrained(args.checkpoint)
-        result = evaluate(config, model, args.data, args.probe, args.modality, baseline=not args.no_baseline)
-    except (CheckpointError, RecordError, ValueError) as e:
-        raise SystemExit(f"evaluate: error: {e}") from None
+    from ringmoe.model.checkpoint import load_pretrained
+    config, model, step = load_pretrained(args.checkpoint)
+    result = evaluate(config, model, args.data, args.probe, args.modality, baseline=not args.no_baseline)
     result.update(step=step, checkpoint=os.path.abspath(args.checkpoint))
     print(_table(result))
     print(json.dumps(result))

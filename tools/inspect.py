@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from ringmoe import cli
 from ringmoe.data import shards
 from ringmoe.data.schema import RecordError
 
@@ -45,15 +46,12 @@ def _summary(m: dict) -> list[str]:
     return lines
 
 
+@cli.command("tools.inspect", status={RecordError: 2})  # a data set it cannot read at all
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.inspect", description=__doc__.split("\n")[0])
     p.add_argument("data_dir")
     args = p.parse_args(argv)
-    try:
-        m = shards.check_dataset(args.data_dir)
-    except RecordError as e:
-        print(f"inspect: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    m = shards.check_dataset(args.data_dir)
     print("\n".join(_summary(m)))
     check = m["check"]
     print(json.dumps({

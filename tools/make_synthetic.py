@@ -15,7 +15,10 @@ import json
 import sys
 import time
 
+from ringmoe import cli
 
+
+@cli.command("tools.make_synthetic")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="empty output directory")
@@ -35,16 +38,11 @@ def main(argv=None) -> int:
         p.error("--hardness needs --labeled")
 
     from ringmoe.data import synthetic
-    from ringmoe.data.schema import RecordError
     kwargs = {"paired_fraction": a.paired_fraction, "labeled": a.labeled}
     if a.looks is not None:
         kwargs["looks"] = a.looks
     start = time.time()
-    try:
-        manifest = synthetic.write(a.out, a.examples, a.image_size, a.seed, shard_size=a.shard_size, **kwargs)
-    except RecordError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    manifest = synthetic.write(a.out, a.examples, a.image_size, a.seed, shard_size=a.shard_size, **kwargs)
     summary = {"out": a.out, "records": manifest["records"], "paired_records": manifest["paired_records"],
                "single_modality_records": manifest["single_modality_records"],
                "modality_records": {m: v["records"] for m, v in manifest["modalities"].items()},

@@ -7,9 +7,10 @@ Prints a table, then as its last line JSON with `total`, `active_per_token`
 """
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from ringmoe import cli
 from ringmoe.model.params import abstract_model, count, table
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
@@ -31,4 +32,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run_absl("tools.params", main)

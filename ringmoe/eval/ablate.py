@@ -33,12 +33,17 @@ import numpy as np
 from matplotlib.figure import Figure
 from ml_collections import ConfigDict
 
-from ringmoe import flops
+from ringmoe import cli, flops
 from ringmoe.visualize import read_jsonl
 
 log = logging.getLogger("ringmoe.ablate")
 RESULT_FILE = "result.json"
 _COLORS = [f"C{i}" for i in range(10)] * 10   # one colour per point, its seeds alike
+
+
+@cli.reported(status=2)
+class UnknownOverrideError(KeyError):
+    """A grid's budget or point overrides a key its base config does not have."""
 
 
 def load_config_file(path: str) -> ConfigDict:
@@ -59,9 +64,11 @@ def point_config(grid: ConfigDict, overrides: dict) -> ConfigDict:
         parent = config
         *path, leaf = key.split(".")
         for name in path:
+            if name not in parent or not isinstance(parent[name], ConfigDict):
+                raise UnknownOverrideError(f"ablation override {key!r}: {grid.base} has no such key")
             parent = parent[name]
         if leaf not in parent:
-            raise KeyError(f"ablation override {key!r}: {grid.base} has no such key")
+            raise UnknownOverrideError(f"ablation override {key!r}: {grid.base} has no such key")
         parent[leaf] = value
     if config.eval_every == 0:  # the fixed-batch losses at step 0 and at the end are the comparison
         config.eval_every = config.total_steps

@@ -24,14 +24,16 @@ from ml_collections import ConfigDict
 
 from pretrain.checkpoint import abstract_with_shardings
 from pretrain.state import abstract_state
-from ringmoe import sharding
+from ringmoe import cli, sharding
 from ringmoe.model.ringmoe import ParamKeys, RingMoE
 
 log = logging.getLogger("ringmoe.checkpoint")
 
 
+@cli.reported
 class CheckpointError(RuntimeError):
-    """No checkpoint, or none that restores; the message names the directory."""
+    """No checkpoint, or none that restores; the message names the directory (a command
+    line reports it as one line, `ringmoe.cli`)."""
 
 
 # Sections keyed by modality: a saved one is taken whole, never merged with base_config()'s
