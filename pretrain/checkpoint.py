@@ -25,6 +25,18 @@ process 0 alone (kept for inspection, never deleted), with a warning on every
 process naming the step and each process that failed, with its error. One
 process runs the same code (its gathers return at once).
 
+A failed save (a full disk, a lost mount, a permission error) happens in Orbax's
+background threads. `check()`, called every step, notices it as soon as that save
+has ended, without waiting for one still running; `save()` and `wait()` notice it
+too. Each raises SaveError once, one line: "checkpoint 20 failed: no space left on
+device (...); last good checkpoint: 10 (...)". Orbax's own error records for it,
+which carry a traceback from each of its threads, are cut to one line each
+(`_OneLineOrbaxErrors`). The failed step is not finalised, so nothing older is
+deleted by `keep`; the save's other writes are waited for (`_drain`), the trainer
+stops and `close()` shuts the manager down. The
+partial `<step>.orbax-checkpoint-tmp` directory it leaves is removed when the next
+run starts (`remove_partial_saves`, process 0, with a warning).
+
 Waiting: the gathers, like Orbax's own barriers, are device collectives without
 a timeout of their own. A process that dies is noticed by JAX's coordination
 service (jax.distributed.initialize's heartbeat_timeout_seconds, 100 s by
@@ -33,9 +45,11 @@ elsewhere) is waited for without limit.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -52,11 +66,23 @@ _BARRIER_PREFIX = "ringmoe"
 _ORBAX_RESTORE_BARRIER = ocp.multihost.unique_barrier_key("Checkpointer:restore", prefix=_BARRIER_PREFIX)
 
 
+# How Orbax names the directory of a save until it is finalised (orbax-checkpoint 0.12:
+# "<step>.orbax-checkpoint-tmp", and the same suffix on each item inside it).
+TMP_SUFFIX = ocp.path.atomicity.TMP_DIR_SUFFIX
+
+
+class SaveError(RuntimeError):
+    """An asynchronous checkpoint save failed; the message names the step, the cause and
+    the newest checkpoint that is still good."""
+
+
 class Checkpointer:
     """Keeps the newest `keep` checkpoints of a run under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str, *, keep: int, save_every: int):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        _OneLineOrbaxErrors.install()
+        self._saving: int | None = None   # step of the save started last and not yet checked
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                                enable_async_checkpointing=True, create=True,
                                                multiprocessing_options=ocp.options.MultiprocessingOptions(
@@ -70,10 +96,72 @@ class Checkpointer:
         return step % self.save_every == 0
 
     def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
-        """Starts an async save of step `step`; returns whether one was started."""
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=force)
+        """Starts an async save of step `step`; returns whether one was started. Waits for the
+        previous save first: SaveError if that one failed, or if this one cannot start."""
+        self.wait()
+        try:
+            started = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta)), force=force)
+        except Exception as e:  # noqa: BLE001 -- the synchronous part (directories, the array copy)
+            raise self._failed(step, e) from None
+        if started:
+            self._saving = step
+        return started
+
+    def remove_partial_saves(self) -> None:
+        """Process 0 removes the `<step>.orbax-checkpoint-tmp` directories of saves that never
+        finished (failed, or the process died): never restorable (Orbax lists finalised steps
+        only), they only hold disk space, which may be what the failed save lacked. Each
+        removal is a warning. Only the run that owns the workdir calls this (the trainer, at
+        start): a tool reading a live run's checkpoints would remove the save in progress."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in sorted(os.listdir(self.directory)):
+            path = os.path.join(self.directory, name)
+            if TMP_SUFFIX in name and os.path.isdir(path):
+                log.warning("removing %s: the partial directory of a checkpoint save that did not finish", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+    def check(self) -> None:
+        """SaveError if the save started last has ended in failure; returns at once while it
+        is still running (no wait), so the trainer calls it every step."""
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def wait(self) -> None:
+        """Waits for the save in flight (if any); SaveError if it failed."""
+        step, self._saving = self._saving, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 -- whatever the writer raised (OSError, TensorStore's ValueError)
+            self._drain()
+            raise self._failed(step, e) from None
+
+    def _drain(self, timeout_s: float = 600.0) -> None:
+        """Waits for the other writes of a failed save. Orbax's commit thread stops at the first
+        write that fails and leaves the rest (the array shards) running; closing the manager
+        under them, or exiting, makes each one fail again on a closed event loop with a traceback
+        of its own (thousands at scale). Reaches into orbax-checkpoint 0.12's AsyncCheckpointer
+        (`_async_manager._commit_futures`); with other internals it does nothing."""
+        manager = getattr(getattr(self.manager, "_checkpointer", None), "_async_manager", None)
+        for future in list(getattr(manager, "_commit_futures", None) or ()):
+            try:
+                future.result(timeout=timeout_s)
+            except Exception:  # noqa: BLE001 -- the same failure again, already reported
+                pass
+
+    def _failed(self, step: int | None, error: Exception) -> SaveError:
+        """The one-line SaveError for a failed save of `step`, naming the newest good checkpoint."""
+        try:
+            self.manager.reload()   # the failed step is not listed; older ones were not deleted
+            good = sorted(s for s in self.manager.all_steps() if s != step)
+        except Exception:  # noqa: BLE001 -- the directory itself may be what failed
+            good = []
+        last = (f"last good checkpoint: {good[-1]} ({os.path.join(self.directory, str(good[-1]))})" if good
+                else f"no earlier checkpoint in {self.directory}")
+        what = "a checkpoint" if step is None else f"checkpoint {step}"
+        return SaveError(f"{what} failed: {_cause(error)}; {last}")
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once any process was told to stop (JAX's multi-host signal)."""
@@ -163,16 +251,58 @@ class Checkpointer:
                 multihost_utils.sync_global_devices("ringmoe: checkpoints moved aside")
             self.manager.reload()
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the save in flight and closes the manager. Never raises: it runs while
+        another error may be on its way out (a failure not reported yet is logged, one line);
+        call `wait()` first to have a failed last save raise."""
+        try:
+            self.wait()
+        except SaveError as e:
+            log.error("%s", e)
+        try:
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001 -- as above: report, do not mask the error in flight
+            log.error("closing the checkpoint manager of %s: %s", self.directory, _describe(e))
 
 
 def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def _cause(e: BaseException) -> str:
+    """'no space left on device (/run/checkpoints/20.orbax-checkpoint-tmp/...)' for an OSError
+    (also one found as the cause of a wrapping error); the first line of anything else."""
+    seen = e
+    while seen is not None and not (isinstance(seen, OSError) and seen.strerror):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        if "No space left on device" in str(e) or f"errno {errno.ENOSPC}" in str(e).lower():
+            return f"no space left on device ({_describe(e)})"
+        return _describe(e)
+    where = f" ({seen.filename})" if seen.filename else ""
+    return f"{seen.strerror[:1].lower()}{seen.strerror[1:]}{where}"
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+    """Cuts Orbax's error records to one line: a failed save is logged with a full traceback
+    by each thread it passes through (each item's writer, the commit thread, the finalize
+    thread), where SaveError already says what happened. Keeps the record (message and the
+    exception's first line), drops the traceback. Installed once on absl's logger."""
+
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls._installed:
+            logging.getLogger("absl").addFilter(cls())
+            cls._installed = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+            error = record.exc_info[1]
+            record.msg, record.args = f"{record.getMessage()} ({_describe(error)})", ()
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _test_hook(step: int, phase: str) -> None:

@@ -54,7 +54,19 @@ def _scalar(name: str, value) -> float:
 
 
 def _json_value(value):
+    if isinstance(value, Mapping):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
     return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def json_line(record: Mapping) -> str:
+    """`record` as one line of strict JSON: NaN and +-Inf (at any depth) become null, and
+    `allow_nan=False` makes any that slipped through an error instead of a bare `NaN`
+    token that jq, pandas and json.loads(parse_constant=...) reject. Used for every
+    metrics.jsonl line and the trainer's final line."""
+    return json.dumps(_json_value(dict(record)), allow_nan=False)
 
 
 def _clock(seconds: float | None) -> str:
@@ -153,7 +165,7 @@ class MetricsWriter:
             if key not in record and value is not None:
                 record[key] = value
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
+            f.write(json_line(record) + "\n")
             f.flush()
 
         tb = self._tensorboard()

@@ -14,6 +14,13 @@ was trained under differs only in keys that may change (`pretrain.resume`:
 logging intervals, total_steps, mesh, ...; any other difference is an error
 naming each key). SIGTERM saves a checkpoint and exits cleanly.
 
+Failures end the run with one message and nothing already saved lost: a save that
+fails in the background (`checkpoint.SaveError`, noticed at the next step), too
+many non-finite updates or a run whose updates were all skipped (`NonFiniteGuard`),
+bad input (`ringmoe.data.pipeline`: RecordError naming the file and record; with
+data.max_bad_records > 0, skipped records are logged and counted as `bad_records`
+in the metrics and the final line). The final stdout line is strict JSON.
+
 Multi-process (one process per TPU VM host, or per GPU / node under SLURM):
 `jax.distributed` is initialised from --coordinator_address/--num_processes/
 --process_id or by JAX's own cluster detection (`pretrain.distributed`); each
@@ -48,9 +55,9 @@ from flax import nnx
 from ml_collections import config_flags
 
 from pretrain import distributed, resume
-from pretrain.checkpoint import Checkpointer, abstract_with_shardings
+from pretrain.checkpoint import Checkpointer, SaveError, abstract_with_shardings
 from pretrain.lock import workdir_lock
-from pretrain.metrics import MetricsWriter, flatten_router_stats, router_load_matrices
+from pretrain.metrics import MetricsWriter, flatten_router_stats, json_line, router_load_matrices
 from pretrain.state import abstract_state, create_state
 from pretrain.step import MODEL_INPUTS, jit_train_step, make_eval_step, model_inputs
 from pretrain.validate import validate_config
@@ -80,31 +87,44 @@ class NonFiniteError(RuntimeError):
 
 
 class NonFiniteGuard:
-    """Counts the skipped (NaN/Inf) updates in a row on the host; `limit` in a row stop the run.
+    """Counts the skipped (NaN/Inf) updates in a row on the host and stops the run on
+    either of two rules, both on `limit` = config.max_nonfinite_steps:
+
+    * `limit` skipped updates in a row, anywhere in the run;
+    * at the last step of the run (`check(last=True)`), every update of the last
+      min(limit, steps this process ran) skipped: a run shorter than `limit`, or resumed
+      that close to its end, that learnt nothing in its last steps ends with an error
+      instead of exit status 0 (the final step is then not saved).
 
     A step's 'finite' flag is read only when the host waits for that step anyway, so the
     check costs no device sync of its own: one step late (`check` after the next step was
     queued: the device keeps working while the host reads), or at once when the step is
     logged, checkpointed or the last (`check` before the save: those read the step's
     results regardless). Every step is checked exactly once, the last one included, and
-    a step that reaches the limit is never saved as a finished checkpoint.
+    the error names the step whose flag was read: a step that reaches the limit is never
+    saved as a finished checkpoint, and no step after it either.
     """
 
     def __init__(self, limit: int):
-        self.limit, self.run, self.pending = limit, 0, None
+        self.limit, self.run, self.pending, self.checked = limit, 0, None, 0
 
     def defer(self, step: int, metrics: dict) -> None:
         self.pending = (step, metrics)
 
-    def check(self) -> None:
-        """Reads the deferred step's flag (if any); NonFiniteError at `limit` in a row."""
+    def check(self, *, last: bool = False) -> None:
+        """Reads the deferred step's flag (if any); NonFiniteError by the rules above."""
         if self.pending is None:
             return
         (step, metrics), self.pending = self.pending, None
+        self.checked += 1
         self.run = 0 if float(metrics["finite"]) else self.run + 1
         if self.run >= self.limit:
             raise NonFiniteError(f"{self.run} consecutive non-finite updates up to step {step}: "
                                  f"{describe_nonfinite(jax.device_get(metrics))}")
+        if last and self.run and self.run >= self.checked:
+            raise NonFiniteError(f"the run ended at step {step} with every one of its {self.run} updates "
+                                 f"non-finite (all skipped; fewer than max_nonfinite_steps = {self.limit} "
+                                 f"steps ran): {describe_nonfinite(jax.device_get(metrics))}")
 
 
 def initialize_distributed() -> bool:
@@ -190,6 +210,12 @@ def own_data_state(data_state: dict) -> dict:
     return states[jax.process_index()]
 
 
+def bad_records(pipeline: Pipeline) -> int:
+    """Distinct bad records skipped so far by all processes (collective: every process calls
+    it at the same log steps), restored with the data state on resume."""
+    return sum(distributed.allgather_json(pipeline.statistics()["bad_records"]))
+
+
 def gathered_data_state(pipeline: Pipeline) -> dict:
     """Every process's iterator state, in process order (collective), for the checkpoint."""
     return {"processes": distributed.allgather_json(pipeline.get_state())}
@@ -239,6 +265,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
     # Outside the mesh context: on CPU this times a matmul on one local device.
     peak, peak_source = flops.device_peak_flops(jax.local_devices()[0], config.model.dtype)
 
+    checkpointer.remove_partial_saves()   # what a failed or killed save left behind
     with jax.set_mesh(mesh):
         restored = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings),
                                                check_meta=lambda step, meta: check_saved_config(config, step, meta))
@@ -280,6 +307,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                 device_batch = to_device(batch, in_batch)
                 state, metrics = step_fn(state, device_batch)
                 window_steps += 1
+                checkpointer.check()  # a save that failed since the last step stops the run here
                 guard.check()  # the previous step's flag, read now that this one is queued
                 done = step + 1
                 guard.defer(done, metrics)
@@ -297,7 +325,8 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                                     "tokens_per_s": sum(global_batch.values()) * (config.model.image_size
                                                                                  // config.model.patch_size) ** 2
                                     / seconds, "model_tflops_per_step": step_flops / 1e12,
-                                    "nonfinite_total": float(state.nonfinite)})
+                                    "nonfinite_total": float(state.nonfinite),
+                                    "bad_records": bad_records(pipeline)})
                     if peak:
                         scalars["mfu"] = flops.mfu(step_flops, seconds, jax.device_count(), peak)
                     scalars.update(scores)
@@ -311,13 +340,15 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                 preempted = stop["signal"] is not None or checkpointer.reached_preemption(done)
                 save = checkpointer.should_save(done) or preempted or done == config.total_steps
                 if save or done % config.log_every == 0:
-                    guard.check()  # the host waits for this step anyway: check it now, before it is saved
+                    # The host waits for this step anyway: check it now, before it is saved.
+                    guard.check(last=done == config.total_steps)
                 if save:
                     checkpointer.save(done, state, gathered_data_state(pipeline), {**meta, "step": done}, force=True)
                 if preempted:
                     log.warning("stopping at step %d on request (signal %s); checkpoint saved", done, stop["signal"])
                     break
             guard.check()  # (every step was checked above: a no-op, kept as the guarantee)
+            checkpointer.wait()  # the last save: its failure is this run's error
             if batch is not None and not preempted:
                 save_pictures(workdir, "final", graphdef, state, device_batch, metrics, norm_stats, lead)
         finally:
@@ -368,11 +399,11 @@ def main(argv):
     initialize_distributed()
     try:
         last = train(_FLAGS.config.value, _FLAGS.workdir.value, log_records=_FLAGS.log_records.value)
-    except NonFiniteError as e:
+    except (NonFiniteError, SaveError) as e:
         raise SystemExit(f"pretrain.train: stopped: {e}") from None
     except resume.ConfigMismatchError as e:
         raise SystemExit(f"pretrain.train: not resumed: {e}") from None
-    print(json.dumps(last))
+    print(json_line(last))   # strict JSON: a NaN loss is null
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ makes resume exact. Per-batch counters (records read, bad records with their
 first messages, dropped images) ride along under "_stats" for the pipeline to
 accumulate (every bad record as [index, message], so the pipeline can count
 distinct ones). An exhausted parent ends iteration and drops the partial batch.
+
+Bad records: the packer is where they are first seen, so it enforces what it can
+of the budget (`max_bad_records`, data.max_bad_records) at once: with 0 the first
+bad record is its RecordError (shard file, record index, what is wrong), and with
+K more than K distinct bad records within one batch are an error; the pipeline
+counts across batches (and epochs, and a resume). Without this, a shard whose
+every record fails kept the packer reading until it gave up on the batch and
+blamed the modality weights.
 """
 from __future__ import annotations
 
@@ -29,27 +37,32 @@ import grain
 import numpy as np
 from grain._src.python.dataset import dataset as grain_dataset
 
+from ringmoe.data.schema import RecordError
+
+
 class ModalityPackIterDataset(grain.IterDataset):
     """Parent elements (see transform.RecordTransform) -> batch dicts of fixed shape."""
 
     def __init__(self, parent: grain.IterDataset, batch_sizes: dict[str, int], *, image_size: int,
-                 patch_size: int, channels: dict[str, int], max_records_per_batch: int):
+                 patch_size: int, channels: dict[str, int], max_records_per_batch: int,
+                 max_bad_records: int = 0):
         super().__init__(parent)
         self._sizes = dict(batch_sizes)
         self._shape = (image_size, image_size // patch_size, channels)
         self._max_records = int(max_records_per_batch)
+        self._max_bad = int(max_bad_records)
 
     def __iter__(self):
-        return _PackIterator(self._parent.__iter__(), self._sizes, self._shape, self._max_records)
+        return _PackIterator(self._parent.__iter__(), self._sizes, self._shape, self._max_records, self._max_bad)
 
     def __str__(self) -> str:
         return f"ModalityPackIterDataset(batch_sizes={self._sizes})"
 
 
 class _PackIterator(grain_dataset.DatasetIterator):
-    def __init__(self, parent, sizes, shape, max_records):
+    def __init__(self, parent, sizes, shape, max_records, max_bad):
         super().__init__(parent)
-        self._sizes, self._shape, self._max_records = sizes, shape, max_records
+        self._sizes, self._shape, self._max_records, self._max_bad = sizes, shape, max_records, max_bad
 
     def _empty(self) -> dict:
         size, grid, channels = self._shape
@@ -68,15 +81,13 @@ class _PackIterator(grain_dataset.DatasetIterator):
                  "images_served": 0, "images_dropped": 0, "paired_rows": 0, "errors": []}
         while any(lo[m] < hi[m] for m in self._sizes):
             if stats["records_read"] >= self._max_records:
-                starved = [m for m in self._sizes if lo[m] < hi[m]]
-                raise RuntimeError(
-                    f"read {stats['records_read']} records without filling the rows of {starved}: "
-                    f"too few such records for their data.modality_weights (or too many bad records)")
+                raise self._starved(stats, [m for m in self._sizes if lo[m] < hi[m]])
             element = next(self._parent)   # StopIteration ends the stream; the partial batch is dropped
             stats["records_read"] += 1
             if element["bad"]:
                 stats["bad_records"] += 1
                 stats["errors"].append([element["record_index"], element["bad"]])
+                self._check_budget(stats["errors"])
                 continue
             images = element["images"]
             open_ = [m for m in images if lo[m] < hi[m]]
@@ -107,6 +118,26 @@ class _PackIterator(grain_dataset.DatasetIterator):
             stats["images_served"] += len(rows)
         batch["_stats"] = stats
         return batch
+
+    def _check_budget(self, errors: list) -> None:
+        """RecordError once this batch alone holds more distinct bad records than allowed."""
+        if self._max_bad == 0:
+            raise RecordError(errors[-1][1])
+        distinct = {int(i) for i, _ in errors}
+        if len(distinct) > self._max_bad:
+            raise RecordError(f"more than {self._max_bad} bad records (data.max_bad_records); "
+                              f"last: {errors[-1][1]}")
+
+    def _starved(self, stats: dict, starved: list[str]) -> Exception:
+        """The error for a batch that `max_records` reads did not fill, naming the real cause:
+        bad records (how many, the last one), or too few records of the starved modalities."""
+        read, bad = stats["records_read"], len(stats["errors"])
+        if 2 * bad >= read:
+            return RecordError(f"read {read} records without filling the rows of {starved}: {bad} of them were "
+                               f"bad records (data.max_bad_records = {self._max_bad}); last: {stats['errors'][-1][1]}")
+        among = f" ({bad} bad records among them)" if bad else ""
+        return RuntimeError(f"read {read} records without filling the rows of {starved}{among}: too few such "
+                            f"records for their data.modality_weights")
 
     def get_state(self) -> dict:
         return {"parent": self._parent.get_state()}

@@ -37,13 +37,21 @@ continues with exactly the batches the uninterrupted run would have produced.
 Nothing is pickled. Changing num_workers changes the stream (each worker packs
 its own slice), so the fingerprint refuses that.
 
-Bad records: with data.max_bad_records = 0 the first one is a RecordError naming
-the shard file and record; with K > 0 up to K are skipped and counted
+Opening a data set checks the manifest (structure, finite band statistics:
+`shards.read_manifest`) and that every shard holds the records the manifest
+gives it (`shards.checked_shard_paths`); a problem is a RecordError naming the
+file and the field, whatever the bad-record budget.
+
+Bad records (a record that cannot be read, decoded or validated, e.g. NaN
+pixels): with data.max_bad_records = 0 the first one is a RecordError naming
+the shard file, the record's index in it and the problem; with K > 0 up to K are
+skipped, each logged once as a warning with the same details, and counted
 (`statistics()["bad_records"]`, distinct records: one met again next epoch counts
-once), and the K+1-th distinct one is an error.
+once; kept in the resume state), and the K+1-th distinct one is an error.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -55,6 +63,8 @@ from ringmoe.data import masking, shards
 from ringmoe.data.packing import ModalityPackIterDataset
 from ringmoe.data.schema import MODALITIES, RecordError
 from ringmoe.data.transform import ModalitySpec, RecordTransform, TransformOptions
+
+log = logging.getLogger("ringmoe.data.pipeline")
 
 STATE_FORMAT = "ringmoe-pipeline-state"
 STATE_VERSION = 1
@@ -167,7 +177,11 @@ def modality_specs(manifest: dict, config, data_dir: str) -> dict[str, ModalityS
             raise ValueError(f"{data_dir}: modality {m} bands {list(names)} differ from config "
                              f"model.modalities.{m}.bands {list(wanted)}")
         mean, std = shards.band_stats(manifest, m, names)
-        std = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0).astype(np.float32)
+        constant = [n for n, sd in zip(names, std) if not sd > 1e-12]
+        if constant:   # read_manifest refused non-finite and negative ones: these are 0
+            log.warning("%s: %s bands %s have std 0 in the manifest (constant over the data set): "
+                        "normalised with std 1", data_dir, m, constant)
+        std = np.where(std > 1e-12, std, 1.0).astype(np.float32)
         specs[m] = ModalitySpec(bands=names, mean=mean, std=std)
     return specs
 
@@ -196,7 +210,7 @@ class Pipeline:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.manifest = shards.read_manifest(self.data_dir)
-        paths = shards.shard_paths(self.data_dir)
+        paths = shards.checked_shard_paths(self.data_dir, self.manifest)
         m = config.model
         masking.check_geometry(m.image_size, m.patch_size, d.mask_block_size, d.mask_ratio)
         self.specs = modality_specs(self.manifest, config, self.data_dir)
@@ -226,7 +240,7 @@ class Pipeline:
         ds = ModalityPackIterDataset(
             ds, self.batch_sizes, image_size=m.image_size, patch_size=m.patch_size,
             channels={k: s.channels for k, s in self.specs.items()},
-            max_records_per_batch=max(1000, 100 * rows))
+            max_records_per_batch=max(1000, 100 * rows), max_bad_records=d.max_bad_records)
         if self.num_workers > 0:
             _absl_flags_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,
@@ -261,12 +275,16 @@ class Pipeline:
             self._stats[k] += stats[k]
         self._stats["batches"] += 1
         for index, message in stats["errors"]:
-            self._bad.setdefault(int(index), message)
+            if int(index) in self._bad:   # met again in a later epoch: counted in bad_reads only
+                continue
+            self._bad[int(index)] = message
             if len(self._bad) > self.max_bad_records:
                 if self.max_bad_records == 0:
-                    raise RecordError(f"{self.data_dir}/{message}")
-                raise RecordError(f"{self.data_dir}: more than {self.max_bad_records} bad records "
-                                  f"(data.max_bad_records); last: {message}")
+                    raise RecordError(message)
+                raise RecordError(f"more than {self.max_bad_records} bad records (data.max_bad_records); "
+                                  f"last: {message}")
+            log.warning("skipped bad record %d of at most %d (data.max_bad_records): %s",
+                        len(self._bad), self.max_bad_records, message)
         return batch
 
     def statistics(self) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -199,7 +200,8 @@ def _check_labels(record: Record, label_names: Sequence[str], where: str) -> Non
 
 
 def read_manifest(data_dir: str) -> dict:
-    """Loads and checks `data_dir/manifest.json`; any problem is one RecordError line."""
+    """Loads and checks `data_dir/manifest.json` (structure, shard counts, finite band
+    statistics); any problem is one RecordError line naming the file and the field."""
     if not os.path.exists(data_dir):
         raise RecordError(f"{data_dir}: no such data set directory")
     if not os.path.isdir(data_dir):
@@ -233,6 +235,37 @@ def _check_manifest(m: object, path: str) -> None:
             bad(f"bad shard entry {s!r}")
     if sum(s["records"] for s in m["shards"]) != m["records"]:
         bad(f"shard record counts sum to {sum(s['records'] for s in m['shards'])}, not {m['records']}")
+    for name, entry in m["modalities"].items():
+        _check_band_stats(name, entry, bad)
+
+
+def _check_band_stats(modality: str, entry: object, bad) -> None:
+    """The per-band statistics the pipeline normalises with: one mean and one std per band,
+    each finite (std >= 0), or both null (a band without valid pixels). A NaN here would
+    make every normalised pixel NaN and every update non-finite, so it is refused where
+    the manifest is read, naming the field and band."""
+    key = f"modalities.{modality}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("bands"), list):
+        bad(f"{key}: 'bands' missing or not a list")
+    names = [b.get("name") if isinstance(b, dict) else None for b in entry["bands"]]
+    for field in ("mean", "std"):
+        values = entry.get(field)
+        if not isinstance(values, list) or len(values) != len(names):
+            got = f"{len(values)} values" if isinstance(values, list) else repr(values)
+            bad(f"{key}.{field}: expected one value per band ({len(names)}), got {got}")
+    for i, (mean, std) in enumerate(zip(entry["mean"], entry["std"])):
+        where = f"{key}.%s[{i}] (band {names[i]!r})"
+        if (mean is None) != (std is None):
+            bad(f"{where % 'mean'} and std must both be numbers or both null, got {mean!r} and {std!r}")
+        for field, value in (("mean", mean), ("std", std)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                bad(f"{where % field} is {value!r}, not a number")
+            if not math.isfinite(value):
+                bad(f"{where % field} is {value}: band statistics must be finite")
+        if std is not None and std < 0:
+            bad(f"{where % 'std'} is {std}: a standard deviation cannot be negative")
 
 
 def shard_paths(data_dir: str) -> list[str]:
@@ -241,6 +274,23 @@ def shard_paths(data_dir: str) -> list[str]:
     for p in paths:
         if not os.path.isfile(p):
             raise RecordError(f"{p}: shard listed in {MANIFEST} is missing")
+    return paths
+
+
+def checked_shard_paths(data_dir: str, manifest: Mapping) -> list[str]:
+    """Paths of the data set's shards, after checking that each one opens and holds the
+    number of records the manifest gives it; a missing, unreadable, truncated or padded
+    shard is a RecordError naming the file and both counts. Opens every shard once
+    (ArrayRecord reads its footer and index, not the records): what the pipeline does
+    when it opens a data set, so a damaged shard stops the run before the first step,
+    whatever the bad-record budget."""
+    def fail(message: str, n: int = 0) -> None:
+        raise RecordError(message)
+    paths = []
+    for shard in manifest["shards"]:
+        path = os.path.join(data_dir, shard["file"])
+        _close(_open_shard(path, shard["records"], fail))
+        paths.append(path)
     return paths
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import os
 
 import numpy as np
 
@@ -79,10 +78,10 @@ class RecordTransform:
         return self._source[index]
 
     def where(self, index: int) -> str:
-        """'shard-00003.array_record record 17 (data set record 3089)' for error messages."""
+        """'/data/set/shard-00003.array_record record 17 (data set record 3089)' for error
+        messages: the shard file as the pipeline opened it, the record's index in it."""
         shard = bisect.bisect_right(self._starts, index) - 1
-        return (f"{os.path.basename(self._paths[shard])} record {index - self._starts[shard]} "
-                f"(data set record {index})")
+        return f"{self._paths[shard]} record {index - self._starts[shard]} (data set record {index})"
 
     def __call__(self, item: tuple[int, int]) -> dict:
         epoch, index = int(item[0]), int(item[1])

@@ -104,7 +104,7 @@ def image_batches(config, data_dir: str, modality: str, batch_size: int = 32, *,
     found = False
     for element in elements:
         if element["bad"]:
-            raise RecordError(f"{data_dir}/{element['bad']}")
+            raise RecordError(element["bad"])   # names the shard file and record
         image = element["images"].get(modality)
         if image is None:
             continue
