@@ -178,3 +178,49 @@ def test_pixel_probe_splits_by_record(tmp_path):
     px = hardness.label_hardness(str(tmp_path / "f"), pixels_per_record=16)["pixel"]["multispectral"]
     assert px["accuracy"] < 0.9, px
     assert px["test_records"] == 12 and px["n_test"] == 12 * 16
+
+
+def _herbaceous_patch(cls: int, i: int, size: int = 32):
+    """One patch of class `cls` filling the scene: (reflectance, SAR-L2 dB, cover)."""
+    rng = np.random.default_rng([99, cls, i])
+    segments, seed_class = np.zeros((size, size), np.int32), np.array([cls])
+    cover = synthetic.canopy_cover(rng, segments, seed_class)
+    refl = synthetic.reflectance(rng, segments, seed_class, cover)
+    sar = synthetic.to_db(synthetic.speckle(rng, synthetic.sigma0(rng, segments, seed_class, cover),
+                                            synthetic.DEFAULT_LOOKS))
+    return refl, sar, cover
+
+
+def _coherence(image: np.ndarray) -> float:
+    """Orientation coherence of the gradient structure tensor: 1 for strips, ~0 for isotropic clumps."""
+    gy, gx = np.gradient(image)
+    jxx, jyy, jxy = (gx * gx).mean(), (gy * gy).mean(), (gx * gy).mean()
+    return float(np.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / (jxx + jyy))
+
+
+def test_cropland_and_grassland_differ_only_in_arrangement():
+    """The herbaceous pair shares spectra, backscatter and cover fraction: a linear probe on the raw
+    baseline's per-band means and stds is at chance, while one texture number (strips are oriented,
+    clumps are not) separates them. So an encoder can beat the band statistics only by seeing structure."""
+    from ringmoe.eval.probes import lbfgs_probe
+    from ringmoe.eval.raw import band_statistics
+    ms, sar, coherence, y = [], [], [], []
+    for label, cls in enumerate((synthetic.CROPLAND, synthetic.GRASSLAND)):
+        for i in range(80):
+            refl, db, cover = _herbaceous_patch(cls, i)
+            assert set(np.unique(cover)) <= {0.0, 1.0}
+            ms.append(band_statistics(refl, "multispectral"))
+            sar.append(band_statistics(db, "sar_l2"))
+            coherence.append([_coherence(refl[..., 7])])
+            y.append(label)
+    ms, sar, coherence, y = map(np.asarray, (ms, sar, coherence, y))
+    order = np.random.default_rng(0).permutation(len(y))
+    train, test = order[:110], order[110:]
+
+    def accuracy(x):
+        return lbfgs_probe(x[train], y[train], x[test], y[test], num_classes=2, steps=200, seed=0)["accuracy"]
+    assert accuracy(ms) < 0.7 and accuracy(sar) < 0.7          # 50 test patches: chance +- 0.14
+    assert accuracy(coherence) > 0.95
+    # Same expected cover: mean NIR within 0.01 reflectance of each other.
+    nir = ms[:, S2["B8"]]                                      # band_statistics: means first
+    assert abs(nir[y == 0].mean() - nir[y == 1].mean()) < 0.01

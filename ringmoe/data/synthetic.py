@@ -9,6 +9,13 @@ sensors that all derive from the same per-pixel physical state:
   urban flat and bright, soil rising with wavelength), varied per patch (brightness,
   soil fraction under vegetation, water turbidity) and per pixel (texture, noise);
   20 m / 60 m bands are block-averaged to their native GSD, as in a resampled product;
+* cropland and grassland, the pair land-cover maps confuse most, are the same
+  green herbaceous canopy over the same soil with the same cover fraction
+  distribution, so no per-band statistic (mean, std, histogram) tells them
+  apart: only the arrangement does. Cropland is parallel strips of crop and
+  bare soil (period 40-80 m at a random orientation, as strip fields look at
+  10 m); grassland is the same cover in irregular clumps (`canopy_cover`).
+  Every sensor sees the same cover map (reflectance and backscatter mix by it);
 * optical: true colour B4, B3, B2 with a linear stretch (x3), clipped to [0, 1];
 * sar_l2: Sentinel-1 VV / VH sigma0 in dB, per-class backscatter varied per
   patch, times multiplicative Gamma(L, 1/L) speckle in linear power (L looks);
@@ -38,8 +45,8 @@ CLASSES = ("water", "forest", "cropland", "grassland", "shrubland", "wetland", "
 SPECTRA = np.array([
     [0.050, 0.048, 0.040, 0.025, 0.020, 0.015, 0.012, 0.010, 0.009, 0.008, 0.005, 0.004],  # water
     [0.020, 0.025, 0.050, 0.025, 0.070, 0.220, 0.280, 0.300, 0.310, 0.280, 0.140, 0.060],  # forest
-    [0.030, 0.040, 0.080, 0.050, 0.120, 0.300, 0.380, 0.400, 0.410, 0.370, 0.220, 0.110],  # cropland
-    [0.040, 0.050, 0.080, 0.070, 0.120, 0.220, 0.270, 0.290, 0.300, 0.270, 0.260, 0.150],  # grassland
+    [0.030, 0.040, 0.080, 0.045, 0.120, 0.300, 0.370, 0.390, 0.400, 0.360, 0.210, 0.100],  # cropland canopy
+    [0.030, 0.040, 0.080, 0.045, 0.120, 0.300, 0.370, 0.390, 0.400, 0.360, 0.210, 0.100],  # grassland canopy
     [0.050, 0.060, 0.090, 0.100, 0.140, 0.190, 0.220, 0.240, 0.250, 0.230, 0.300, 0.200],  # shrubland
     [0.035, 0.040, 0.060, 0.040, 0.070, 0.140, 0.170, 0.180, 0.180, 0.160, 0.090, 0.045],  # wetland
     [0.120, 0.130, 0.140, 0.150, 0.160, 0.170, 0.180, 0.190, 0.190, 0.180, 0.220, 0.200],  # urban
@@ -47,21 +54,26 @@ SPECTRA = np.array([
 ], dtype=np.float64)
 LABEL_NAMES = ("unlabelled",) + CLASSES  # label_names[i] names class id i
 VEGETATED = np.array([False, True, True, True, True, True, False, False])
+# Herbaceous classes: canopy over soil by a per-pixel cover map; spectra and backscatter identical.
+CROPLAND, GRASSLAND, BARE_SOIL = (CLASSES.index(c) for c in ("cropland", "grassland", "bare_soil"))
+COVER_FRACTION = (0.35, 0.85)   # canopy cover of a herbaceous patch, uniform in this range
+STRIP_PERIOD_PX = (4.0, 8.0)    # cropland strip period (crop + soil), 40-80 m at 10 m
+CLUMP_SCALE_PX = 1.5            # correlation length of grassland clumps
 # Native ground sampling distance (m) of each L2A band; coarser bands are block-averaged.
 BAND_GSD_M = (60, 10, 10, 10, 20, 20, 20, 10, 20, 60, 20, 20)
 # Sentinel-1 C-band sigma0 (dB) per class: VV, VH.
 SIGMA0_DB = np.array([
     [-22.0, -28.0],  # water: specular, very dark
     [-8.0, -14.0],   # forest: volume scattering, high VH
-    [-11.0, -18.0],  # cropland
-    [-12.0, -19.0],  # grassland
+    [-10.5, -17.0],  # cropland canopy (mixed with bare soil by the cover map)
+    [-10.5, -17.0],  # grassland canopy
     [-10.0, -16.5],  # shrubland
     [-9.0, -18.0],   # wetland: double bounce off flooded stems
     [-4.0, -11.0],   # urban: double bounce, bright
     [-14.0, -23.0],  # bare soil: rough-surface scattering
 ])
 # Share of the co-polarised power in the Pauli double-bounce component |S_HH - S_VV|^2 / 2.
-DOUBLE_BOUNCE = np.array([0.05, 0.25, 0.15, 0.10, 0.15, 0.45, 0.65, 0.10])
+DOUBLE_BOUNCE = np.array([0.05, 0.25, 0.12, 0.12, 0.15, 0.45, 0.65, 0.10])
 CLASS_PRIOR = np.array([0.12, 0.18, 0.18, 0.14, 0.10, 0.06, 0.12, 0.10])
 DEFAULT_LOOKS = 4.4        # equivalent number of looks of Sentinel-1 IW GRD
 RGB_GAIN = 3.0             # true-colour stretch: reflectance 0.33 -> 1.0
@@ -106,16 +118,42 @@ def land_cover(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
     return np.argmin(d, axis=-1).astype(np.int32), seed_class
 
 
-def reflectance(rng: np.random.Generator, segments: np.ndarray, seed_class: np.ndarray) -> np.ndarray:
+def canopy_cover(rng: np.random.Generator, segments: np.ndarray, seed_class: np.ndarray) -> np.ndarray:
+    """Green canopy cover (H, W) in {0, 1}: 1 outside herbaceous patches.
+
+    A herbaceous patch draws its cover fraction f from COVER_FRACTION. Cropland
+    is strips: the pixel's phase along a random direction, in units of a random
+    period, is canopy where its fractional part is below f. Grassland is clumps:
+    a Gaussian field of correlation CLUMP_SCALE_PX, mapped through its ranks to
+    uniform [0, 1), is canopy below f. Both give canopy with probability f, so
+    the two classes share every per-band moment; only the arrangement differs."""
+    n, size = len(seed_class), segments.shape[0]
+    fraction = rng.uniform(*COVER_FRACTION, n)[segments]
+    theta = rng.uniform(0.0, np.pi, n)[segments]
+    period = rng.uniform(*STRIP_PERIOD_PX, n)[segments]
+    phase = rng.uniform(0.0, 1.0, n)[segments]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    strips = ((xx * np.cos(theta) + yy * np.sin(theta)) / period + phase) % 1.0 < fraction
+    field = smooth_field(rng, size, CLUMP_SCALE_PX).ravel()
+    uniform = (np.argsort(np.argsort(field)) / field.size).reshape(size, size)
+    clumps = uniform < fraction
+    classes = seed_class[segments]
+    return np.where(classes == CROPLAND, strips, np.where(classes == GRASSLAND, clumps, True)).astype(np.float64)
+
+
+def reflectance(rng: np.random.Generator, segments: np.ndarray, seed_class: np.ndarray,
+                cover: np.ndarray) -> np.ndarray:
     """Surface reflectance (H, W, 12) at the L2A bands; see the module docstring."""
     n, size = len(seed_class), segments.shape[0]
     brightness = rng.lognormal(0.0, 0.08, n)
-    soil_frac = np.where(VEGETATED[seed_class], rng.uniform(0.0, 0.3, n), 0.0)
+    herbaceous = (seed_class == CROPLAND) | (seed_class == GRASSLAND)
+    soil_frac = np.where(VEGETATED[seed_class] & ~herbaceous, rng.uniform(0.0, 0.3, n), 0.0)
     turbidity = np.where(seed_class == 0, rng.uniform(0.0, 1.0, n), 0.0)
-    spectra = (1 - soil_frac[:, None]) * SPECTRA[seed_class] + soil_frac[:, None] * SPECTRA[7]
+    spectra = (1 - soil_frac[:, None]) * SPECTRA[seed_class] + soil_frac[:, None] * SPECTRA[BARE_SOIL]
     sediment = np.array([0.01, 0.015, 0.03, 0.03, 0.02, 0.005, 0, 0, 0, 0, 0, 0])
     spectra = brightness[:, None] * spectra + turbidity[:, None] * sediment
-    refl = spectra[segments]                                       # (H, W, 12)
+    soil = brightness[:, None] * SPECTRA[BARE_SOIL]
+    refl = cover[..., None] * spectra[segments] + (1.0 - cover[..., None]) * soil[segments]   # (H, W, 12)
     refl *= (1.0 + 0.05 * smooth_field(rng, size, 2.0))[..., None]  # sub-patch texture
     refl += rng.normal(0.0, 0.003, refl.shape)                     # sensor noise
     for b, gsd in enumerate(BAND_GSD_M):
@@ -128,14 +166,20 @@ def rgb_from_reflectance(refl: np.ndarray) -> np.ndarray:
     return np.clip(refl[..., BAND_ORDER["rgb"]] * RGB_GAIN, 0.0, 1.0).astype(np.float32)
 
 
-def sigma0(rng: np.random.Generator, segments: np.ndarray, seed_class: np.ndarray) -> np.ndarray:
-    """Speckle-free backscatter (H, W, 2) = VV, VH in linear power, per class plus patch and texture terms."""
+def sigma0(rng: np.random.Generator, segments: np.ndarray, seed_class: np.ndarray,
+           cover: np.ndarray) -> np.ndarray:
+    """Speckle-free backscatter (H, W, 2) = VV, VH in linear power, per class plus patch and texture terms.
+
+    Herbaceous pixels mix canopy and bare-soil power by the cover map (a sum of
+    linear powers, not of dB)."""
     n, size = len(seed_class), segments.shape[0]
     patch_db = rng.normal(0.0, 1.5, n)                 # moisture / roughness / wind per patch
     vh_extra = rng.normal(0.0, 0.5, n)
-    db = SIGMA0_DB[seed_class] + np.stack([patch_db, patch_db + vh_extra], -1)
-    field = db[segments] + 0.8 * smooth_field(rng, size, 3.0)[..., None]
-    return 10.0 ** (field / 10.0)
+    offset = np.stack([patch_db, patch_db + vh_extra], -1)
+    canopy = 10.0 ** ((SIGMA0_DB[seed_class] + offset) / 10.0)
+    soil = 10.0 ** ((SIGMA0_DB[BARE_SOIL] + offset) / 10.0)
+    power = cover[..., None] * canopy[segments] + (1.0 - cover[..., None]) * soil[segments]
+    return power * 10.0 ** (0.08 * smooth_field(rng, size, 3.0)[..., None])
 
 
 def speckle(rng: np.random.Generator, power: np.ndarray, looks: float) -> np.ndarray:
@@ -180,8 +224,9 @@ def make_record(seed: int, index: int, size: int, *, paired_fraction: float = 1.
     segments, seed_class = land_cover(rng, size)
     classes = seed_class[segments]
     # Draw every field in a fixed order so the scene does not depend on which modalities are kept.
-    refl = reflectance(rng, segments, seed_class)
-    power = sigma0(rng, segments, seed_class)
+    cover = canopy_cover(rng, segments, seed_class)
+    refl = reflectance(rng, segments, seed_class, cover)
+    power = sigma0(rng, segments, seed_class, cover)
     l2 = to_db(speckle(rng, power, looks))
     l1 = quadpol(rng, power, DOUBLE_BOUNCE[classes])
     pixels = {"optical": rgb_from_reflectance(refl), "multispectral": refl, "sar_l2": l2, "sar_l1": l1}
