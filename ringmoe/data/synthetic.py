@@ -14,7 +14,8 @@ sensors that all derive from the same per-pixel physical state:
   distribution, so no per-band statistic (mean, std, histogram) tells them
   apart: only the arrangement does. Cropland is parallel strips of crop and
   bare soil (period 40-80 m at a random orientation, as strip fields look at
-  10 m); grassland is the same cover in irregular clumps (`canopy_cover`).
+  10 m); grassland is the same cover in isotropic clumps of the same period, as
+  patterned vegetation looks (`canopy_cover`).
   Every sensor sees the same cover map (reflectance and backscatter mix by it);
 * optical: true colour B4, B3, B2 with a linear stretch (x3), clipped to [0, 1];
 * sar_l2: Sentinel-1 VV / VH sigma0 in dB, per-class backscatter varied per
@@ -57,8 +58,7 @@ VEGETATED = np.array([False, True, True, True, True, True, False, False])
 # Herbaceous classes: canopy over soil by a per-pixel cover map; spectra and backscatter identical.
 CROPLAND, GRASSLAND, BARE_SOIL = (CLASSES.index(c) for c in ("cropland", "grassland", "bare_soil"))
 COVER_FRACTION = (0.35, 0.85)   # canopy cover of a herbaceous patch, uniform in this range
-STRIP_PERIOD_PX = (4.0, 8.0)    # cropland strip period (crop + soil), 40-80 m at 10 m
-CLUMP_SCALE_PX = 1.5            # correlation length of grassland clumps
+PATCH_PERIOD_PX = (4.0, 8.0)    # spatial period of strips and clumps (canopy + soil), 40-80 m at 10 m
 # Native ground sampling distance (m) of each L2A band; coarser bands are block-averaged.
 BAND_GSD_M = (60, 10, 10, 10, 20, 20, 20, 10, 20, 60, 20, 20)
 # Sentinel-1 C-band sigma0 (dB) per class: VV, VH.
@@ -118,27 +118,42 @@ def land_cover(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
     return np.argmin(d, axis=-1).astype(np.int32), seed_class
 
 
+def ring_field(rng: np.random.Generator, size: int, period: float, width: float = 0.15) -> np.ndarray:
+    """A zero-mean Gaussian random field (size, size) whose power lies on a ring |f| = 1 / period
+    (relative width `width`): isotropic, with one dominant spatial period, like patterned vegetation."""
+    noise = rng.standard_normal((size, size))
+    f = np.fft.fftfreq(size)
+    radius = np.hypot(f[:, None], f[None, :])
+    kernel = np.exp(-0.5 * ((radius * period - 1.0) / width) ** 2)
+    return np.fft.ifft2(np.fft.fft2(noise) * kernel).real
+
+
 def canopy_cover(rng: np.random.Generator, segments: np.ndarray, seed_class: np.ndarray) -> np.ndarray:
     """Green canopy cover (H, W) in {0, 1}: 1 outside herbaceous patches.
 
-    A herbaceous patch draws its cover fraction f from COVER_FRACTION. Cropland
-    is strips: the pixel's phase along a random direction, in units of a random
-    period, is canopy where its fractional part is below f. Grassland is clumps:
-    a Gaussian field of correlation CLUMP_SCALE_PX, mapped through its ranks to
-    uniform [0, 1), is canopy below f. Both give canopy with probability f, so
-    the two classes share every per-band moment; only the arrangement differs."""
+    A herbaceous patch draws its cover fraction f from COVER_FRACTION and its
+    period from PATCH_PERIOD_PX. Cropland is strips: the pixel's phase along a
+    random direction, in units of the period, is canopy where its fractional part
+    is below f. Grassland is clumps: a `ring_field` of the same period, mapped
+    through its ranks to uniform [0, 1), is canopy below f. Both are canopy with
+    probability f at the same spatial period, so they share every per-band moment
+    at every band's resolution; only the orientation of the pattern differs."""
     n, size = len(seed_class), segments.shape[0]
-    fraction = rng.uniform(*COVER_FRACTION, n)[segments]
-    theta = rng.uniform(0.0, np.pi, n)[segments]
-    period = rng.uniform(*STRIP_PERIOD_PX, n)[segments]
-    phase = rng.uniform(0.0, 1.0, n)[segments]
+    fraction = rng.uniform(*COVER_FRACTION, n)
+    period = rng.uniform(*PATCH_PERIOD_PX, n)
+    theta = rng.uniform(0.0, np.pi, n)
+    phase = rng.uniform(0.0, 1.0, n)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    strips = ((xx * np.cos(theta) + yy * np.sin(theta)) / period + phase) % 1.0 < fraction
-    field = smooth_field(rng, size, CLUMP_SCALE_PX).ravel()
-    uniform = (np.argsort(np.argsort(field)) / field.size).reshape(size, size)
-    clumps = uniform < fraction
-    classes = seed_class[segments]
-    return np.where(classes == CROPLAND, strips, np.where(classes == GRASSLAND, clumps, True)).astype(np.float64)
+    cover = np.ones((size, size))
+    for k in range(n):
+        inside = segments == k
+        if seed_class[k] == CROPLAND:
+            along = (xx * np.cos(theta[k]) + yy * np.sin(theta[k])) / period[k] + phase[k]
+            cover[inside] = (along[inside] % 1.0) < fraction[k]
+        elif seed_class[k] == GRASSLAND:
+            field = ring_field(rng, size, period[k])[inside]
+            cover[inside] = np.argsort(np.argsort(field)) < fraction[k] * field.size
+    return cover
 
 
 def reflectance(rng: np.random.Generator, segments: np.ndarray, seed_class: np.ndarray,
