@@ -4,7 +4,7 @@ about 0.4B parameters, for a single GPU.
 
     python -m tools.params --config configs/base.py
 """
-from configs.common import S2_L2A_BANDS, base_config, modality
+from ringmoe.config import S2_L2A_BANDS, base_config, modality
 
 
 def get_config():

@@ -9,7 +9,7 @@ Expected: 14.74B parameters in all, 6.53B per modality, about 2.4B active per to
 The optional `:TARGET` picks the global batch for a pod (`BATCH_SIZE`; default
 h100-64); everything else is the same on every target.
 """
-from configs.common import S2_L2A_BANDS, base_config, modality
+from ringmoe.config import S2_L2A_BANDS, base_config, modality
 
 # Global batch per target: one image per modality per device (the token batch is split
 # over every device, so each modality's batch is a multiple of the device count).

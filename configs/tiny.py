@@ -11,7 +11,7 @@ SAR-L1 span deviance 2.09 -> 1.76, Pauli 1.83 -> 1.10, raw Re/Im L1 0.716 -> 0.6
 single-look speckle with uniform phase). About 0.8 s/step when the machine is
 otherwise idle.
 """
-from configs.common import S2_L2A_BANDS, base_config, modality
+from ringmoe.config import S2_L2A_BANDS, base_config, modality
 
 
 def get_config():

@@ -4,7 +4,7 @@ Every checkpoint holds the config it was trained under (meta 'config', the JSON 
 `config.to_json()`). Resuming it under a config that changes the model, the data or
 the objectives would silently mix two runs, so `check_resume` refuses that and names
 each key with both values; the keys in `RESUME_ALLOWED` may change. `config_key` is a
-hash of a config without the logging-only keys: `ringmoe.eval.ablate` keys each
+hash of a config without the logging-only keys: `pretrain.ablate` keys each
 finished point on it, so a changed grid or recipe trains the point again.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def saved_config(workdir: str) -> dict | None:
     or none that records its config)."""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return None
-    from pretrain.checkpoint import Checkpointer
+    from ringmoe.training.checkpoint import Checkpointer
     checkpointer = Checkpointer(workdir, keep=1, save_every=1)
     try:
         meta = checkpointer.latest_meta()

@@ -4,9 +4,9 @@
         --config.data_dir=/tmp/synthetic --config.total_steps=300
 
 Mesh from `config.mesh`; state created sharded; the jitted, donated step from
-`pretrain.step`; async Orbax checkpoints holding state + data-iterator state
-(`pretrain.checkpoint`); metrics to `workdir/metrics.jsonl`, TensorBoard and the
-console (`pretrain.metrics`); with `eval_every`, the loss on fixed batches at step
+`ringmoe.training.step`; async Orbax checkpoints holding state + data-iterator state
+(`ringmoe.training.checkpoint`); metrics to `workdir/metrics.jsonl`, TensorBoard and the
+console (`ringmoe.training.metrics`); with `eval_every`, the loss on fixed batches at step
 0, every N steps and at the end (`eval/...` metrics: the same pixels and masks
 each time, so the curve is free of batch-to-batch noise); PNGs of reconstructions and expert loads. A
 workdir with checkpoints resumes from the newest one every process can read, if the config it
@@ -23,7 +23,7 @@ in the metrics and the final line). The final stdout line is strict JSON.
 
 Multi-process (one process per TPU VM host, or per GPU / node under SLURM):
 `jax.distributed` is initialised from --coordinator_address/--num_processes/
---process_id or by JAX's own cluster detection (`pretrain.distributed`); each
+--process_id or by JAX's own cluster detection (`ringmoe.training.distributed`); each
 process reads its own disjoint share of the records and contributes its rows to
 the global batch; checkpoints are written collectively (each process its array
 shards; the data-iterator states of all processes gathered into the checkpoint);
@@ -48,21 +48,21 @@ import time
 from types import SimpleNamespace
 
 import jax
-import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
-from pretrain import distributed, resume
-from pretrain.checkpoint import Checkpointer, SaveError, abstract_with_shardings
+from pretrain import resume
 from pretrain.lock import workdir_lock
-from pretrain.metrics import MetricsWriter, flatten_router_stats, json_line, router_load_matrices
-from pretrain.state import abstract_state, create_state
-from pretrain.step import MODEL_INPUTS, jit_train_step, make_eval_step, model_inputs
 from pretrain.validate import validate_config
 from ringmoe import cli, flops, sharding, visualize
 from ringmoe.data.pipeline import Pipeline
+from ringmoe.training import distributed
+from ringmoe.training.checkpoint import Checkpointer, SaveError, abstract_with_shardings
+from ringmoe.training.metrics import MetricsWriter, flatten_router_stats, json_line, router_load_matrices
+from ringmoe.training.state import abstract_state, create_state
+from ringmoe.training.step import batch_shardings, jit_train_step, make_eval_step, to_device
 
 log = logging.getLogger("ringmoe.train")
 
@@ -130,38 +130,6 @@ class NonFiniteGuard:
 def initialize_distributed() -> bool:
     """Starts JAX's multi-controller runtime from the flags or the cluster JAX detects (if any)."""
     return distributed.initialize(_FLAGS.coordinator.value, _FLAGS.num_processes.value, _FLAGS.process_id.value)
-
-
-def batch_shardings(spec: dict, mesh) -> dict:
-    """Every model-input array of a batch spec (`Pipeline.batch_spec()`) split over the data-like
-    mesh axes along its first dim."""
-    return {m: {k: jax.sharding.NamedSharding(mesh, sharding.logical_to_mesh(("batch",) + (None,) * (len(s) - 1)))
-                for k, (s, _) in spec[m].items() if k in MODEL_INPUTS}
-            for m in spec}
-
-
-def device_dtype(dtype) -> np.dtype:
-    """The dtype a batch array has on the device: int64 (record indices) becomes JAX's int32."""
-    dtype = np.dtype(dtype)
-    return np.dtype(np.int32) if dtype == np.int64 else dtype
-
-
-def to_device(batch: dict, shardings: dict) -> dict:
-    """Process-local numpy rows -> global arrays (each process holds its own rows)."""
-    out = {}
-    for m, arrays in model_inputs(batch).items():
-        out[m] = {}
-        for k, x in arrays.items():
-            x = x.astype(device_dtype(x.dtype), copy=False)
-            out[m][k] = jax.make_array_from_process_local_data(shardings[m][k], x)
-    return out
-
-
-def abstract_batch(spec: dict, shardings: dict) -> dict:
-    """ShapeDtypeStructs of the device batch that `to_device` makes, for ahead-of-time lowering;
-    `spec` holds GLOBAL shapes (every process's rows)."""
-    return {m: {k: jax.ShapeDtypeStruct(shape, device_dtype(name), sharding=shardings[m][k])
-                for k, (shape, name) in spec[m].items() if k in shardings[m]} for m in spec}
 
 
 def fixed_eval_batches(config, shardings: dict) -> list[dict]:

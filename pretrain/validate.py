@@ -3,7 +3,7 @@
 A bad value found deep inside a run costs minutes and reads as an unrelated failure
 (`--config.batch_size=0` crashed in the batch packer; `--config.total_steps=-1`
 evaluated, then exited 0 having trained nothing). `validate_config` checks every
-numeric setting of configs/common.py against `RULES` (one rule per key) and the
+numeric setting of ringmoe/config.py against `RULES` (one rule per key) and the
 settings that span keys against `CHECKS`, and raises one `ConfigError` naming
 each offending key and value, e.g.
 
@@ -55,7 +55,7 @@ POSITIVE_RANGE = Rule("must be (low, high) with 0 < low <= high",
                       lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_number(x) for x in v)
                       and 0 < v[0] <= v[1])
 
-# Dotted key -> its rule. Every numeric setting of configs/common.py.
+# Dotted key -> its rule. Every numeric setting of ringmoe/config.py.
 RULES: dict[str, Rule] = {
     # training
     "total_steps": POSITIVE_INT,

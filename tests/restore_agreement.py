@@ -4,7 +4,7 @@ No training: saves steps 1..3 of a small array sharded over both processes'
 devices (collectively, like the trainer), then restores the newest checkpoint
 with a fresh Checkpointer, as a resumed run does, and prints one JSON line:
 the step it restored and this process's shards. The test makes some reads fail
-on one process only (the RINGMOE_TEST_UNREADABLE hook of pretrain/checkpoint.py,
+on one process only (the RINGMOE_TEST_UNREADABLE hook of ringmoe/training/checkpoint.py,
 set only for the restore phase).
 
     python -m tests.restore_agreement WORKDIR PORT PROCESS_ID
@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pretrain import distributed
-from pretrain.checkpoint import Checkpointer
+from ringmoe.training import distributed
+from ringmoe.training.checkpoint import Checkpointer
 
 STEPS = 3
 

@@ -22,9 +22,9 @@ def micro_config(modalities):
 def initial_run(root, config, examples: int) -> tuple[str, str]:
     """(run dir, data dir) under `root`: `examples` labelled 32 px synthetic scenes and a
     run directory whose one checkpoint (step 1) holds `config`'s initial state."""
-    from pretrain.checkpoint import Checkpointer
-    from pretrain.state import create_state
     from ringmoe import sharding
+    from ringmoe.training.checkpoint import Checkpointer
+    from ringmoe.training.state import create_state
     data_dir = str(root / "data")
     synthetic.write(data_dir, examples, 32, 0, labeled=True)
     config.data_dir = data_dir

@@ -6,8 +6,8 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs.ablations import moe_vs_dense, physics_terms
+from pretrain import ablate
 from ringmoe import flops
-from ringmoe.eval import ablate
 
 
 def test_grids_apply_to_the_tiny_config():
@@ -95,7 +95,7 @@ def test_a_finished_point_is_reused_only_under_its_own_config(tmp_path, monkeypa
     import pretrain.train
     import ringmoe.eval.features
     import ringmoe.model.checkpoint
-    from pretrain.checkpoint import Checkpointer
+    from ringmoe.training.checkpoint import Checkpointer
     trained = []
 
     def fake_train(config, workdir):  # stands in for training: a checkpoint with the config, one metrics line

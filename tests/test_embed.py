@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.common import S2_L2A_BANDS
+from ringmoe.config import S2_L2A_BANDS
 from ringmoe.model.embed import (EMBEDDINGS, ComplexPatchEmbed, PatchEmbed, WavelengthPatchEmbed, build_embedding,
                                   log_power, projected_channels)
 

@@ -283,7 +283,7 @@ def test_failed_async_save_stops_once_keeps_the_last_good_checkpoint(trainer, da
 
 def poisoned_steps(monkeypatch, train, nan_steps):
     """train() runs with NaN input pixels at the (1-based) steps in `nan_steps`."""
-    from pretrain import step
+    from ringmoe.training import step
     real = step.jit_train_step
 
     def make(*args, **kwargs):

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from pretrain.metrics import MetricsWriter, flatten_router_stats, router_load_matrices
+from ringmoe.training.metrics import MetricsWriter, flatten_router_stats, router_load_matrices
 
 
 def lines(workdir):

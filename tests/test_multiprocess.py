@@ -18,9 +18,9 @@ import time
 import numpy as np
 import pytest
 
+from pretrain.ablate import load_config_file
 from pretrain.train import train
 from ringmoe.data import synthetic
-from ringmoe.eval.ablate import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -132,7 +132,7 @@ def test_two_processes_train_like_one(setup, tmp_path):
     assert [s["fingerprint"]["process_index"] for s in states] == [0, 1]
     assert sorted(os.listdir(two / "checkpoints")) == ["2", "4"]
 
-    # Resume: the newest checkpoint (4) fails to restore on process 1 only (pretrain/checkpoint.py's test
+    # Resume: the newest checkpoint (4) fails to restore on process 1 only (ringmoe/training/checkpoint.py's test
     # hook), so both processes resume from step 2, each continuing its own stream exactly.
     two_processes(setup, two, f"--config.total_steps={STEPS + 2}",
                   env={"RINGMOE_TEST_UNREADABLE": f"1:{STEPS}:restore"})
@@ -149,7 +149,7 @@ def test_two_processes_train_like_one(setup, tmp_path):
 def test_processes_agree_on_the_restored_step(tmp_path):
     """A checkpoint that one process cannot read is restored by none: both restore the newest step
     that every process reads (no training: ~15 s). Process 1 fails to probe step 3 (its metadata)
-    and to restore step 2 (its arrays), through pretrain/checkpoint.py's test hook."""
+    and to restore step 2 (its arrays), through ringmoe/training/checkpoint.py's test hook."""
     coordinator = str(free_port())
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false",
                XLA_FLAGS="--xla_force_host_platform_device_count=2",

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pretrain.step import make_loss_fn
 from ringmoe.data import pipeline as pl
 from ringmoe.data import sensors, shards
 from ringmoe.data.schema import ModalityImage, Record, valid_pixels
 from ringmoe.model.ringmoe import create_model
+from ringmoe.training.step import make_loss_fn
 from tests.small import micro_config
 
 S2_FILL = 0.0       # sentinel2_l2a:offset=0 writes DN 0 -> reflectance 0 into no-data pixels

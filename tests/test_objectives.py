@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from configs.common import S2_L2A_BANDS
+from ringmoe.config import S2_L2A_BANDS
 from ringmoe.model.decoders import SimMIMDecoder
 from ringmoe.model.ringmoe import Encoded
 from ringmoe.objectives import crossmodal, sar, spectral
@@ -520,7 +520,7 @@ def physics_inputs(channels, band_spectra=None, bands=None):
 
 def test_unknown_objective_key_is_an_error():
     config = tiny.get_config()
-    # configs/common.py locks the section: a config file's misspelt key fails where it is written.
+    # ringmoe/config.py locks the section: a config file's misspelt key fails where it is written.
     with pytest.raises(AttributeError, match="spann"):
         config.objectives.spann = 1.0
     # A config that got one anyway (unlocked, or restored from JSON): the loss refuses it.
@@ -547,7 +547,7 @@ def test_objective_settings_have_no_default_outside_configs_common():
 def test_old_checkpoint_configs_get_the_current_defaults_in_one_place():
     """A config saved before a key existed loads with base_config()'s value of that key; what it
     saved stays, and modality maps are taken whole (not merged with the base's)."""
-    from configs.common import base_config
+    from ringmoe.config import base_config
     from ringmoe.model.checkpoint import config_from_json
     saved = json.loads(tiny.get_config().to_json())
     del saved["objectives"]["span_looks"], saved["model"]["remat"]
@@ -598,7 +598,7 @@ ALL_TERMS = {"sar_l1/span", "sar_l1/pauli", "sar_l2/speckle_nll", "sar_l2/xpol_r
     # multispectral B, G, R, NIR with SAM and NDVI/NDWI; SAR-L2 one VV band in three channels
     # (speckle NLL, xpol_ratio off); SAR-L1 span and Pauli.
     ("ringmoe_14b", ALL_TERMS - {"sar_l2/xpol_ratio"}),
-    ("tiny", ALL_TERMS),          # all four modalities, every term of configs/common.py
+    ("tiny", ALL_TERMS),          # all four modalities, every term of ringmoe/config.py
     ("base", ALL_TERMS),
     ("ringmoe_1b", set()),        # optical only: SimMIM
 ])
@@ -613,7 +613,7 @@ def test_config_trains_the_terms_its_comments_name(name, physics):
 
 
 def test_the_loss_reads_exactly_the_objective_keys_of_configs_common():
-    """ringmoe/ never imports configs/: the loss names its keys, configs/common.py holds their values."""
-    from configs.common import base_config
+    """ringmoe/ never imports configs/: the loss names its keys, ringmoe/config.py holds their values."""
+    from ringmoe.config import base_config
     from ringmoe.objectives.loss import OBJECTIVE_KEYS
     assert set(base_config().objectives.keys()) == OBJECTIVE_KEYS

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from configs.common import base_config
+from ringmoe.config import base_config
 from ringmoe.data.schema import RecordError
 from ringmoe.eval import probes
 from ringmoe.eval.features import evaluate, extract

@@ -3,9 +3,9 @@ and on one device with identical parameters (Orbax sharded restore onto the targ
 import jax
 import numpy as np
 
-from pretrain.checkpoint import Checkpointer, abstract_with_shardings
-from pretrain.state import abstract_state, create_state
 from ringmoe import sharding
+from ringmoe.training.checkpoint import Checkpointer, abstract_with_shardings
+from ringmoe.training.state import abstract_state, create_state
 from tests.small import micro_config
 
 

@@ -59,8 +59,8 @@ def run_args(setup, workdir, *extra):
 
 
 def logged_numbers(workdir) -> dict[int, dict[str, float]]:
-    """Every metrics line by step, less the wall-clock numbers (pretrain.metrics.WALL_CLOCK_KEYS)."""
-    from pretrain.metrics import WALL_CLOCK_KEYS
+    """Every metrics line by step, less the wall-clock numbers (ringmoe.training.metrics.WALL_CLOCK_KEYS)."""
+    from ringmoe.training.metrics import WALL_CLOCK_KEYS
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return {r["step"]: {k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS} for r in map(json.loads, f)}
 
@@ -121,8 +121,8 @@ def test_exact_resume_after_sigkill_and_corrupt_checkpoint_fallback(setup, tmp_p
 
 
 def test_sharded_training_matches_one_device(setup, tmp_path):
+    from pretrain.ablate import load_config_file
     from pretrain.train import train
-    from ringmoe.eval.ablate import load_config_file
 
     def run(name, mesh, devices):
         config = load_config_file(str(setup / "small_config.py"))

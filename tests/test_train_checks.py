@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from pretrain.state import TrainState, learning_rate, make_optimizer
-from pretrain.step import make_train_step
 from ringmoe.data import synthetic
+from ringmoe.training.state import TrainState, learning_rate, make_optimizer
+from ringmoe.training.step import make_train_step
 from ringmoe.visualize import read_jsonl
 from tests.small import micro_config
 
@@ -88,10 +88,10 @@ def saved_run(workdir, config):
     """A workdir whose one checkpoint (step 1) holds `config`'s initial state, its data state and config."""
     import json
 
-    from pretrain.checkpoint import Checkpointer
-    from pretrain.state import create_state
     from ringmoe import sharding
     from ringmoe.data.pipeline import Pipeline
+    from ringmoe.training.checkpoint import Checkpointer
+    from ringmoe.training.state import create_state
     _, state, _ = create_state(config, sharding.make_mesh({}, jax.devices()[:1]))
     with Pipeline(config) as pipeline:
         data_state = {"processes": [pipeline.get_state()]}

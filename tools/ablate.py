@@ -24,8 +24,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from pretrain import ablate
 from ringmoe import cli
-from ringmoe.eval import ablate
 
 _GRID = config_flags.DEFINE_config_file("grid", None, "Grid file (configs/ablations/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the points' runs and the report.")

@@ -2,11 +2,11 @@
 
     python -m tools.aot --config configs/ringmoe_14b.py --topology h100-64 [--config.mesh.fsdp=16 ...]
 
-Builds the abstract sharded train state (`pretrain.state.abstract_state`: shapes
+Builds the abstract sharded train state (`ringmoe.training.state.abstract_state`: shapes
 only, nothing allocated) on the target's device mesh (`sharding.make_mesh`),
 the global batch the target's processes would feed (`pipeline.process_batch_sizes`
 per process, times the processes), and the trainer's own jitted step
-(`pretrain.step.jit_train_step`: the same function, shardings and donation);
+(`ringmoe.training.step.jit_train_step`: the same function, shardings and donation);
 lowers and compiles it, and prints per-device argument / output / temporary
 bytes, FLOPs per step and the step time at the target's peak and at 50 % MFU.
 
@@ -49,14 +49,14 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from pretrain.checkpoint import abstract_with_shardings
-from pretrain.state import abstract_state
-from pretrain.step import jit_train_step
-from pretrain.train import abstract_batch, batch_shardings
 from pretrain.validate import validate_config
 from ringmoe import cli, compile_memory, flops, sharding, topology
 from ringmoe.data.pipeline import batch_spec, process_batch_sizes, served_modalities
 from ringmoe.model import dispatch
+from ringmoe.training.checkpoint import abstract_with_shardings
+from ringmoe.training.state import abstract_state
+from ringmoe.training.step import jit_train_step
+from ringmoe.training.step import abstract_batch, batch_shardings
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).")
 _TOPOLOGY = flags.DEFINE_enum("topology", None, list(topology.TOPOLOGIES), "Target machine (ringmoe/topology.py).")

@@ -15,7 +15,7 @@ Each stage's model is saved under OUT/stages/ and loads with
 from shapes alone (nothing allocated). Calibration and distillation read
 --data-dir (default: config.data_dir); --probe-data-dir adds the linear-probe
 accuracy of every stage. `--config.compress.*` overrides the other settings
-(configs/common.py). Bad arguments (unknown modality, a keep fraction outside
+(ringmoe/config.py). Bad arguments (unknown modality, a keep fraction outside
 (0, 1], a checkpoint trained with another config) stop with a one-line error
 before any work. The LAST stdout line is JSON: `stages` [{name, params}, ...]
 and, for a real run, the probe accuracies, paths and seconds.

@@ -6,7 +6,7 @@
 
 --checkpoint is a training workdir (or its checkpoints/ directory): the newest
 readable step is restored with the run's own config, whose `probe` block holds
-the probe settings (configs/common.py). Probes: knn and linear on scene labels
+the probe settings (ringmoe/config.py). Probes: knn and linear on scene labels
 (top-1 accuracy), segmentation on label maps (mIoU). Prints a small table, then
 as its LAST stdout line one JSON object with `probe`, `metric`, `value`, `ci`,
 `random_init_value`, `random_init_ci`, `raw_value`, `raw_ci` (the raw-input

@@ -6,7 +6,7 @@ def grid(points) -> ConfigDict:
     """A grid of `points` ((name, {dotted config key: value}), ...) over configs/tiny.py.
 
     Everything else is overridable on the command line (--grid.KEY=VALUE); see
-    ringmoe/eval/ablate.py for the meaning of each key.
+    pretrain/ablate.py for the meaning of each key.
     """
     return ConfigDict({
         "base": "configs/tiny.py",

@@ -13,7 +13,7 @@ Each step, on a batch of the modality from the pretraining stream:
 
     loss = compress.feature_weight * feature + compress.reconstruction_weight * reconstruction
 
-It runs through the trainer's own step (`pretrain.step.jit_train_step`: clipping,
+It runs through the trainer's own step (`ringmoe.training.step.jit_train_step`: clipping,
 AdamW, non-finite guard) with the teacher's parameters as a frozen input, sharded
 over `config.mesh` exactly like pretraining: state and teacher laid out by their
 logical axes, batches split over the data axes.
@@ -29,14 +29,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pretrain.metrics import MetricsWriter
-from pretrain.state import TrainState, make_optimizer, state_shardings
-from pretrain.step import jit_train_step
-from pretrain.train import batch_shardings, to_device
 from ringmoe import sharding, visualize
 from ringmoe.data.pipeline import Pipeline
 from ringmoe.model.ringmoe import RingMoE
 from ringmoe.objectives.loss import pretraining_loss
+from ringmoe.training.metrics import MetricsWriter
+from ringmoe.training.state import TrainState, make_optimizer, state_shardings
+from ringmoe.training.step import batch_shardings, jit_train_step, to_device
 
 log = logging.getLogger("ringmoe.compress")
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from configs.common import base_config
+from ringmoe.config import base_config
 from ringmoe.data import shards
 from ringmoe.data.pipeline import modality_specs
 from ringmoe.data.schema import RecordError
@@ -42,7 +42,7 @@ def random_init_model(config) -> RingMoE:
 
 
 def probe_settings(config) -> ConfigDict:
-    """`config.probe`, with the defaults of configs/common.py for keys a run's config lacks."""
+    """`config.probe`, with the defaults of ringmoe/config.py for keys a run's config lacks."""
     settings = base_config().probe
     if "probe" in config:
         settings.update(config.probe)

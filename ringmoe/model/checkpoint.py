@@ -3,7 +3,7 @@
 Two layouts, both Orbax CheckpointManager directories with a JSON `meta` item
 holding the model's config (so nothing has to be re-specified to load one):
 
-* a training run (`pretrain.checkpoint`): item `state`, the whole TrainState;
+* a training run (`ringmoe.training.checkpoint`): item `state`, the whole TrainState;
 * a saved model (`save_model`, written by the compression pass and its export):
   item `params`, the parameters alone, plus whatever `meta` the writer adds
   (stage, modality, band metadata, ...).
@@ -22,10 +22,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from pretrain.checkpoint import abstract_with_shardings
-from pretrain.state import abstract_state
 from ringmoe import cli, sharding
 from ringmoe.model.ringmoe import ParamKeys, RingMoE
+from ringmoe.training.checkpoint import abstract_with_shardings
+from ringmoe.training.state import abstract_state
 
 log = logging.getLogger("ringmoe.checkpoint")
 
@@ -44,12 +44,12 @@ _WHOLE_SECTIONS = (("model", "modalities"), ("data", "modality_weights"))
 def config_from_json(value) -> ConfigDict:
     """A config saved as JSON back as a ConfigDict, with lists turned back into tuples.
 
-    The saved values are laid over configs/common.py `base_config()`: a key added since the
+    The saved values are laid over ringmoe/config.py `base_config()`: a key added since the
     checkpoint was written (say `objectives.span_looks`) gets its default there, the one
     place defaults live, so that code reading `config.<key>` with no fallback of its own
     still loads old runs. Saved keys, including ones the base no longer has, are kept.
     This is the one place a saved config is completed."""
-    from configs.common import base_config
+    from ringmoe.config import base_config
 
     def tuples(x):
         if isinstance(x, dict):

@@ -18,7 +18,7 @@ A term with weight 0 is neither computed nor reported. A term with weight > 0
 that cannot run (Pauli without quad-pol, xpol_ratio without a cross-pol pair, an
 index whose bands are missing, cross_modal with one modality) is an error naming
 the modality, the term and why: set its weight to 0 to train without it.
-`config.objectives` must hold exactly `OBJECTIVE_KEYS`, the keys of configs/common.py
+`config.objectives` must hold exactly `OBJECTIVE_KEYS`, the keys of ringmoe/config.py
 base_config() (`check_objectives`): a misspelt key is an error, and the loss has no defaults
 of its own. Physics terms see physical units: reconstruction and
 target are de-normalised with `norm_stats[m]` (common.py). Every term averages
@@ -61,7 +61,7 @@ PHYSICS_TERMS = {
 
 
 # Every key `config.objectives` holds: the names the loss reads. Their values (defaults
-# included) are written once, in configs/common.py `base_config()`; tests/test_objectives.py
+# included) are written once, in ringmoe/config.py `base_config()`; tests/test_objectives.py
 # checks that the two lists agree.
 OBJECTIVE_KEYS = frozenset((
     "cross_modal", "cross_modal_weight", "index", "index_eps", "index_tolerance_nm", "indices",
@@ -86,7 +86,7 @@ def check_objectives(objectives_config) -> None:
     missing = sorted(OBJECTIVE_KEYS - keys)
     if missing:
         raise ValueError(f"config.objectives lacks {', '.join(map(repr, missing))}: build configs on "
-                         "configs/common.py base_config() (a config saved in a checkpoint gets the keys it "
+                         "ringmoe/config.py base_config() (a config saved in a checkpoint gets the keys it "
                          "predates from ringmoe.model.checkpoint.config_from_json)")
 
 

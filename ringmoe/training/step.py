@@ -1,14 +1,18 @@
-"""The jitted, donated train step (loss, gradients with accumulation, guarded update)
-and the matching evaluation step (the same loss, no update)."""
+"""The jitted, donated train step (loss, gradients with accumulation, guarded update),
+the matching evaluation step (the same loss, no update), and the batches they take:
+host rows laid out as global arrays over the mesh. Pretraining and distillation both
+run through these."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from pretrain.state import TrainState, learning_rate, make_optimizer, schedule_count
+from ringmoe import sharding
 from ringmoe.objectives.loss import pretraining_loss
+from ringmoe.training.state import TrainState, learning_rate, make_optimizer, schedule_count
 
 MODEL_INPUTS = ("pixels", "mask", "valid", "record_index")
 
@@ -101,12 +105,44 @@ def make_train_step(graphdef, config, norm_stats: dict, loss_fn=None):
     return step
 
 
-def jit_train_step(graphdef, config, norm_stats: dict, state_shardings: TrainState, batch_shardings: dict, *,
+def jit_train_step(graphdef, config, norm_stats: dict, state_shardings: TrainState, batch_layout: dict, *,
                    loss_fn=None, frozen_shardings: tuple = ()):
     """The step as the trainer runs it (and `tools.aot` compiles it): jitted, the state donated,
     state, batch and frozen inputs in their shardings, the new state in the same shardings and
     the metrics replicated, so that every process can read them. `loss_fn`: as in
     `make_train_step`, with one frozen input per entry of `frozen_shardings`."""
     return jax.jit(make_train_step(graphdef, config, norm_stats, loss_fn=loss_fn), donate_argnums=0,
-                   in_shardings=(state_shardings, batch_shardings, *frozen_shardings),
+                   in_shardings=(state_shardings, batch_layout, *frozen_shardings),
                    out_shardings=(state_shardings, state_shardings.step))
+
+
+def batch_shardings(spec: dict, mesh) -> dict:
+    """Every model-input array of a batch spec (`Pipeline.batch_spec()`) split over the data-like
+    mesh axes along its first dim."""
+    return {m: {k: jax.sharding.NamedSharding(mesh, sharding.logical_to_mesh(("batch",) + (None,) * (len(s) - 1)))
+                for k, (s, _) in spec[m].items() if k in MODEL_INPUTS}
+            for m in spec}
+
+
+def device_dtype(dtype) -> np.dtype:
+    """The dtype a batch array has on the device: int64 (record indices) becomes JAX's int32."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.int32) if dtype == np.int64 else dtype
+
+
+def to_device(batch: dict, shardings: dict) -> dict:
+    """Process-local numpy rows -> global arrays (each process holds its own rows)."""
+    out = {}
+    for m, arrays in model_inputs(batch).items():
+        out[m] = {}
+        for k, x in arrays.items():
+            x = x.astype(device_dtype(x.dtype), copy=False)
+            out[m][k] = jax.make_array_from_process_local_data(shardings[m][k], x)
+    return out
+
+
+def abstract_batch(spec: dict, shardings: dict) -> dict:
+    """ShapeDtypeStructs of the device batch that `to_device` makes, for ahead-of-time lowering;
+    `spec` holds GLOBAL shapes (every process's rows)."""
+    return {m: {k: jax.ShapeDtypeStruct(shape, device_dtype(name), sharding=shardings[m][k])
+                for k, (shape, name) in spec[m].items() if k in shardings[m]} for m in spec}

@@ -36,7 +36,7 @@ def schedule_count(opt_state) -> jax.Array:
     """The count the optimiser's learning-rate schedule is indexed by: the updates it has applied.
 
     A skipped (non-finite) update keeps the whole optimiser state, so this count, unlike
-    `TrainState.step`, does not advance on one; `pretrain.step` logs `schedule(schedule_count)`,
+    `TrainState.step`, does not advance on one; `ringmoe.training.step` logs `schedule(schedule_count)`,
     the rate the update actually uses.
     """
     counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))

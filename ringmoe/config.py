@@ -1,6 +1,7 @@
-"""Settings shared by every config: reference training recipe, router, mesh.
+"""Every config key and its default: reference training recipe, router, mesh, probes.
 
-Each config file calls `base_config()` and then states its own model numbers.
+The one place defaults live. Each config file (`configs/`) calls `base_config()` and
+then states its own model numbers; the library completes a saved run's config from it.
 Values marked (ref) are the RingMoE paper's (arXiv 2504.03166; DESIGN.md s.2).
 """
 from ml_collections import ConfigDict

@@ -55,7 +55,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from pretrain import distributed
+from ringmoe.training import distributed
 
 log = logging.getLogger("ringmoe.checkpoint")
 
