@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import grain
 import numpy as np
-from grain._src.python.dataset import dataset as grain_dataset
 
 from ringmoe.data.schema import RecordError
 
@@ -59,7 +58,7 @@ class ModalityPackIterDataset(grain.IterDataset):
         return f"ModalityPackIterDataset(batch_sizes={self._sizes})"
 
 
-class _PackIterator(grain_dataset.DatasetIterator):
+class _PackIterator(grain.DatasetIterator):
     def __init__(self, parent, sizes, shape, max_records, max_bad):
         super().__init__(parent)
         self._sizes, self._shape, self._max_records, self._max_bad = sizes, shape, max_records, max_bad

@@ -52,7 +52,6 @@ once; kept in the resume state), and the K+1-th distinct one is an error.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import grain
@@ -83,6 +82,11 @@ class _ProcessShard(grain.MapDataset):
         self._pi, self._pc = process_index, process_count
         self._len = len(range(process_index, num_records, process_count))
         self._epochs = num_epochs
+
+    @property
+    def records(self) -> int:
+        """Records this process reads per epoch."""
+        return self._len
 
     def __len__(self) -> int:
         if self._len == 0:
@@ -222,7 +226,7 @@ class Pipeline:
         self.max_bad_records = d.max_bad_records
         self.shard = _ProcessShard(self.manifest["records"], seed, process_index, process_count,
                                    d.shuffle, epochs or None)
-        if self.shard._len == 0:
+        if self.shard.records == 0:
             raise ValueError(f"{self.data_dir}: {self.manifest['records']} records leave none for process "
                              f"{process_index} of {process_count}")
         lo, hi = d.crop_scale
@@ -319,7 +323,7 @@ class Pipeline:
 
     def shard_record_indices(self) -> np.ndarray:
         """Data set indices this process reads (each epoch, in some order): disjoint across processes."""
-        return np.array([self.shard.record_index(k) for k in range(self.shard._len)], np.int64)
+        return np.array([self.shard.record_index(k) for k in range(self.shard.records)], np.int64)
 
     def batch_spec(self) -> dict:
         """{modality: {key: (shape, dtype name)}} of every batch, for abstract model init."""
@@ -343,10 +347,3 @@ def _absl_flags_parsed() -> None:
     from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-
-
-def make_pipeline(config, data_dir: str | None = None, **kwargs) -> Pipeline:
-    """Pipeline(config, data_dir, **kwargs); see Pipeline."""
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise RecordError(f"{data_dir}: no such data set directory")
-    return Pipeline(config, data_dir, **kwargs)

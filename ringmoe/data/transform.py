@@ -64,7 +64,7 @@ class RecordTransform:
 
     def __init__(self, paths: list[str], counts: list[int], specs: dict[str, ModalitySpec],
                  options: TransformOptions, seed: int):
-        self._paths = list(paths)
+        self.paths = list(paths)
         self._starts = np.cumsum([0] + list(counts))[:-1].tolist()
         self._specs = dict(specs)
         self._opt = options
@@ -74,14 +74,14 @@ class RecordTransform:
     def _read(self, index: int) -> bytes:
         if self._source is None:
             import grain
-            self._source = grain.sources.ArrayRecordDataSource(self._paths)
+            self._source = grain.sources.ArrayRecordDataSource(self.paths)
         return self._source[index]
 
     def where(self, index: int) -> str:
         """'/data/set/shard-00003.array_record record 17 (data set record 3089)' for error
         messages: the shard file as the pipeline opened it, the record's index in it."""
         shard = bisect.bisect_right(self._starts, index) - 1
-        return f"{self._paths[shard]} record {index - self._starts[shard]} (data set record {index})"
+        return f"{self.paths[shard]} record {index - self._starts[shard]} (data set record {index})"
 
     def __call__(self, item: tuple[int, int]) -> dict:
         epoch, index = int(item[0]), int(item[1])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-import jax
 from flax import nnx
 
 from ringmoe.model.ringmoe import ParamKeys, RingMoE
@@ -81,8 +80,3 @@ def table(counts: dict) -> str:
     rows += [(f"active per token ({m})", f"{v:,}") for m, v in counts["active_per_token"].items()]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{width}}  {b:>16}" for a, b in rows)
-
-
-def tree_size(tree) -> int:
-    """Number of scalars in a pytree of arrays / ShapeDtypeStructs."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
