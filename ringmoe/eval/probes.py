@@ -123,7 +123,7 @@ def _lbfgs_fit(x, y, l2, *, num_classes: int, steps: int, tol: float = LBFGS_TOL
 
     def running(carry):
         count = optax.tree_utils.tree_get(carry[1], "count")
-        grad_norm = optax.tree_utils.tree_norm(optax.tree_utils.tree_get(carry[1], "grad"))
+        grad_norm = optax.tree_utils.tree_l2_norm(optax.tree_utils.tree_get(carry[1], "grad"))
         return (count == 0) | ((count < steps) & (grad_norm >= tol))
 
     params, _ = jax.lax.while_loop(running, step, (params, opt.init(params)))
