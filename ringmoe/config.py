@@ -52,6 +52,8 @@ def base_config() -> ConfigDict:
     c.model.dtype = "float32"         # compute dtype; parameters stay float32
     c.model.remat = "none"            # none | block | dots_with_no_batch_dims_saveable | dots_saveable:
                                       # what each SwinV2 block keeps for the backward pass (model/ringmoe.py)
+    c.model.scan_layers = True        # a stage's blocks as one scan over stacked parameters (model/scan.py);
+                                      # False unrolls them (debugging; same values, one compile per block)
     c.model.modalities = ConfigDict()
 
     c.model.moe = ConfigDict()

@@ -26,7 +26,7 @@ def restore(workdir, config, mesh):
 
 
 def expert_weight(state):
-    """A collaborative expert's stacked input weight: its leading axis is sharded over `expert`."""
+    """A collaborative expert's stacked input weight (layers, E, D, F): E is sharded over `expert`."""
     flat = dict(jax.tree_util.tree_leaves_with_path(state.params))
     return next(v for k, v in flat.items() if "collaborative_experts" in jax.tree_util.keystr(k)
                 and "w_in" in jax.tree_util.keystr(k))
@@ -40,7 +40,7 @@ def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path):
     checkpointer = Checkpointer(str(tmp_path), keep=1, save_every=1)
     checkpointer.save(7, state, {"note": "data state"}, {"mesh": dict(saved_mesh.shape)}, force=True)
     checkpointer.close()
-    assert expert_weight(state).sharding.shard_shape(expert_weight(state).shape)[0] == 1   # 4 experts / 4
+    assert expert_weight(state).sharding.shard_shape(expert_weight(state).shape)[1] == 1   # 4 experts / 4
     reference = jax.device_get(state)
 
     targets = {"data=4 x expert=2": sharding.make_mesh({"data": 4, "expert": 2}),
@@ -55,4 +55,4 @@ def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path):
         for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(jax.device_get(restored))):
             np.testing.assert_array_equal(a, b, err_msg=name)
     experts_on_one_device = expert_weight(restored)
-    assert experts_on_one_device.sharding.shard_shape(experts_on_one_device.shape)[0] == 4
+    assert experts_on_one_device.sharding.shard_shape(experts_on_one_device.shape)[1] == 4

@@ -56,10 +56,11 @@ def test_data2_expert4_matches_single_device(dispatch):
         np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
 
     # Expert weights really live split along the expert axis: one expert per device column.
-    w_in = model.stages[0].blocks[0].ffn.modal_experts["optical"].experts.w_in[...]
-    assert w_in.sharding.spec[0] == "expert"
-    assert {s.data.shape[0] for s in w_in.addressable_shards} == {1}
-    shared = model.stages[0].blocks[0].ffn.shared_expert.fc1.kernel[...]
+    # (A scanned stage stacks its blocks' weights on a leading, unsharded layers axis.)
+    w_in = model.stages[0].blocks.ffn.modal_experts["optical"].experts.w_in[...]
+    assert w_in.sharding.spec[:2] == (None, "expert")
+    assert {s.data.shape[:2] for s in w_in.addressable_shards} == {(config.depths[0], 1)}
+    shared = model.stages[0].blocks.ffn.shared_expert.fc1.kernel[...]
     assert {s.data.shape for s in shared.addressable_shards} == {shared.shape}  # replicated
 
 

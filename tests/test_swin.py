@@ -99,11 +99,16 @@ def test_block_matches_brute_force_reference(shift):
     block.ffn.mode = "zero"
     x = tokens((2, 8, 8, D))
     out, aux = block(x, "optical")
-    assert block.shift_size == (2 if shift else 0)
-    expected = x + block.norm1(reference_attention(block.attn, x, 4, block.shift_size))
+    assert block.shift_size == 2 and block.shift == shift
+    expected = x + block.norm1(reference_attention(block.attn, x, 4, 2 if shift else 0))
     expected = expected + block.norm2(jnp.zeros_like(x))   # the zero FFN's norm2 leaves its bias
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
     assert aux["modality"] == "optical"
+    # A scanned stage runs a plain block's structure with shifted=True: the same output.
+    other = make_block(shift=not shift)
+    perturb(other)
+    other.ffn.mode = "zero"
+    np.testing.assert_allclose(other(x, "optical", shift)[0], out, atol=1e-6, rtol=1e-6)
 
 
 def test_output_shape_and_window_clipping():

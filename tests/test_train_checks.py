@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from flax import nnx
 
 from ringmoe.data import synthetic
+from ringmoe.model.ringmoe import create_model
 from ringmoe.training.state import TrainState, learning_rate, make_optimizer
 from ringmoe.training.step import make_train_step
 from ringmoe.visualize import read_jsonl
@@ -18,6 +20,24 @@ def applied_count(opt_state) -> int:
               if path[-1].tuple_name == "ScaleByScheduleState"]
     assert len(counts) == 1
     return int(counts[0])
+
+
+def test_weight_decay_reaches_weight_matrices_only():
+    """AdamW's decay shrinks linear maps' weights and nothing else, however a parameter is
+    stacked: with a rank rule, per-head q/v biases (H, K), expert biases (E, F) and every norm
+    of a scanned stage (layers, D) were decayed."""
+    config = micro_config(("optical",))
+    config.optimizer.update(init_lr=1e-2, lr=1e-2, weight_decay=0.5)
+    params = jax.tree.map(jnp.ones_like, nnx.state(create_model(config.model, seed=0), nnx.Param))
+    tx = make_optimizer(config)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    decayed = {}
+    for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        decayed.setdefault(name, set()).add(bool(jnp.any(update != 0)))
+    assert decayed == {"kernel": {True}, "qkv": {True}, "w_in": {True}, "w_out": {True}, "bias": {False},
+                       "scale": {False}, "q_bias": {False}, "v_bias": {False}, "b_in": {False}, "b_out": {False},
+                       "logit_scale": {False}, "mask_token": {False}}
 
 
 def test_logged_lr_is_the_applied_rate_after_a_skipped_update():

@@ -29,7 +29,9 @@ FLOPs: `model_flops_per_step` is the analytic model count (`ringmoe.flops`:
 active experts only, 3 x forward, the figure MFU is defined on); the step times
 use it. `xla_flops_per_step` is XLA's cost analysis (with recomputation,
 dispatch and padding): of the compiled per-device program times the devices,
-or, when the CPU executable is not built, of the lowered global program.
+or, when the CPU executable is not built, of the lowered global program. XLA
+counts a loop body once, so with scanned blocks (`model.scan_layers`) it counts
+one block per stage, and the figure is a lower bound (the source says so).
 
 Exceeding the device memory exits with status 1 and a message naming the
 largest buffers. The last stdout line is JSON: topology, devices,
@@ -194,6 +196,8 @@ def main(argv):
     progress(f"compiled in {compile_s:.1f} s")
 
     memory, xla_flops, running = compiled["memory"], compiled["xla_flops"], compiled["running"]
+    if config.model.scan_layers:
+        compiled["xla_flops_source"] += "; a scanned stage's loop body counted once (a lower bound)"
     args, outs, temps, alias = memory.argument_bytes, memory.output_bytes, memory.temp_bytes, memory.alias_bytes
     total = memory.total_bytes
     temporaries = compiled["temporaries"]

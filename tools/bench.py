@@ -2,12 +2,16 @@
 
     python -m tools.bench moe --config configs/base.py [--batch 8] [--stage 2]
     python -m tools.bench data --data DIR --config configs/tiny.py
+    python -m tools.bench step --data DIR --config configs/tiny.py [--steps 5]
 
 `moe`: forward+backward of one MoE FFN layer with each dispatch path, under the
 configured router and under expert choice, and of a dense FFN with the same
 active FLOPs (token choice), as ratios to the dense time; with the rows each
 path's experts compute against the rows the routing kept, and useful GFLOP/s.
 `data`: the full input pipeline against a raw ArrayRecord read of the same records.
+`step`: the real train and eval steps on one batch of DIR, blocks unrolled and scanned
+(`model.scan_layers`): first-call (compile) seconds, median step seconds, their ratios,
+and the scanned step's MFU.
 """
 import json
 
@@ -22,11 +26,13 @@ _STAGE = flags.DEFINE_integer("stage", None, "moe: Swin stage whose layer shape 
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "moe: timing rounds (the minimum is reported).")
 _DATA = flags.DEFINE_string("data", None, "data: directory of ArrayRecord shards + manifest.json.")
 _BATCHES = flags.DEFINE_integer("batches", 50, "data: batches to time.")
+_STEPS = flags.DEFINE_integer("steps", 5, "step: train steps timed after the first (the median is reported).")
+MODES = ("moe", "data", "step")
 
 
 def main(argv):
-    if len(argv) != 2 or argv[1] not in ("moe", "data"):
-        raise app.UsageError("usage: python -m tools.bench {moe|data} --config configs/NAME.py [...]")
+    if len(argv) != 2 or argv[1] not in MODES:
+        raise app.UsageError(f"usage: python -m tools.bench {{{'|'.join(MODES)}}} --config configs/NAME.py [...]")
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required")
@@ -40,11 +46,22 @@ def main(argv):
                 print(f"{router:>13} {name:>6}: {r['s'] * 1e3:9.2f} ms  ratio {r['ratio']:5.2f}  rows {r['rows']:>7}"
                       f" (kept {r['kept_rows']:>7})  {r['useful_gflops']:7.2f} useful GFLOP/s")
         print(f"{'dense':>20}: {result['dense_s'] * 1e3:9.2f} ms  {result['dense_gflops']:7.2f} GFLOP/s")
-    else:
+    elif argv[1] == "data":
         from ringmoe.data import bench
         if not _DATA.value:
             raise app.UsageError("bench data needs --data DIR")
         result = bench.run(_DATA.value, config, num_batches=_BATCHES.value)
+    else:
+        from ringmoe.training import bench
+        if not _DATA.value:
+            raise app.UsageError("bench step needs --data DIR")
+        config = config.copy_and_resolve_references()
+        config.data_dir = _DATA.value
+        result = bench.run(config, steps=_STEPS.value)
+        for name, r in result["layouts"].items():
+            print(f"{name:>9}: train first call {r['train_first_s']:7.1f} s  eval first call "
+                  f"{r['eval_first_s']:6.1f} s  step {r['step_s']:7.3f} s")
+        print("scanned / unrolled: " + "  ".join(f"{k} {v:.2f}" for k, v in result["scanned_over_unrolled"].items()))
     print(json.dumps(result))
 
 

@@ -36,10 +36,10 @@ from safetensors.numpy import save_file
 from ringmoe.compress.extraction import flat_params
 from ringmoe.model.checkpoint import save_model
 from ringmoe.model.embed import WavelengthPatchEmbed
-from ringmoe.model.moe import DenseFFN
 from ringmoe.model.ringmoe import RingMoE
 
 FORMAT = "ringmoe-swinv2-export"
+MOE_PARTS = ("modal_experts", "collaborative_experts", "shared_expert")   # parameter path names of a MoE FFN
 
 
 def _patch_embedding(model: RingMoE, modality: str, params) -> dict[str, np.ndarray]:
@@ -73,12 +73,12 @@ def _linear(params, path, name, bias=True) -> dict[str, np.ndarray]:
 
 def swinv2_state_dict(model: RingMoE, modality: str) -> dict[str, np.ndarray]:
     """The dense encoder's parameters as {timm SwinV2 name: float32 array in PyTorch layout}."""
-    if not all(isinstance(block.ffn, DenseFFN) for stage in model.stages for block in stage.blocks):
-        raise ValueError("export: the model still has MoE layers; only the dense stage exports to SwinV2")
     params = flat_params(model)
+    if any(key in MOE_PARTS for path in params for key in path):
+        raise ValueError("export: the model still has MoE layers; only the dense stage exports to SwinV2")
     out = _patch_embedding(model, modality, params)
     for i, stage in enumerate(model.stages):
-        for j in range(len(stage.blocks)):
+        for j in range(stage.depth):
             path, name = ("stages", i, "blocks", j), f"layers.{i}.blocks.{j}"
             attn = path + ("attn",)
             qkv = params[attn + ("qkv",)]                                             # (D, 3, H, hd)

@@ -21,13 +21,16 @@ import numpy as np
 from flax import nnx
 
 from ringmoe.model.ringmoe import ParamKeys, RingMoE
+from ringmoe.model.scan import stacked_param, unrolled_params
 
 Path = tuple
 
 
 def flat_params(model: RingMoE) -> dict[Path, np.ndarray]:
-    """{path: host array} of every parameter of `model`."""
-    return {path: np.asarray(jax.device_get(v[...])) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    """{path: host array} of every parameter of `model`, blocks unrolled (('stages', i, 'blocks',
+    j, ...) whether or not the model scans its blocks)."""
+    return unrolled_params({path: np.asarray(jax.device_get(v[...]))
+                            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))})
 
 
 def build(config, params: Mapping[Path, np.ndarray]) -> RingMoE:
@@ -40,14 +43,22 @@ def build(config, params: Mapping[Path, np.ndarray]) -> RingMoE:
     leaves = []
     for path, variable in nnx.to_flat_state(abstract):
         name = "/".join(map(str, path))
-        if path not in params:
+        value = stacked_param(path, params, config.model.depths[path[1]] if path[0] == "stages" else 0)
+        if value is None:
             raise KeyError(f"compression: parameter {name} of the stage's model has no source")
-        value = np.asarray(params[path])
         if value.shape != variable.shape:
             raise ValueError(f"compression: parameter {name} has shape {value.shape}, the stage's model "
                              f"needs {variable.shape}")
         leaves.append((path, variable.replace(jax.numpy.asarray(value, variable.dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def unrolled(config, model: RingMoE) -> RingMoE:
+    """`model` (of `config.model`) with its blocks unrolled, for work done block by block
+    (the refit); `build(config, flat_params(...))` gives the config's own layout back."""
+    config = config.copy_and_resolve_references()
+    config.model.scan_layers = False
+    return build(config, flat_params(model))
 
 
 def extract_modality(params: Mapping[Path, np.ndarray], extracted_config) -> RingMoE:

@@ -57,6 +57,7 @@ import numpy as np
 from flax import nnx
 
 from ringmoe.compress import merging
+from ringmoe.compress.extraction import build, flat_params, unrolled
 from ringmoe.eval.features import image_batches
 
 log = logging.getLogger("ringmoe.compress")
@@ -200,6 +201,7 @@ def refit_merge(teacher, teacher_config, dense_config, statistics: dict, modalit
     "held_out_error", "held_out_error_svd", "tokens"}})."""
     student, report = merging.svd_merge(teacher, teacher_config, dense_config, statistics, modality, data_dir,
                                         max_images=max_images)
+    teacher, student = unrolled(teacher_config, teacher), unrolled(dense_config, student)   # block by block
     stream = _calibration_stream(student, teacher_config, data_dir, modality, max_images, batch_size)
     blocks = []
     for teacher_stage, stage in zip(teacher.stages, student.stages):
@@ -224,4 +226,4 @@ def refit_merge(teacher, teacher_config, dense_config, statistics: dict, modalit
             stream = [(np.asarray(_block_output(block, jnp.asarray(h), modality)), mask) for h, mask in inputs]
         if stage.merging is not None:
             stream = [(np.asarray(_patch_merging(stage.merging, jnp.asarray(x))), mask) for x, mask in stream]
-    return student, {**report, "blocks": blocks}
+    return build(dense_config, flat_params(student)), {**report, "blocks": blocks}

@@ -63,7 +63,7 @@ def expert_statistics(model, config, data_dir: str, modalities, *, max_images: i
 
 def _block_resolutions(model) -> list[int]:
     """Tokens per image of every block, in model order."""
-    return [block.resolution ** 2 for stage in model.stages for block in stage.blocks]
+    return [stage.resolution ** 2 for stage in model.stages for _ in range(stage.depth)]
 
 
 def shares(statistics: dict, modality: str, group: str, key: str) -> np.ndarray:

@@ -60,11 +60,12 @@ def expert_rows(jaxpr, w_in_shape) -> int:
             for operand, dims in zip(eqn.invars[:2], contract):
                 if operand.aval.shape == w_in_shape and tuple(dims) == (1,):
                     rows += int(np.prod(eqn.outvars[0].aval.shape)) // hidden
+        repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1   # a scan runs its body `length` times
         for value in eqn.params.values():
             for sub in value if isinstance(value, (list, tuple)) else (value,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    rows += expert_rows(inner, w_in_shape)
+                    rows += repeats * expert_rows(inner, w_in_shape)
     return rows
 
 

@@ -11,6 +11,7 @@ from collections import defaultdict
 from flax import nnx
 
 from ringmoe.model.ringmoe import ParamKeys, RingMoE
+from ringmoe.model.scan import unrolled_shapes
 
 # Module-tree names that belong to one modality.
 PER_MODALITY = ("embeddings", "decoders", "power_decoders", "modal_experts")
@@ -22,9 +23,10 @@ def abstract_model(model_config) -> RingMoE:
 
 
 def _leaves(model) -> list[tuple[tuple, tuple]]:
-    """(path, shape) of every parameter."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return [(tuple(str(k) for k in path), tuple(var.shape)) for path, var in flat]
+    """(path, shape) of every parameter, blocks unrolled (a scanned stage's stacked parameters
+    count once per block, each with its own shape)."""
+    flat = unrolled_shapes({path: var.shape for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))})
+    return [(tuple(str(k) for k in path), tuple(shape)) for path, shape in flat.items()]
 
 
 def component(path: tuple[str, ...]) -> str:

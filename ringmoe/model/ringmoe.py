@@ -10,6 +10,10 @@ Each modality of a batch runs through the backbone in its own call, so a
 modality's batch size (and channel count) is its own and a token of m can only
 reach m's modal experts.
 
+A stage's blocks are scanned (`config.scan_layers`, `ringmoe.model.scan`): stored with
+a leading layers axis and run as a loop over (plain, shifted) pairs, so the 18-block
+stage of the 14.7B model compiles like a 2-block one.
+
 Rematerialisation (`config.remat`, see `REMAT`) wraps each SwinV2 block in
 `nnx.remat`: the backward pass recomputes what the policy did not save, so the
 activations kept for the gradient shrink from every intermediate of every block
@@ -25,6 +29,7 @@ from flax import nnx
 
 from ringmoe.model.decoders import SimMIMDecoder
 from ringmoe.model.embed import WavelengthPatchEmbed, build_embedding
+from ringmoe.model import scan
 from ringmoe.model.moe import DenseFFN, HierarchicalMoE
 from ringmoe.model.swin import PatchMerging, SwinV2Block
 from ringmoe.sharding import constrain, partitioned, state_shardings
@@ -58,38 +63,45 @@ class Encoded(NamedTuple):
 class Stage(nnx.Module):
     """`depth` SwinV2 blocks (alternating plain / shifted windows), then patch merging.
 
+    With `config.scan_layers` (the default) the blocks are one scanned block with
+    stacked parameters (`ringmoe.model.scan`), traced once whatever the depth; with
+    False, a list of blocks run one after another (for debugging: same values).
     With `config.remat` other than "none" each block runs under `nnx.remat`."""
 
     def __init__(self, dim, depth, num_heads, resolution, config, modalities, *, merge, dtype, rngs):
         hidden = int(dim * config.mlp_ratio)
         self.remat = config.get("remat", "none")
         remat_policy(self.remat)  # an unknown name fails at construction, not at the first step
+        self.depth, self.resolution, self.scanned = depth, resolution, config.scan_layers
 
         def ffn():
             if config.moe.enabled:
                 return HierarchicalMoE(dim, hidden, modalities, config.moe, dtype=dtype, rngs=rngs)
             return DenseFFN(dim, hidden, dtype=dtype, rngs=rngs)
 
-        self.blocks = nnx.List([
-            SwinV2Block(dim, num_heads, resolution, config.window_size, shift=bool(i % 2), ffn=ffn(),
-                        cpb_hidden=config.cpb_hidden, dtype=dtype, rngs=rngs)
-            for i in range(depth)])
+        blocks = [SwinV2Block(dim, num_heads, resolution, config.window_size, shift=bool(i % 2), ffn=ffn(),
+                              cpb_hidden=config.cpb_hidden, dtype=dtype, rngs=rngs) for i in range(depth)]
+        self.blocks = scan.stack(blocks) if self.scanned else nnx.List(blocks)
         self.merging = PatchMerging(dim, dtype=dtype, rngs=rngs) if merge else None
 
     def __call__(self, x, modality):
-        def run(block, x):
-            return block(x, modality)
+        policy = remat_policy(self.remat)
+        if self.scanned:
+            x, stats = scan.scan_blocks(self.blocks, x, modality, self.depth, policy)
+        else:
+            def run(block, x):
+                return block(x, modality)
 
-        if self.remat != "none":
-            run = nnx.remat(run, policy=remat_policy(self.remat))
-        stats = []
-        for block in self.blocks:
-            x, block_stats = run(block, x)
-            stats.append(block_stats)
+            if policy is not None:
+                run = nnx.remat(run, policy=policy)
+            stats = []
+            for block in self.blocks:
+                x, block_stats = run(block, x)
+                stats.append(block_stats)
         before_merge = x
         if self.merging is not None:
             x = self.merging(x)
-        return x, before_merge, stats
+        return x, before_merge, list(stats)
 
 
 class RingMoE(nnx.Module):

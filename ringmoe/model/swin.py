@@ -189,6 +189,10 @@ class SwinV2Block(nnx.Module):
     residual stream keeps the input's dtype.
     `zero_init_post_norm=True` starts norm1/norm2 scales at 0 (SwinV2's
     `_init_respostnorm`), making the block an identity at initialisation.
+
+    Whether the windows are shifted is `shift`, or the `shifted` argument of a call: a
+    scanned stage runs its plain and its shifted blocks with one block's structure
+    (`ringmoe.model.scan`).
     """
 
     def __init__(self, dim: int, num_heads: int, resolution: int, window_size: int, shift: bool,
@@ -197,10 +201,12 @@ class SwinV2Block(nnx.Module):
         if resolution <= window_size:
             window_size, shift_size = resolution, 0
         else:
-            shift_size = window_size // 2 if shift else 0
+            shift_size = window_size // 2
         if resolution % window_size:
             raise ValueError(f"SwinV2Block: resolution {resolution} not divisible by window {window_size}")
+        # shift_size: how far a shifted block rolls its windows (0: this stage never shifts).
         self.resolution, self.window_size, self.shift_size = resolution, window_size, shift_size
+        self.shift = bool(shift) and shift_size > 0
         self.attn = WindowAttention(dim, num_heads, window_size, cpb_hidden=cpb_hidden,
                                     dtype=dtype, rngs=rngs)
         self.norm1 = LayerNorm(dim, rngs=rngs, zero_scale=zero_init_post_norm)
@@ -208,27 +214,31 @@ class SwinV2Block(nnx.Module):
         self.norm2 = LayerNorm(dim, rngs=rngs, zero_scale=zero_init_post_norm)
 
     def attention_mask(self) -> np.ndarray | None:
-        """The (nW, N, N) additive shifted-window mask, or None without a shift."""
+        """The (nW, N, N) additive mask of this stage's shifted windows, or None if it never shifts."""
         if not self.shift_size:
             return None
         return shifted_window_mask(self.resolution, self.window_size, self.shift_size)
 
-    def __call__(self, x: jax.Array, modality: str) -> tuple[jax.Array, dict]:
+    def __call__(self, x: jax.Array, modality: str, shifted: bool | None = None) -> tuple[jax.Array, dict]:
         """x: (B, H, W, D) with H = W = resolution -> (same shape, the ffn's aux dict)."""
-        x = self.attend(x)
+        x = self.attend(x, shifted)
         y, aux = self.ffn(x, modality)
         return self.add_ffn(x, y), aux
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        """The block up to its FFN: x + norm1(attn(x)), the FFN's input."""
+    def attend(self, x: jax.Array, shifted: bool | None = None) -> jax.Array:
+        """The block up to its FFN: x + norm1(attn(x)), the FFN's input.
+
+        `shifted`: whether to shift the windows; None for the block's own `shift`.
+        """
         _, h, w, _ = x.shape
         if h != self.resolution or w != self.resolution:
             raise ValueError(f"SwinV2Block: expected {self.resolution}x{self.resolution} tokens, got {h}x{w}")
         x = constrain(x, "batch", None, None, "act_embed")
-        s, ws = self.shift_size, self.window_size
-        shifted = jnp.roll(x, (-s, -s), axis=(1, 2)) if s else x
-        mask = self.attention_mask()
-        attn = self.attn(window_partition(shifted, ws), None if mask is None else jnp.asarray(mask))
+        s = self.shift_size if (self.shift if shifted is None else shifted) else 0
+        ws = self.window_size
+        shifted_x = jnp.roll(x, (-s, -s), axis=(1, 2)) if s else x
+        mask = self.attention_mask() if s else None
+        attn = self.attn(window_partition(shifted_x, ws), None if mask is None else jnp.asarray(mask))
         attn = window_reverse(attn, ws, h, w)
         if s:
             attn = jnp.roll(attn, (s, s), axis=(1, 2))

@@ -46,10 +46,23 @@ def schedule_count(opt_state) -> jax.Array:
     return counts[0]
 
 
+# The parameters weight decay applies to: the weight matrices of linear maps, by name. Not by
+# rank: biases of stacked experts (E, F), per-head q/v biases (H, K) and every norm of a scanned
+# stage (layers, D) are matrices, and none of them is a weight.
+DECAYED = frozenset({"kernel", "qkv", "w_in", "w_out"})
+
+
+def decay_mask(params):
+    """True for the parameters `DECAYED` names (the last name on the parameter's path)."""
+    def decayed(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return bool(names) and names[-1] in DECAYED
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     """(ref) Global-norm clipping then AdamW; no weight decay on vectors (norms, biases, scales)."""
     o = config.optimizer
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(o.grad_clip),
         optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
