@@ -7,8 +7,8 @@ Scanned, a stage is a loop over its blocks: MaxText and big_vision scan their la
 for the same reason.
 
 SwinV2 alternates plain and shifted windows, so the loop body is a pair: a plain
-block, then a shifted one (two blocks traced per stage, whatever the depth; the
-depth must be even, as every SwinV2's is). The alternative, one block per step with
+block, then a shifted one (two blocks traced per stage, whatever the depth; an odd
+depth's last block, a plain one, runs after the loop). The alternative, one block per step with
 the shift passed as data, traces half as much but pays a select between rolled and
 plain activations and masks in every block, and a loop even where the stage has two
 blocks: measured on this 2-core CPU (tools.bench step, tiny config), it made the
@@ -37,19 +37,12 @@ LAYERS = "layers"   # logical axis of stacked block parameters; unsharded (no ru
 _AXIS = {nnx.PARTITION_NAME: LAYERS}
 
 
-def check_depth(depth: int) -> None:
-    if depth % 2:
-        raise ValueError(f"model.scan_layers scans (plain, shifted) pairs of blocks: stage depth {depth} is odd; "
-                         "use even depths or set model.scan_layers=False")
-
-
 def stack(blocks: Sequence[nnx.Module]) -> nnx.Module:
     """One module of `blocks[0]`'s type holding every block's parameters on a leading axis.
 
     The blocks are built one by one first, so a scanned model is initialised with the
     same values as the unrolled one (the same keys, in the same order).
     """
-    check_depth(len(blocks))
     graphdefs, states = zip(*(nnx.split(block) for block in blocks))
     stacked = jax.tree.map(lambda *values: jnp.stack(values), *states)
     return nnx.merge(graphdefs[0], spmd.add_axis(stacked, 0, _AXIS))
@@ -68,7 +61,6 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, modality: str, depth: int,
     needs carrying back out.
     """
     graphdef, state = nnx.split(blocks)
-    pairs = jax.tree.map(lambda a: a.reshape(depth // 2, 2, *a.shape[1:]), state)
 
     def block(x, layer_state, shifted: bool):
         layer = nnx.merge(graphdef, spmd.remove_axis(layer_state, 0, _AXIS))
@@ -84,8 +76,15 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, modality: str, depth: int,
             stats.append(block_stats)
         return x, stats
 
-    x, stats = jax.lax.scan(pair, x, pairs)
-    return x, tuple(jax.tree.map(lambda a, i=i: a[i // 2], stats[i % 2]) for i in range(depth))
+    out = []
+    if depth >= 2:
+        pairs = jax.tree.map(lambda a: a[:depth - depth % 2].reshape(depth // 2, 2, *a.shape[1:]), state)
+        x, stats = jax.lax.scan(pair, x, pairs)
+        out = [jax.tree.map(lambda a, i=i: a[i // 2], stats[i % 2]) for i in range(depth - depth % 2)]
+    if depth % 2:   # an odd depth ends with a plain block, outside the loop
+        x, last = block(x, jax.tree.map(lambda a: a[depth - 1], state), False)
+        out.append(last)
+    return x, tuple(out)
 
 
 def _split(path: tuple) -> tuple[tuple, tuple] | None:
