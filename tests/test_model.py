@@ -94,9 +94,10 @@ def test_reference_parameter_counts():
 
 
 def test_scanned_blocks_and_remat_change_nothing():
-    """Scanned blocks (with and without remat inside the scan) give the loss and gradients of
-    unrolled blocks. Stage 0 has five blocks (two steps of a plain-shifted pair, then a plain
-    block after the loop); stage 1 one block, which never shifts (4x4 tokens = one window)."""
+    """Scanned blocks with remat inside the scan give the loss and gradients of unrolled blocks
+    without remat: neither changes a value. Stage 0 has five blocks (two steps of a plain-shifted
+    pair, then a plain block after the loop); stage 1 one block, which never shifts (4x4 tokens =
+    one window). Two compiles only: this test is among the slowest."""
     from ringmoe.model.scan import unrolled_params
 
     def loss_and_grads(scan_layers, remat):
@@ -115,14 +116,12 @@ def test_scanned_blocks_and_remat_change_nothing():
 
     reference_loss, reference_grads = loss_and_grads(False, "none")
     assert ("stages", 0, "blocks", 4, "attn", "qkv") in reference_grads
-    for scan_layers, remat in ((True, "none"), (True, "block")):
-        value, grads = loss_and_grads(scan_layers, remat)
-        np.testing.assert_allclose(value, reference_loss, rtol=1e-6)
-        assert grads.keys() == reference_grads.keys()
-        for path, g in grads.items():   # float32 rounding of a differently fused program
-            reference = reference_grads[path]
-            np.testing.assert_allclose(g, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max(),
-                                       err_msg=str(path))
+    value, grads = loss_and_grads(True, "block")
+    np.testing.assert_allclose(value, reference_loss, rtol=1e-6)
+    assert grads.keys() == reference_grads.keys()
+    for path, g in grads.items():   # float32 rounding of a differently fused program
+        reference = reference_grads[path]
+        np.testing.assert_allclose(g, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max(), err_msg=str(path))
     with pytest.raises(ValueError, match="unknown model.remat 'most'"):
         config = small_config()
         config.remat = "most"
