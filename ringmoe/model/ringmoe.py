@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ringmoe.model import scan
 from ringmoe.model.decoders import SimMIMDecoder
 from ringmoe.model.embed import WavelengthPatchEmbed, build_embedding
-from ringmoe.model import scan
 from ringmoe.model.moe import DenseFFN, HierarchicalMoE
 from ringmoe.model.swin import PatchMerging, SwinV2Block
 from ringmoe.sharding import constrain, partitioned, state_shardings
@@ -63,10 +63,11 @@ class Encoded(NamedTuple):
 class Stage(nnx.Module):
     """`depth` SwinV2 blocks (alternating plain / shifted windows), then patch merging.
 
-    With `config.scan_layers` (the default) the blocks are one scanned block with
-    stacked parameters (`ringmoe.model.scan`), traced once whatever the depth; with
-    False, a list of blocks run one after another (for debugging: same values).
-    With `config.remat` other than "none" each block runs under `nnx.remat`."""
+    With `config.scan_layers` (the default) the blocks are one block with stacked
+    parameters (`ringmoe.model.scan`), run as a loop over (plain, shifted) pairs: one
+    pair is traced whatever the depth. With False, a list of blocks run one after
+    another (for debugging: same values). With `config.remat` other than "none" each
+    block is rematerialised (`jax.checkpoint` inside the loop, `nnx.remat` unrolled)."""
 
     def __init__(self, dim, depth, num_heads, resolution, config, modalities, *, merge, dtype, rngs):
         hidden = int(dim * config.mlp_ratio)
