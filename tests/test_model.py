@@ -49,6 +49,27 @@ def test_forward_shapes_and_router_stats(model):
         assert set(enc.router_stats[0]) == {"modal", "collaborative"}
 
 
+def test_one_backbone_pass_equals_a_pass_per_modality(model):
+    """All modalities through one pass (images interleaved) is the model of one pass per
+    modality: the same reconstructions, features and router statistics."""
+    config = small_config()
+    batch = random_batch(config)
+    assert model.passes(batch) == [model.modalities]   # one pass: every modality shares the grid
+    forward = nnx.jit(lambda m, b: m(b))
+    joint = forward(model, batch)
+    for m in config.modalities:
+        alone = forward(model, {m: batch[m]})[m]
+        np.testing.assert_allclose(joint[m]["reconstruction"], alone["reconstruction"], rtol=2e-5, atol=2e-5)
+        for a, b in zip(joint[m]["encoded"].stage_features, alone["encoded"].stage_features):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+        for a, b in zip(jax.tree.leaves(joint[m]["encoded"].router_stats),
+                        jax.tree.leaves(alone["encoded"].router_stats)):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    # Token grids or batch sizes that differ make separate passes.
+    uneven = {"optical": batch["optical"], "multispectral": {"pixels": batch["multispectral"]["pixels"][:1]}}
+    assert sorted(model.passes(uneven)) == [("multispectral",), ("optical",)]
+
+
 def test_mask_token_replaces_masked_patches(model):
     pixels = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
     mask = jnp.zeros((1, 8, 8), bool).at[0, 2, 3].set(True)

@@ -34,7 +34,7 @@ def grads(layer, x, modality):
     graphdef, params = nnx.split(layer, nnx.Param)
 
     def loss(params):
-        y, _ = nnx.merge(graphdef, params)(x, modality)
+        y, _ = nnx.merge(graphdef, params)(x, (modality,))
         return jnp.sum(y ** 2)
 
     return jax.grad(loss)(params)
@@ -48,11 +48,34 @@ def test_modality_reaches_only_its_own_modal_experts():
         norm = sum(float(jnp.sum(jnp.abs(leaf))) for leaf in jax.tree.leaves(g["modal_experts"][m]))
         assert (norm > 0) == (m == "sar_l2"), (m, norm)
     # Changing another modality's experts leaves this modality's output unchanged.
-    before, _ = layer(x, "sar_l2")
+    before, _ = layer(x, ("sar_l2",))
     other = layer.modal_experts["optical"].experts
     other.w_in[...] = other.w_in[...] + 1.0
-    after, _ = layer(x, "sar_l2")
+    after, _ = layer(x, ("sar_l2",))
     np.testing.assert_array_equal(before, after)
+
+
+def test_in_a_mixed_batch_each_modality_reaches_only_its_own_modal_experts():
+    """One pass of two modalities, images interleaved (optical, sar_l2, optical, ...):
+    the sar_l2 images' output depends on no optical modal expert, and matches the
+    sar_l2 images run alone (routing groups are images; dropless so capacity is per image)."""
+    layer = make_layer(router="dropless")
+    x = tokens()
+    graphdef, params = nnx.split(layer, nnx.Param)
+
+    def sar_rows(params):
+        y, _ = nnx.merge(graphdef, params)(x, ("optical", "sar_l2"))
+        return y[1::2]
+
+    g = jax.grad(lambda p: jnp.sum(sar_rows(p) ** 2))(params)
+    assert sum(float(jnp.sum(jnp.abs(leaf))) for leaf in jax.tree.leaves(g["modal_experts"]["optical"])) == 0
+    assert sum(float(jnp.sum(jnp.abs(leaf))) for leaf in jax.tree.leaves(g["modal_experts"]["sar_l2"])) > 0
+    alone, stats_alone = layer(x[1::2], ("sar_l2",))
+    mixed, stats = layer(x, ("optical", "sar_l2"))
+    np.testing.assert_allclose(mixed[1::2], alone, rtol=1e-6, atol=1e-6)
+    for group in ("modal", "collaborative"):
+        for name, value in stats["sar_l2"][group].items():
+            np.testing.assert_allclose(value, stats_alone["sar_l2"][group][name], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("router,top_k,capacity_factor", [
@@ -154,7 +177,8 @@ def test_load_balance_loss_is_minimal_for_uniform_routing():
 def test_gradients_reach_every_expert_that_received_tokens():
     layer = make_layer(capacity_factor=2.0)
     x = tokens(shape=(4, 4, 4, 16))
-    _, stats = layer(x, "optical")
+    _, stats = layer(x, ("optical",))
+    stats = stats["optical"]
     g = grads(layer, x, "optical")
     for group, grad_tree in (("modal", g["modal_experts"]["optical"]), ("collaborative", g["collaborative_experts"])):
         load = np.asarray(stats[group]["load"])
@@ -167,17 +191,18 @@ def test_gradients_reach_every_expert_that_received_tokens():
 
 def test_statistics_and_router_loss():
     layer = make_layer()
-    _, stats = layer(tokens(), "sar_l1")
+    _, stats = layer(tokens(), ("sar_l1",))
+    stats = stats["sar_l1"]
     assert set(stats) == {"modal", "collaborative"}
     assert stats["modal"]["load"].shape == (2,) and stats["collaborative"]["load"].shape == (3,)
     np.testing.assert_allclose(np.sum(stats["collaborative"]["load"]), 1.0, rtol=1e-6)
     assert 0.0 <= float(stats["modal"]["dropped"]) <= 1.0
 
 
-# Router-loss golden values. Two passes (optical, sar_l2), two MoE layers each; the typed-in
+# Router-loss golden values. Two modalities (optical, sar_l2), two MoE layers; the typed-in
 # per-layer Switch (lb) and z-loss (z) values of each group:
 #
-#   pass     group           lb layer 1, 2 -> mean    z layer 1, 2 -> mean
+#   images   group           lb layer 1, 2 -> mean    z layer 1, 2 -> mean
 #   optical  modal           1.0, 1.4      -> 1.2     4, 6         -> 5
 #   optical  collaborative   1.1, 1.3      -> 1.2     2, 2         -> 2
 #   sar_l2   modal           2.0, 2.4      -> 2.2     8, 8         -> 8
@@ -233,11 +258,13 @@ def test_router_loss_golden_values_give_each_group_the_full_weight():
 
 def test_ablation_variants_and_errors():
     modal_only = make_layer(num_collaborative_experts=0, shared_expert=False)
-    y, stats = modal_only(tokens(), "optical")
-    assert set(stats) == {"modal"} and modal_only.collaborative_experts is None
+    y, stats = modal_only(tokens(), ("optical",))
+    assert set(stats["optical"]) == {"modal"} and modal_only.collaborative_experts is None
     with pytest.raises(ValueError, match="no experts"):
         make_layer(num_modal_experts=0, num_collaborative_experts=0, shared_expert=False)
+    with pytest.raises(TypeError, match="tuple of modalities"):
+        modal_only(tokens(), "optical")
     with pytest.raises(ValueError, match="unknown router"):
-        make_layer(router="random")(tokens(), "optical")
+        make_layer(router="random")(tokens(), ("optical",))
     with pytest.raises(ValueError, match="unknown MoE dispatch"):
-        make_layer(dispatch="magic")(tokens(), "optical")
+        make_layer(dispatch="magic")(tokens(), ("optical",))

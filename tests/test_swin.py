@@ -21,14 +21,14 @@ class TinyFFN(nnx.Module):
         self.fc = nnx.Linear(dim, dim, rngs=rngs)
         self.mode = "linear"
 
-    def __call__(self, x, modality):
+    def __call__(self, x, modalities):
         if self.mode == "zero":
             y = jnp.zeros_like(x)
         elif self.mode == "identity":
             y = x
         else:
             y = jnp.tanh(self.fc(x))
-        return y, {"aux_loss": jnp.mean(y ** 2), "modality": modality}
+        return y, {"aux_loss": jnp.mean(y ** 2), "modality": modalities[0]}
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +98,7 @@ def test_block_matches_brute_force_reference(shift):
     perturb(block)
     block.ffn.mode = "zero"
     x = tokens((2, 8, 8, D))
-    out, aux = block(x, "optical")
+    out, aux = block(x, ("optical",))
     assert block.shift_size == 2 and block.shift == shift
     expected = x + block.norm1(reference_attention(block.attn, x, 4, 2 if shift else 0))
     expected = expected + block.norm2(jnp.zeros_like(x))   # the zero FFN's norm2 leaves its bias
@@ -108,12 +108,12 @@ def test_block_matches_brute_force_reference(shift):
     other = make_block(shift=not shift)
     perturb(other)
     other.ffn.mode = "zero"
-    np.testing.assert_allclose(other(x, "optical", shift)[0], out, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(other(x, ("optical",), shift)[0], out, atol=1e-6, rtol=1e-6)
 
 
 def test_output_shape_and_window_clipping():
     block = abstract_block(resolution=8, window=4)
-    out = nnx.eval_shape(lambda m, x: m(x, "sar_l2")[0], block, jnp.zeros((2, 8, 8, D)))
+    out = nnx.eval_shape(lambda m, x: m(x, ("sar_l2",))[0], block, jnp.zeros((2, 8, 8, D)))
     assert out.shape == (2, 8, 8, D) and block.window_size == 4 and block.shift_size == 2
     for resolution in (2, 4):
         small = abstract_block(resolution=resolution, window=4, shift=True)
@@ -122,14 +122,14 @@ def test_output_shape_and_window_clipping():
         table = nnx.eval_shape(lambda m: m.attn.position_bias_table(), small)
         assert table.shape == ((2 * resolution - 1) ** 2, HEADS)
         x = jnp.zeros((3, resolution, resolution, D))
-        assert nnx.eval_shape(lambda m, x: m(x, "optical")[0], small, x).shape == x.shape
+        assert nnx.eval_shape(lambda m, x: m(x, ("optical",))[0], small, x).shape == x.shape
 
 
 def test_bad_resolution_raises():
     with pytest.raises(ValueError, match="not divisible"):
         make_block(resolution=6, window=4)
     with pytest.raises(ValueError, match="expected 8x8"):
-        abstract_block()(jnp.zeros((1, 4, 4, D)), "optical")
+        abstract_block()(jnp.zeros((1, 4, 4, D)), ("optical",))
 
 
 def test_unshifted_windows_do_not_mix():
@@ -138,7 +138,7 @@ def test_unshifted_windows_do_not_mix():
     x = tokens((2, 8, 8, D))
     x2 = x.copy()
     x2[:, :4, :4] += tokens((2, 4, 4, D), seed=5)
-    diff = jnp.abs(block(x2, "optical")[0] - block(x, "optical")[0]).max(axis=-1)[0]
+    diff = jnp.abs(block(x2, ("optical",))[0] - block(x, ("optical",))[0]).max(axis=-1)[0]
     assert float(diff[:4, :4].min()) > 1e-4
     outside = diff.at[:4, :4].set(0.0)
     assert float(outside.max()) == 0.0
@@ -180,14 +180,14 @@ def test_post_norm_ordering_and_zero_init():
     perturb(block)
     x = tokens((2, 8, 8, D))
     block.ffn.mode = "zero"
-    out_zero, _ = block(x, "optical")
+    out_zero, _ = block(x, ("optical",))
     x1 = out_zero - block.norm2(jnp.zeros_like(x))   # x + norm1(attn(x)); norm2(0) is its bias
     block.ffn.mode = "identity"
-    out, _ = block(x, "optical")
+    out, _ = block(x, ("optical",))
     np.testing.assert_allclose(out, x1 + block.norm2(x1), atol=1e-5, rtol=1e-5)
 
     ident = make_block(zero_init_post_norm=True)
-    out, _ = ident(x, "optical")
+    out, _ = ident(x, ("optical",))
     np.testing.assert_allclose(out, x, atol=1e-6)
 
 
@@ -195,7 +195,7 @@ def test_gradients_finite_and_nonzero_for_all_params():
     block = make_block(shift=True)
 
     def loss_fn(model, x):
-        out, aux = model(x, "optical")
+        out, aux = model(x, ("optical",))
         return jnp.mean(out ** 2) + aux["aux_loss"]
 
     grads = nnx.jit(nnx.grad(loss_fn))(block, tokens((2, 8, 8, D)))
@@ -248,13 +248,13 @@ def test_patch_merging():
 
 def test_bfloat16_compute_keeps_float32_params():
     x = tokens((2, 8, 8, D))
-    ref = make_block()(x, "optical")[0]
+    ref = make_block()(x, ("optical",))[0]
     low = make_block(dtype=jnp.bfloat16)
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(low, nnx.Param)))
-    out = low(x, "optical")[0]
+    out = low(x, ("optical",))[0]
     assert out.dtype == x.dtype
     np.testing.assert_allclose(out, ref, atol=0.1)
-    out16 = nnx.eval_shape(lambda m, x: m(x, "optical")[0], low, x.astype(jnp.bfloat16))
+    out16 = nnx.eval_shape(lambda m, x: m(x, ("optical",))[0], low, x.astype(jnp.bfloat16))
     assert out16.dtype == jnp.bfloat16
     merge = nnx.eval_shape(lambda: PatchMerging(D, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     assert nnx.eval_shape(lambda m, x: m(x), merge, x).dtype == jnp.bfloat16
@@ -264,10 +264,10 @@ def test_sharded_forward_matches_unsharded():
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "expert": 1, "tensor": 2}, jax.devices()[:4])
     block = make_block()
     x = tokens((2, 8, 8, D))
-    expected = block(x, "optical")[0]
+    expected = block(x, ("optical",))[0]
     graphdef, state = nnx.split(block)
     with jax.set_mesh(mesh):
         state = jax.device_put(state, sharding.state_shardings(state, mesh))
         assert state["attn"]["qkv"][...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
-        out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, "optical")[0])(state, x)
+        out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, ("optical",))[0])(state, x)
     np.testing.assert_allclose(out, expected, atol=1e-5)

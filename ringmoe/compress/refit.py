@@ -152,7 +152,7 @@ def _block_moments(student_block, teacher_ffn, x, held_out, modality: str):
     """The FFN input h of the student's block on its stream x, and the float32 moments of
     (student hidden units, teacher FFN output on h) of the fit fold and the held-out fold."""
     h = student_block.attend(x)
-    y, _ = teacher_ffn(h, modality)
+    y, _ = teacher_ffn(h, (modality,))
     a = student_block.ffn.ffn.hidden(h).astype(jnp.float32)
     tokens = h.shape[1] * h.shape[2]
     a = jnp.concatenate([a.reshape(-1, a.shape[-1]), jnp.ones((a.shape[0] * tokens, 1), jnp.float32)], axis=1)
@@ -169,7 +169,7 @@ def _block_moments(student_block, teacher_ffn, x, held_out, modality: str):
 
 @functools.partial(nnx.jit, static_argnames=("modality",))
 def _block_output(student_block, h, modality: str):
-    y, _ = student_block.ffn(h, modality)
+    y, _ = student_block.ffn(h, (modality,))
     return student_block.add_ffn(h, y)
 
 

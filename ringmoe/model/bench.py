@@ -81,13 +81,13 @@ def layer_shape(model_config, stage: int | None = None) -> dict:
 
 def _kept_rows(layer, x, modality) -> int:
     """Assignments the routers kept (after capacity) in one forward pass: the rows that matter."""
-    _, stats = layer(x, modality)
-    return round(sum(float(jnp.sum(group["routed"])) for group in stats.values()))
+    _, stats = layer(x, (modality,))
+    return round(sum(float(jnp.sum(group["routed"])) for group in stats[modality].values()))
 
 
 def _computed_rows(layer, x, modality) -> int:
     """Rows the layer's routed experts compute in one forward pass (see `expert_rows`)."""
-    jaxpr = jax.make_jaxpr(lambda x: layer(x, modality)[0])(x).jaxpr
+    jaxpr = jax.make_jaxpr(lambda x: layer(x, (modality,))[0])(x).jaxpr
     groups = [layer.collaborative_experts] + ([layer.modal_experts[modality]] if layer.modal_experts else [])
     shapes = {g.experts.w_in.shape for g in groups if g is not None}
     return sum(expert_rows(jaxpr, shape) for shape in shapes)
@@ -118,7 +118,7 @@ def run(model_config, *, batch: int, stage: int | None = None, rounds: int = 5, 
             cfg.dispatch, cfg.router = path, router
             layer = HierarchicalMoE(shape["dim"], shape["hidden"], list(model_config.modalities.keys()), cfg,
                                     dtype=dtype, rngs=nnx.Rngs(seed))
-            steps[router, path] = _train_step_fn(layer, lambda m, x: m(x, modality)[0])
+            steps[router, path] = _train_step_fn(layer, lambda m, x: m(x, (modality,))[0])
             info[router, path] = {"rows": _computed_rows(layer, x, modality),
                                   "kept_rows": _kept_rows(layer, x, modality)}
 

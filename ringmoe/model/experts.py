@@ -14,7 +14,7 @@ from flax import nnx
 
 from ringmoe.model import dispatch
 from ringmoe.model.ffn import DEFAULT_INIT
-from ringmoe.model.router import Router, route
+from ringmoe.model.router import Router, make_plan, segment, statistics
 from ringmoe.sharding import cast_sharded, partitioned
 
 
@@ -51,8 +51,16 @@ class RoutedExperts(nnx.Module):
         self.capacity_factor = moe_config.capacity_factor
         self.dispatch = moe_config.dispatch
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        plan, stats = route(self.router(x), router=self.policy, top_k=self.top_k,
-                            capacity_factor=self.capacity_factor)
+    def __call__(self, x: jax.Array, segments: int = 1) -> tuple[jax.Array, tuple[dict[str, jax.Array], ...]]:
+        """Tokens x (G, S, D), one routing group per image -> (y (G, S, D), statistics).
+
+        The statistics are `route`'s, one dict per segment: a batch that interleaves
+        `segments` modalities image by image gets each modality's own statistics (the
+        routing itself is per group, so it is the same whatever the segments).
+        """
+        logits = self.router(x)
+        plan = make_plan(logits, router=self.policy, top_k=self.top_k, capacity_factor=self.capacity_factor)
+        stats = tuple(statistics(segment(logits, i, segments), segment(plan, i, segments), self.policy)
+                      for i in range(segments))
         y = dispatch.run(self.dispatch, self.experts.weights(), x.astype(self.experts.dtype), plan)
         return y, stats

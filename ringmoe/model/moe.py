@@ -3,7 +3,8 @@
     y = modal_experts[m](x) + collaborative_experts(x) + shared_expert(x)
 
 * modal-specialised experts: each modality m has its own router over its own
-  experts, so a token of m can only ever reach m's experts;
+  experts, so a token of m can only ever reach m's experts (in a batch of several
+  modalities, m's images are routed by m's router alone);
 * collaborative experts: one router shared by all modalities;
 * shared expert: a dense FFN that every token passes through.
 
@@ -23,11 +24,17 @@ from ringmoe.model.ffn import FeedForward
 
 
 class HierarchicalMoE(nnx.Module):
-    """Call: (x (B, H, W, D), modality) -> (y (B, H, W, D), router statistics).
+    """Call: (x (B, H, W, D), modalities) -> (y (B, H, W, D), router statistics).
 
-    The statistics dict has one entry per routed group present ('modal',
-    'collaborative'), each the `route` statistics of that router for this call.
-    Each image is one routing group.
+    x holds the images of every modality of one backbone pass, interleaved image by
+    image: image b of `modalities[i]` is x[b * len(modalities) + i] (`RingMoE.encode_all`).
+    Each image is one routing group. A token of modality m only ever reaches m's modal
+    experts: each modality's images go through their own router and experts (static
+    slices of the batch, so no expert runs on another modality's tokens and no buffer
+    is padded for them); the collaborative and shared experts take the whole batch.
+
+    The statistics are per modality, {m: {'modal'|'collaborative': route() statistics
+    of m's images}}, one entry per routed group present.
     """
 
     def __init__(self, dim: int, hidden: int, modalities: Sequence[str], moe_config, *,
@@ -43,16 +50,25 @@ class HierarchicalMoE(nnx.Module):
         if not (n_modal or n_collab or moe_config.shared_expert):
             raise ValueError("MoE layer with no experts: set modal, collaborative or shared experts")
 
-    def __call__(self, x: jax.Array, modality: str) -> tuple[jax.Array, dict]:
+    def __call__(self, x: jax.Array, modalities: Sequence[str]) -> tuple[jax.Array, dict]:
+        if isinstance(modalities, str):
+            raise TypeError(f"HierarchicalMoE takes a tuple of modalities, got the string {modalities!r}")
         batch, height, width, dim = x.shape
+        count = len(modalities)
         tokens = x.reshape(batch, height * width, dim)
         y = jnp.zeros_like(tokens)
-        stats = {}
+        stats = {m: {} for m in modalities}
         if self.modal_experts is not None:
-            out, stats["modal"] = self.modal_experts[modality](tokens)
-            y = y + out
+            by_modality = tokens.reshape(batch // count, count, height * width, dim)
+            outs = []
+            for i, m in enumerate(modalities):
+                out, (stats[m]["modal"],) = self.modal_experts[m](by_modality[:, i])
+                outs.append(out)
+            y = y + jnp.stack(outs, axis=1).reshape(tokens.shape)
         if self.collaborative_experts is not None:
-            out, stats["collaborative"] = self.collaborative_experts(tokens)
+            out, per_modality = self.collaborative_experts(tokens, segments=count)
+            for m, s in zip(modalities, per_modality):
+                stats[m]["collaborative"] = s
             y = y + out
         if self.shared_expert is not None:
             y = y + self.shared_expert(tokens)
@@ -65,8 +81,8 @@ class DenseFFN(nnx.Module):
     def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.ffn = FeedForward(dim, hidden, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, modality: str) -> tuple[jax.Array, dict]:
-        return self.ffn(x), {}
+    def __call__(self, x: jax.Array, modalities: Sequence[str]) -> tuple[jax.Array, dict]:
+        return self.ffn(x), {m: {} for m in modalities}
 
 
 ROUTED_GROUPS = ("modal", "collaborative")
@@ -74,23 +90,22 @@ ROUTED_GROUPS = ("modal", "collaborative")
 
 def router_loss(stats_by_modality: Mapping[str, Sequence[dict]], moe_config,
                 images: Mapping[str, int] | None = None) -> dict[str, jax.Array]:
-    """The router losses of one step, from every modality's forward pass (DESIGN.md s.2).
+    """The router losses of one step, from every modality's statistics (DESIGN.md s.2).
 
-    stats_by_modality[m]: per layer, the statistics dict of `HierarchicalMoE` in m's pass
-    ({'modal'|'collaborative': route() statistics}, {} for a dense layer); images[m]: the
-    images (routing groups) of m's pass, default equal.
+    stats_by_modality[m]: per layer, the statistics of m's images (`HierarchicalMoE`:
+    {'modal'|'collaborative': route() statistics}, {} for a dense layer); images[m]: the
+    number of m's images (routing groups), default equal.
 
     The reference adds the modal Switch loss, averaged over modalities, to the
     collaborative one, each with weight `load_balance_weight` (1e-3). Here:
 
-    * each pass's value of a group is its mean over the layers that have the group;
+    * a modality's value of a group is its mean over the layers that have the group;
     * modal: the mean over the modalities (each modality has its own router);
-    * collaborative: one router sees the whole mixed batch, but each modality runs
-      through the backbone in its own pass, so its statistics exist per pass. Routing
-      groups are images and `route` averages the Switch loss over groups, so the
-      reference's loss over the mixed batch is the mean over all its images: the
-      per-pass values averaged with the passes' image counts as weights (equal
-      batches: the plain mean over the modalities that reached it);
+    * collaborative: one router sees the whole mixed batch, and its statistics are
+      kept per modality. Routing groups are images and `route` averages the Switch
+      loss over groups, so the reference's loss over the mixed batch is the mean over
+      all its images: the per-modality values averaged with their image counts as
+      weights (equal batches: the plain mean over the modalities that reached it);
     * z-loss (`z_loss_weight`) the same way, per group.
 
         total = load_balance_weight * (modal_load_balance + collaborative_load_balance)
@@ -106,20 +121,20 @@ def router_loss(stats_by_modality: Mapping[str, Sequence[dict]], moe_config,
     total = jnp.zeros((), jnp.float32)
     out: dict[str, jax.Array] = {}
     for group in ROUTED_GROUPS:
-        per_pass = {}   # modality -> {loss name: mean over layers}
+        per_modality = {}   # modality -> {loss name: mean over layers}
         for m, layers in stats_by_modality.items():
             found = [layer[group] for layer in layers if group in layer]
             if found:
-                per_pass[m] = {k: jnp.mean(jnp.stack([s[k] for s in found])) for k in ("load_balance", "z_loss")}
-        if not per_pass:
+                per_modality[m] = {k: jnp.mean(jnp.stack([s[k] for s in found])) for k in ("load_balance", "z_loss")}
+        if not per_modality:
             continue
         if group == "modal":
-            share = {m: 1.0 / len(per_pass) for m in per_pass}
+            share = {m: 1.0 / len(per_modality) for m in per_modality}
         else:
-            count = {m: float(images.get(m, 1)) for m in per_pass}
+            count = {m: float(images.get(m, 1)) for m in per_modality}
             share = {m: c / sum(count.values()) for m, c in count.items()}
         for name, w in (("load_balance", moe_config.load_balance_weight), ("z_loss", moe_config.z_loss_weight)):
-            value = sum(share[m] * v[name] for m, v in per_pass.items())
+            value = sum(share[m] * v[name] for m, v in per_modality.items())
             out[f"{group}_{name}"] = value
             total = total + w * value
     out["total"] = total

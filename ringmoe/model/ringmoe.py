@@ -6,8 +6,9 @@
                        every FFN a hierarchical MoE that knows m)
       --> stride-32 features --(m's SimMIM decoder)--> reconstructed pixels
 
-Each modality of a batch runs through the backbone in its own call, so a
-modality's batch size (and channel count) is its own and a token of m can only
+Every modality has its own patch embedding (its own channel count), then all
+modalities of a batch whose tokens share a shape run through the backbone in one
+pass, their images interleaved (`RingMoE.encode_all`); a token of m can only
 reach m's modal experts.
 
 A stage's blocks are scanned (`config.scan_layers`, `ringmoe.model.scan`): stored with
@@ -57,7 +58,7 @@ def remat_policy(name: str):
 class Encoded(NamedTuple):
     features: jax.Array            # (B, h, w, D_last), after the final norm
     stage_features: tuple          # per stage (B, h_i, w_i, D_i), before merging
-    router_stats: tuple            # per block: {'modal'|'collaborative': route() statistics}
+    router_stats: tuple            # per block: {'modal'|'collaborative': route() statistics of these images}
 
 
 class Stage(nnx.Module):
@@ -85,13 +86,15 @@ class Stage(nnx.Module):
         self.blocks = scan.stack(blocks) if self.scanned else nnx.List(blocks)
         self.merging = PatchMerging(dim, dtype=dtype, rngs=rngs) if merge else None
 
-    def __call__(self, x, modality):
+    def __call__(self, x, modalities: tuple[str, ...]):
+        """x: the interleaved images of `modalities` (`RingMoE.encode_all`) -> (merged x, x
+        before merging, per block {modality: router statistics})."""
         policy = remat_policy(self.remat)
         if self.scanned:
-            x, stats = scan.scan_blocks(self.blocks, x, modality, self.depth, policy)
+            x, stats = scan.scan_blocks(self.blocks, x, modalities, self.depth, policy)
         else:
             def run(block, x):
-                return block(x, modality)
+                return block(x, modalities)
 
             if policy is not None:
                 run = nnx.remat(run, policy=policy)
@@ -161,18 +164,62 @@ class RingMoE(nnx.Module):
         return tokens
 
     def encode(self, pixels, modality, mask=None, spectra=None, valid=None) -> Encoded:
-        """`valid` (B, H, W) bool, optional: pixels without data are replaced by 0 (the band
-        mean) before the embedding, so whatever they hold reaches no output."""
-        if valid is not None:
-            pixels = jnp.where(valid[..., None], pixels, jnp.zeros((), pixels.dtype))
-        x = self.embed(pixels, modality, mask, spectra)
-        stage_features, stats = [], []
-        for stage in self.stages:
-            x, before_merge, stage_stats = stage(x, modality)
-            stage_features.append(before_merge)
-            stats.extend(stage_stats)
-        features = self.norm(x.astype(jnp.float32))
-        return Encoded(features, tuple(stage_features), tuple(stats))
+        """One modality's images through the encoder: `encode_all` of a one-modality batch."""
+        inputs = {"pixels": pixels, "mask": mask, "spectra": spectra, "valid": valid}
+        return self.encode_all({modality: inputs})[modality]
+
+    def encode_all(self, batch: dict) -> dict[str, Encoded]:
+        """batch[m] = {'pixels': (B_m, H, W, C_m), 'mask'?, 'valid'?, 'spectra'?} -> {m: Encoded}.
+
+        `valid` (B, H, W) bool, optional: pixels without data are replaced by 0 (the band
+        mean) before the embedding, so whatever they hold reaches no output.
+
+        Every modality is embedded by its own patch embedding; then all modalities whose
+        tokens have one shape (batch size and grid) go through the backbone together, in
+        one pass (`passes`). Their images are interleaved, image b of the i-th modality at
+        row b * M + i, so a shard of the batch axis holds whole groups of M images and a
+        modality's images are a static strided slice on every device (the modal experts
+        take theirs, `HierarchicalMoE`). Attention, norms, merging, collaborative and
+        shared experts see one batch of all modalities: the same model as one pass per
+        modality (`tests/test_model.py`), traced and compiled once.
+        """
+        out = {}
+        for modalities in self.passes(batch):
+            count = len(modalities)
+            tokens = []
+            for m in modalities:
+                inputs = batch[m]
+                pixels, valid = inputs["pixels"], inputs.get("valid")
+                if valid is not None:
+                    pixels = jnp.where(valid[..., None], pixels, jnp.zeros((), pixels.dtype))
+                tokens.append(self.embed(pixels, m, inputs.get("mask"), inputs.get("spectra")))
+            x = jnp.stack(tokens, axis=1).reshape(-1, *tokens[0].shape[1:])
+            stage_features, stats = [], []
+            for stage in self.stages:
+                x, before_merge, stage_stats = stage(x, modalities)
+                stage_features.append(before_merge)
+                stats.extend(stage_stats)
+            features = self.norm(x.astype(jnp.float32))
+            for i, m in enumerate(modalities):
+                def own(a, i=i):   # modality i's images of an interleaved batch
+                    return a.reshape(-1, count, *a.shape[1:])[:, i]
+                out[m] = Encoded(own(features), tuple(own(f) for f in stage_features),
+                                 tuple(block[m] for block in stats))
+        return out
+
+    def passes(self, batch: dict) -> list[tuple[str, ...]]:
+        """The backbone passes of a batch: its modalities grouped by the shape of their
+        tokens (batch size, height, width of the pixels; the patch size is shared), in
+        the model's modality order. A config whose modalities share the crop size and
+        batch size has one pass."""
+        unknown = [m for m in batch if m not in self.modalities]
+        if unknown:
+            raise ValueError(f"modality {unknown[0]!r} is not in this model ({', '.join(self.modalities)})")
+        groups: dict[tuple, list[str]] = {}
+        for m in self.modalities:
+            if m in batch:
+                groups.setdefault(tuple(batch[m]["pixels"].shape[:3]), []).append(m)
+        return [tuple(g) for g in groups.values()]
 
     def __call__(self, batch: dict) -> dict:
         """batch[m] = {'pixels': (B_m, H, W, C_m), 'mask': (B_m, h, w) optional,
@@ -181,13 +228,13 @@ class RingMoE(nnx.Module):
         Returns per modality {'reconstruction': (B_m, H, W, C_m), 'encoded': Encoded} and,
         with a power decoder, 'log_power': (B_m, H, W, K).
         """
+        encoded = self.encode_all(batch)
         out = {}
-        for modality, inputs in batch.items():
-            encoded = self.encode(inputs["pixels"], modality, inputs.get("mask"), inputs.get("spectra"),
-                                  inputs.get("valid"))
-            out[modality] = {"reconstruction": self.decoders[modality](encoded.features), "encoded": encoded}
+        for modality in batch:
+            features = encoded[modality].features
+            out[modality] = {"reconstruction": self.decoders[modality](features), "encoded": encoded[modality]}
             if modality in self.power_decoders:
-                out[modality]["log_power"] = self.power_decoders[modality](encoded.features)
+                out[modality]["log_power"] = self.power_decoders[modality](features)
         return out
 
 

@@ -66,35 +66,52 @@ def route(logits: jax.Array, *, router: str, top_k: int, capacity_factor: float
           ) -> tuple[RoutingPlan, dict[str, jax.Array]]:
     """Turns router logits (G, S, E) into a RoutingPlan plus losses and statistics.
 
-    The returned dict holds `load_balance` (Switch loss, 1.0 when balanced),
-    `z_loss`, `load` (E,) fraction of assignments per expert, `dropped` (fraction
-    of assignments dropped; for expert choice, of tokens left with no expert),
+    The returned dict (`statistics`) holds `load_balance` (Switch loss, 1.0 when
+    balanced), `z_loss`, `load` (E,) fraction of assignments per expert, `dropped`
+    (fraction of assignments dropped; for expert choice, of tokens left with no expert),
     `entropy` (mean router entropy, nats), and the sums the compression pass
     accumulates over calibration data: `routed` (E,) assignments each expert
     actually processed (after capacity) and `gate_mass` (E,) the sum of their gates.
     """
+    plan = make_plan(logits, router=router, top_k=top_k, capacity_factor=capacity_factor)
+    return plan, statistics(logits, plan, router)
+
+
+def make_plan(logits: jax.Array, *, router: str, top_k: int, capacity_factor: float) -> RoutingPlan:
+    """The RoutingPlan of router logits (G, S, E); every group is routed on its own."""
     if router not in ROUTERS:
         raise ValueError(f"unknown router {router!r}; choose one of {ROUTERS}")
     groups, tokens, num_experts = logits.shape
     probs = jax.nn.softmax(logits, axis=-1)
     if router == "expert_choice":
-        plan = _expert_choice(probs, capacity(tokens, num_experts, top_k, capacity_factor))
+        return _expert_choice(probs, capacity(tokens, num_experts, top_k, capacity_factor))
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} exceeds the number of experts {num_experts}")
+    cap = tokens if router == "dropless" else capacity(tokens, num_experts, top_k, capacity_factor)
+    return _token_choice(probs, top_k, cap)
+
+
+def statistics(logits: jax.Array, plan: RoutingPlan, router: str) -> dict[str, jax.Array]:
+    """`route`'s statistics of the groups in `logits` (G, S, E) and their `plan`.
+
+    Every value is a mean or a sum over groups, so the statistics of a subset of the
+    groups (one modality's images, `segment`) are this function of that subset.
+    """
+    num_experts = logits.shape[-1]
+    probs = jax.nn.softmax(logits, axis=-1)
+    if router == "expert_choice":
         assigned = plan.gate > 0
         load = jnp.sum(assigned, axis=(0, 1)) / jnp.maximum(jnp.sum(assigned), 1)
         dropped = jnp.mean(~jnp.any(assigned, axis=-1))
         balance = jnp.zeros((), jnp.float32)  # balanced by construction
     else:
-        if top_k > num_experts:
-            raise ValueError(f"top_k={top_k} exceeds the number of experts {num_experts}")
-        cap = tokens if router == "dropless" else capacity(tokens, num_experts, top_k, capacity_factor)
-        plan = _token_choice(probs, top_k, cap)
         chosen = jax.nn.one_hot(plan.expert_index, num_experts, dtype=jnp.float32)  # (G,S,K,E)
         load = jnp.mean(chosen, axis=(0, 1, 2))
-        dropped = jnp.mean(plan.slot >= cap)
+        dropped = jnp.mean(plan.slot >= plan.capacity)
         # Switch loss on first choices: E * sum_e fraction_e * mean_prob_e, per group.
         fraction = jnp.mean(chosen[:, :, 0], axis=1)
         balance = num_experts * jnp.mean(jnp.sum(fraction * jnp.mean(probs, axis=1), axis=-1))
-    stats = {
+    return {
         "load_balance": balance,
         "z_loss": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
         "load": load,
@@ -103,7 +120,16 @@ def route(logits: jax.Array, *, router: str, top_k: int, capacity_factor: float
         "routed": jnp.sum(_per_expert(plan, plan.gate > 0, num_experts), axis=(0, 1)),
         "gate_mass": jnp.sum(_per_expert(plan, plan.gate, num_experts), axis=(0, 1)),
     }
-    return plan, stats
+
+
+def segment(groups, index: int, count: int):
+    """Groups index, index + count, index + 2 * count, ... of every (G, ...) array in
+    `groups` (logits, a RoutingPlan): one modality's images in a batch that interleaves
+    `count` modalities image by image (`ringmoe.model.ringmoe`)."""
+    if count == 1:
+        return groups
+    pick = lambda a: a.reshape(-1, count, *a.shape[1:])[:, index]  # noqa: E731
+    return jax.tree.map(lambda a: a if isinstance(a, int) else pick(a), groups)   # a plan's capacity stays
 
 
 def _per_expert(plan: RoutingPlan, values: jax.Array, num_experts: int) -> jax.Array:

@@ -48,7 +48,7 @@ def stack(blocks: Sequence[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdefs[0], spmd.add_axis(stacked, 0, _AXIS))
 
 
-def scan_blocks(blocks: nnx.Module, x: jax.Array, modality: str, depth: int,
+def scan_blocks(blocks: nnx.Module, x: jax.Array, modalities: tuple[str, ...], depth: int,
                 remat: Callable | None) -> tuple[jax.Array, tuple]:
     """Runs the `depth` stacked `blocks` over x in pairs: plain windows, then shifted.
 
@@ -64,7 +64,7 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, modality: str, depth: int,
 
     def block(x, layer_state, shifted: bool):
         layer = nnx.merge(graphdef, spmd.remove_axis(layer_state, 0, _AXIS))
-        return layer(x, modality, shifted)
+        return layer(x, modalities, shifted)
 
     if remat is not None:
         block = jax.checkpoint(block, policy=remat, static_argnums=(2,))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -182,7 +183,7 @@ class WindowAttention(nnx.Module):
 class SwinV2Block(nnx.Module):
     """One SwinV2 block: (shifted) window attention and an injected FFN, post-norm.
 
-    x = x + norm1(attn(x)); y, aux = ffn(x, modality); x = x + norm2(y)
+    x = x + norm1(attn(x)); y, aux = ffn(x, modalities); x = x + norm2(y)
     (`attend` is the first step, `add_ffn` the last: the compression's refit runs
     them around a teacher's and a student's FFN). When resolution <= window_size
     the window is clipped to the resolution and the shift dropped, as in Swin. The
@@ -219,10 +220,12 @@ class SwinV2Block(nnx.Module):
             return None
         return shifted_window_mask(self.resolution, self.window_size, self.shift_size)
 
-    def __call__(self, x: jax.Array, modality: str, shifted: bool | None = None) -> tuple[jax.Array, dict]:
-        """x: (B, H, W, D) with H = W = resolution -> (same shape, the ffn's aux dict)."""
+    def __call__(self, x: jax.Array, modalities: Sequence[str], shifted: bool | None = None
+                 ) -> tuple[jax.Array, dict]:
+        """x: (B, H, W, D) with H = W = resolution, the images of `modalities` interleaved
+        (`HierarchicalMoE`) -> (same shape, the ffn's aux dict)."""
         x = self.attend(x, shifted)
-        y, aux = self.ffn(x, modality)
+        y, aux = self.ffn(x, modalities)
         return self.add_ffn(x, y), aux
 
     def attend(self, x: jax.Array, shifted: bool | None = None) -> jax.Array:

@@ -1,8 +1,9 @@
 """Cross-modal masked prediction for paired (co-registered) records.
 
-Design. Each modality of a batch runs through the shared backbone in its own
-call (RingMoE.__call__), so nothing in the plain SimMIM loss ties the
-representation of an optical image to that of the SAR image of the same place.
+Design. Every image of a batch is encoded on its own (attention stays inside an
+image, routing groups are images; RingMoE.encode_all), so nothing in the plain
+SimMIM loss ties the representation of an optical image to that of the SAR image
+of the same place.
 For a paired record, with images of modality A and modality B over the same
 ground, this term decodes A's pixels from B's encoded features with A's own
 SimMIM decoder,

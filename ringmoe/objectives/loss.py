@@ -27,10 +27,10 @@ pixel has no target, and the encoder sees 0 (the band mean) there.
 
 Router losses (`moe.router_loss`): load_balance_weight (1e-3, ref) times the modal
 Switch loss averaged over modalities plus the same weight times the collaborative
-one, z-loss likewise, all averaged over layers. Each modality runs through the
-backbone in its own forward pass, so the collaborative router's statistics exist
-per pass; its loss is their mean weighted by each pass's images, which is the
-reference's loss over the whole mixed batch (routing groups are images). Logged as
+one, z-loss likewise, all averaged over layers. The collaborative router's
+statistics are kept per modality; its loss is their mean weighted by each
+modality's images, which is the reference's loss over the whole mixed batch
+(routing groups are images). Logged as
 "router/{modal,collaborative}_{load_balance,z_loss}" (unweighted, for the groups
 the model has) and "router/total" (weighted; 0 for a dense model).
 
