@@ -61,7 +61,9 @@ def base_config() -> ConfigDict:
     c.model.moe.num_modal_experts = 4           # (ref) per modality
     c.model.moe.num_collaborative_experts = 4   # (ref) shared by all modalities
     c.model.moe.shared_expert = True            # (ref) dense, every token
-    c.model.moe.router = "token_choice"         # token_choice | dropless | expert_choice
+    c.model.moe.router = "token_choice"         # ringmoe.model.router.ROUTERS: token_choice | dropless |
+                                                # expert_choice | loss_free_bias
+    c.model.moe.bias_update_rate = 1e-3         # loss_free_bias: selection-bias step per update (DeepSeek-V3)
     c.model.moe.top_k = 1                       # (ref)
     c.model.moe.capacity_factor = 1.2           # (ref)
     c.model.moe.dispatch = "auto"               # auto | einsum | sort | ragged

@@ -10,7 +10,7 @@ from ringmoe.model import dispatch
 from ringmoe.model.bench import expert_rows
 from ringmoe.model.experts import RoutedExperts
 from ringmoe.model.moe import HierarchicalMoE, router_loss
-from ringmoe.model.router import capacity, route
+from ringmoe.model.router import capacity, route, update_bias
 
 MODALITIES = ("optical", "sar_l2", "sar_l1")
 
@@ -268,3 +268,70 @@ def test_ablation_variants_and_errors():
         make_layer(router="random")(tokens(), ("optical",))
     with pytest.raises(ValueError, match="unknown MoE dispatch"):
         make_layer(dispatch="magic")(tokens(), ("optical",))
+
+
+def test_loss_free_bias_balances_load_without_an_auxiliary_loss():
+    """A router skewed towards expert 0 (its kernel column pushed along the tokens' mean):
+    token choice keeps it skewed; `loss_free_bias`, updating only its selection bias by
+    the sign rule (no gradient, no loss), brings every expert to the mean load, while the
+    gates stay the unbiased probabilities."""
+    experts = 4
+    x = jax.random.normal(jax.random.key(3), (8, 64, 16)) + 0.5
+    skew = jnp.zeros((16, experts)).at[:, 0].set(0.3)
+
+    def layer(router):
+        routed = RoutedExperts(experts, 16, 32, moe_config(router=router), rngs=nnx.Rngs(0))
+        routed.router.kernel[...] = routed.router.kernel[...] + skew
+        return routed
+
+    plain, free = layer("token_choice"), layer("loss_free_bias")
+    assert plain.router.bias is None and free.router.bias.shape == (experts,)
+    (before,) = free(x)[1]
+    assert float(before["load"][0]) > 0.8          # skewed: expert 0 takes most tokens
+    @nnx.jit
+    def balance_step(routed):   # DeepSeek-V3's rate, 1e-3 per step
+        (stats,) = routed(x)[1]
+        routed.router.bias[...] = update_bias(routed.router.bias[...], stats["load"], 1e-3)
+
+    for _ in range(700):       # the bias must open a gap of ~0.43 between expert 0 and the rest
+        balance_step(free)
+    (after,) = free(x)[1]
+    (skewed,) = plain(x)[1]
+    np.testing.assert_allclose(after["load"], 1 / experts, atol=0.03)
+    assert float(skewed["load"][0]) > 0.8
+    # Gates are the probabilities of the chosen experts, bias or not.
+    logits = free.router(x)
+    plan, _ = route(logits, router="loss_free_bias", top_k=1, capacity_factor=8.0, bias=free.router.bias[...])
+    probs = jax.nn.softmax(logits, axis=-1)
+    np.testing.assert_allclose(plan.gate, jnp.take_along_axis(probs, plan.expert_index, axis=-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("scanned", [True, False])
+def test_balance_routers_moves_each_block_router_by_its_own_load(scanned):
+    """The trainer's update (`balance_routers`): block j of a stage, scanned or not, moves by
+    the sign of its own load error; the collaborative router by the image-weighted load."""
+    from tests.test_model import small_config
+    from ringmoe.model.balance import balance_routers
+    from ringmoe.model.ringmoe import RingMoE
+    config = small_config(router="loss_free_bias", num_modal_experts=2, num_collaborative_experts=2)
+    config.scan_layers = scanned
+    model = RingMoE(config, rngs=nnx.Rngs(0))
+    blocks = sum(config.depths)
+    load = {"optical": [jnp.array([0.9, 0.1]), jnp.array([0.2, 0.8])] * (blocks // 2),
+            "multispectral": [jnp.array([0.6, 0.4]), jnp.array([0.5, 0.5])] * (blocks // 2)}
+    stats = {m: [{"modal": {"load": ld}, "collaborative": {"load": ld}} for ld in loads] for m, loads in load.items()}
+    balance_routers(model, stats, {"optical": 1, "multispectral": 3}, rate=0.5)
+
+    def bias(stage, j, path):
+        ffn = model.stages[stage].blocks.ffn if scanned else model.stages[stage].blocks[j].ffn
+        value = path(ffn).router.bias[...]
+        return value[j] if scanned else value
+
+    for stage in range(len(config.depths)):
+        for j in range(config.depths[stage]):
+            k = sum(config.depths[:stage]) + j
+            np.testing.assert_allclose(bias(stage, j, lambda f: f.modal_experts["optical"]),
+                                       0.5 * np.sign(0.5 - np.asarray(load["optical"][k])))
+            mixed = 0.25 * np.asarray(load["optical"][k]) + 0.75 * np.asarray(load["multispectral"][k])
+            np.testing.assert_allclose(bias(stage, j, lambda f: f.collaborative_experts),
+                                       0.5 * np.sign(0.5 - mixed))

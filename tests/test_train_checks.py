@@ -142,3 +142,33 @@ def test_resume_refuses_a_changed_model_data_or_objective_and_allows_logging_cha
     with caplog.at_level("WARNING", logger="ringmoe.train"):
         assert train(allowed, str(tmp_path), devices=one) == {}  # resumed at its last step: nothing to do
     assert "log_every: 1000 in the checkpoint, 7 now" in caplog.text
+
+
+def test_loss_free_bias_moves_with_each_applied_update_outside_the_optimiser(data_dir):
+    """A `loss_free_bias` router's selection bias gets no gradient and no AdamW update: one
+    train step moves each entry by exactly +-bias_update_rate (0 where an expert's load is
+    the mean), the sign of that block's load error, while the router kernels train."""
+    from ringmoe import sharding
+    from ringmoe.data.pipeline import Pipeline
+    from ringmoe.training.state import create_state
+    from ringmoe.training.step import batch_shardings, jit_train_step, to_device
+    config = small_run_config(data_dir, 10)
+    config.model.moe.update(router="loss_free_bias", load_balance_weight=0.0, bias_update_rate=0.01)
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    with Pipeline(config, num_workers=0) as pipeline:
+        norm = {m: {"mean": s.mean, "std": s.std, "bands": s.bands} for m, s in pipeline.specs.items()}
+        layout = batch_shardings(pipeline.batch_spec(), mesh)
+        batch = to_device(next(pipeline), layout)
+    graphdef, state, shardings = create_state(config, mesh)
+    before = jax.tree.map(lambda a: a.copy(), state.params)
+    state, metrics = jit_train_step(graphdef, config, norm, shardings, layout)(state, batch)
+    assert float(metrics["finite"]) == 1.0
+    moved = {}
+    for (path, new), old in zip(jax.tree_util.tree_flatten_with_path(state.params)[0], jax.tree.leaves(before)):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if "router" in names:
+            moved.setdefault(names[-1], []).append(jnp.abs(new - old))
+    biases = jnp.concatenate([m.reshape(-1) for m in moved["bias"]])
+    assert len(moved["bias"]) == 2 * len(config.model.depths)   # modal + collaborative router per stage
+    assert bool(jnp.all(jnp.isclose(biases, 0.01) | (biases == 0))) and bool(jnp.any(biases > 0))
+    assert all(bool(jnp.any(k > 0)) for k in moved["kernel"])

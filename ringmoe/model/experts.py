@@ -14,7 +14,7 @@ from flax import nnx
 
 from ringmoe.model import dispatch
 from ringmoe.model.ffn import DEFAULT_INIT
-from ringmoe.model.router import Router, make_plan, segment, statistics
+from ringmoe.model.router import Router, make_plan, policy, segment, statistics
 from ringmoe.sharding import cast_sharded, partitioned
 
 
@@ -44,7 +44,8 @@ class RoutedExperts(nnx.Module):
 
     def __init__(self, num_experts: int, dim: int, hidden: int, moe_config, *, dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        self.router = Router(dim, num_experts, rngs=rngs)
+        self.router = Router(dim, num_experts, rngs=rngs,
+                             selection_bias=policy(moe_config.router).selection_bias)
         self.experts = Experts(num_experts, dim, hidden, dtype=dtype, rngs=rngs)
         self.policy = moe_config.router
         self.top_k = min(moe_config.top_k, num_experts)
@@ -59,7 +60,8 @@ class RoutedExperts(nnx.Module):
         routing itself is per group, so it is the same whatever the segments).
         """
         logits = self.router(x)
-        plan = make_plan(logits, router=self.policy, top_k=self.top_k, capacity_factor=self.capacity_factor)
+        plan = make_plan(logits, router=self.policy, top_k=self.top_k, capacity_factor=self.capacity_factor,
+                         bias=self.router.selection_bias())
         stats = tuple(statistics(segment(logits, i, segments), segment(plan, i, segments), self.policy)
                       for i in range(segments))
         y = dispatch.run(self.dispatch, self.experts.weights(), x.astype(self.experts.dtype), plan)

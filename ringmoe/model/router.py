@@ -2,7 +2,8 @@
 
 Tokens are routed in groups (one group = the tokens of one image): capacity,
 balance statistics and expert choice are all per group, so routing never needs
-tokens from another device. Three policies (`config.model.moe.router`):
+tokens from another device. The policies (`config.model.moe.router`), one small
+class each in `ROUTERS`:
 
 * `token_choice` (the reference): each token picks its top-k experts; expert e
   takes at most C = ceil(capacity_factor * S * k / E) tokens per group, first
@@ -11,6 +12,12 @@ tokens from another device. Three policies (`config.model.moe.router`):
 * `dropless`: token choice with C = S, so no token is ever dropped.
 * `expert_choice` (Zhou et al. 2022): each expert picks its top-C tokens,
   C = ceil(capacity_factor * S * k / E); a token may get 0..E experts.
+* `loss_free_bias` (Wang et al. 2024, DeepSeek-V3): token choice whose top-k is
+  taken over the probabilities plus a per-expert bias; the gates stay the plain
+  probabilities. The bias is no trained weight: after each step it moves by
+  `moe.bias_update_rate` towards balance, up for experts below the mean load and
+  down for those above (`update_bias`), so the load balances without an
+  auxiliary loss pulling on the router's weights.
 
 Every policy produces the same token-major `RoutingPlan`, which all dispatch
 implementations consume (see `dispatch.py`). Under expert choice a token's K
@@ -27,8 +34,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ringmoe.sharding import partitioned
-
-ROUTERS = ("token_choice", "dropless", "expert_choice")
 
 
 class RoutingPlan(NamedTuple):
@@ -47,23 +52,33 @@ class RoutingPlan(NamedTuple):
 
 
 class Router(nnx.Module):
-    """Bias-free linear map from a token to one logit per expert (no router noise)."""
+    """Bias-free linear map from a token to one logit per expert (no router noise).
 
-    def __init__(self, dim: int, num_experts: int, *, rngs: nnx.Rngs):
+    With `selection_bias` it also holds `bias` (E,), added to the probabilities to
+    select experts (never to the gates) and set by `update_bias`, not by gradients.
+    """
+
+    def __init__(self, dim: int, num_experts: int, *, rngs: nnx.Rngs, selection_bias: bool = False):
         self.kernel = nnx.Param(partitioned(nnx.initializers.normal(0.02), "embed", None)(
             rngs.params(), (dim, num_experts), jnp.float32))
+        self.bias = (nnx.Param(partitioned(nnx.initializers.zeros, None)(rngs.params(), (num_experts,), jnp.float32))
+                     if selection_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Routing decisions are made in float32 whatever the compute dtype.
         return jnp.einsum("gsd,de->gse", x.astype(jnp.float32), self.kernel[...])
+
+    def selection_bias(self) -> jax.Array | None:
+        """The bias added to the probabilities for selection (no gradient), or None."""
+        return None if self.bias is None else jax.lax.stop_gradient(self.bias[...])
 
 
 def capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / num_experts)))
 
 
-def route(logits: jax.Array, *, router: str, top_k: int, capacity_factor: float
-          ) -> tuple[RoutingPlan, dict[str, jax.Array]]:
+def route(logits: jax.Array, *, router: str, top_k: int, capacity_factor: float,
+          bias: jax.Array | None = None) -> tuple[RoutingPlan, dict[str, jax.Array]]:
     """Turns router logits (G, S, E) into a RoutingPlan plus losses and statistics.
 
     The returned dict (`statistics`) holds `load_balance` (Switch loss, 1.0 when
@@ -72,23 +87,28 @@ def route(logits: jax.Array, *, router: str, top_k: int, capacity_factor: float
     `entropy` (mean router entropy, nats), and the sums the compression pass
     accumulates over calibration data: `routed` (E,) assignments each expert
     actually processed (after capacity) and `gate_mass` (E,) the sum of their gates.
+    `bias`: the selection bias of a `loss_free_bias` router.
     """
-    plan = make_plan(logits, router=router, top_k=top_k, capacity_factor=capacity_factor)
+    plan = make_plan(logits, router=router, top_k=top_k, capacity_factor=capacity_factor, bias=bias)
     return plan, statistics(logits, plan, router)
 
 
-def make_plan(logits: jax.Array, *, router: str, top_k: int, capacity_factor: float) -> RoutingPlan:
+def policy(name: str):
+    """The registered router policy `name`; unknown names are errors."""
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; choose one of {tuple(ROUTERS)}")
+    return ROUTERS[name]
+
+
+def make_plan(logits: jax.Array, *, router: str, top_k: int, capacity_factor: float,
+              bias: jax.Array | None = None) -> RoutingPlan:
     """The RoutingPlan of router logits (G, S, E); every group is routed on its own."""
-    if router not in ROUTERS:
-        raise ValueError(f"unknown router {router!r}; choose one of {ROUTERS}")
-    groups, tokens, num_experts = logits.shape
+    chosen = policy(router)
+    if chosen.selection_bias != (bias is not None):
+        raise ValueError(f"router {router!r} " + ("needs" if chosen.selection_bias else "takes no")
+                         + " selection bias")
     probs = jax.nn.softmax(logits, axis=-1)
-    if router == "expert_choice":
-        return _expert_choice(probs, capacity(tokens, num_experts, top_k, capacity_factor))
-    if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} exceeds the number of experts {num_experts}")
-    cap = tokens if router == "dropless" else capacity(tokens, num_experts, top_k, capacity_factor)
-    return _token_choice(probs, top_k, cap)
+    return chosen.plan(probs, top_k, capacity_factor, bias)
 
 
 def statistics(logits: jax.Array, plan: RoutingPlan, router: str) -> dict[str, jax.Array]:
@@ -99,18 +119,7 @@ def statistics(logits: jax.Array, plan: RoutingPlan, router: str) -> dict[str, j
     """
     num_experts = logits.shape[-1]
     probs = jax.nn.softmax(logits, axis=-1)
-    if router == "expert_choice":
-        assigned = plan.gate > 0
-        load = jnp.sum(assigned, axis=(0, 1)) / jnp.maximum(jnp.sum(assigned), 1)
-        dropped = jnp.mean(~jnp.any(assigned, axis=-1))
-        balance = jnp.zeros((), jnp.float32)  # balanced by construction
-    else:
-        chosen = jax.nn.one_hot(plan.expert_index, num_experts, dtype=jnp.float32)  # (G,S,K,E)
-        load = jnp.mean(chosen, axis=(0, 1, 2))
-        dropped = jnp.mean(plan.slot >= plan.capacity)
-        # Switch loss on first choices: E * sum_e fraction_e * mean_prob_e, per group.
-        fraction = jnp.mean(chosen[:, :, 0], axis=1)
-        balance = num_experts * jnp.mean(jnp.sum(fraction * jnp.mean(probs, axis=1), axis=-1))
+    load, dropped, balance = policy(router).balance(probs, plan)
     return {
         "load_balance": balance,
         "z_loss": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
@@ -120,6 +129,15 @@ def statistics(logits: jax.Array, plan: RoutingPlan, router: str) -> dict[str, j
         "routed": jnp.sum(_per_expert(plan, plan.gate > 0, num_experts), axis=(0, 1)),
         "gate_mass": jnp.sum(_per_expert(plan, plan.gate, num_experts), axis=(0, 1)),
     }
+
+
+def update_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+    """One loss-free balancing update: b_e += rate * sign(mean load - load_e).
+
+    `load` (..., E): the fraction of assignments each expert was chosen for (before
+    capacity), the error the bias corrects; a leading axis (stacked layers) is kept.
+    """
+    return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
 
 
 def segment(groups, index: int, count: int):
@@ -138,9 +156,69 @@ def _per_expert(plan: RoutingPlan, values: jax.Array, num_experts: int) -> jax.A
                       values.astype(jnp.float32))
 
 
-def _token_choice(probs: jax.Array, top_k: int, cap: int) -> RoutingPlan:
+class TokenChoice:
+    """Each token picks its top-k experts; capacity C per expert and group (module docstring)."""
+    selection_bias = False
+
+    def capacity(self, tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+        return capacity(tokens, num_experts, top_k, capacity_factor)
+
+    def plan(self, probs, top_k, capacity_factor, bias=None) -> RoutingPlan:
+        groups, tokens, num_experts = probs.shape
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} exceeds the number of experts {num_experts}")
+        scores = probs if bias is None else probs + bias
+        return _token_choice(probs, scores, top_k, self.capacity(tokens, num_experts, top_k, capacity_factor))
+
+    def balance(self, probs, plan):
+        """(load (E,) over all assignments, dropped fraction, Switch loss on first choices)."""
+        num_experts = probs.shape[-1]
+        chosen = jax.nn.one_hot(plan.expert_index, num_experts, dtype=jnp.float32)  # (G,S,K,E)
+        load = jnp.mean(chosen, axis=(0, 1, 2))
+        dropped = jnp.mean(plan.slot >= plan.capacity)
+        # Switch loss on first choices: E * sum_e fraction_e * mean_prob_e, per group.
+        fraction = jnp.mean(chosen[:, :, 0], axis=1)
+        switch = num_experts * jnp.mean(jnp.sum(fraction * jnp.mean(probs, axis=1), axis=-1))
+        return load, dropped, switch
+
+
+class Dropless(TokenChoice):
+    """Token choice with C = S: no token is ever dropped."""
+
+    def capacity(self, tokens, num_experts, top_k, capacity_factor) -> int:
+        return tokens
+
+
+class LossFreeBias(TokenChoice):
+    """Token choice selecting by probabilities + a balancing bias; gates are the probabilities."""
+    selection_bias = True
+
+
+class ExpertChoice:
+    """Each expert picks its top-C tokens per group; balanced by construction."""
+    selection_bias = False
+
+    def plan(self, probs, top_k, capacity_factor, bias=None) -> RoutingPlan:
+        groups, tokens, num_experts = probs.shape
+        return _expert_choice(probs, capacity(tokens, num_experts, top_k, capacity_factor))
+
+    def balance(self, probs, plan):
+        """(load (E,) over chosen pairs, fraction of tokens with no expert, 0)."""
+        assigned = plan.gate > 0
+        load = jnp.sum(assigned, axis=(0, 1)) / jnp.maximum(jnp.sum(assigned), 1)
+        dropped = jnp.mean(~jnp.any(assigned, axis=-1))
+        return load, dropped, jnp.zeros((), jnp.float32)
+
+
+ROUTERS = {"token_choice": TokenChoice(), "dropless": Dropless(), "expert_choice": ExpertChoice(),
+           "loss_free_bias": LossFreeBias()}
+
+
+def _token_choice(probs: jax.Array, scores: jax.Array, top_k: int, cap: int) -> RoutingPlan:
+    """Top-k of `scores` per token, gated by `probs` (the same array unless biased)."""
     groups, tokens, num_experts = probs.shape
-    gate, index = jax.lax.top_k(probs, top_k)
+    _, index = jax.lax.top_k(scores, top_k)
+    gate = jnp.take_along_axis(probs, index, axis=-1)
     if top_k > 1:
         gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
     # Slot = number of earlier assignments to the same expert, counting all first

@@ -11,6 +11,8 @@ import optax
 from flax import nnx
 
 from ringmoe import sharding
+from ringmoe.model.balance import balance_routers
+from ringmoe.model.router import policy
 from ringmoe.objectives.loss import pretraining_loss
 from ringmoe.training.state import TrainState, learning_rate, make_optimizer, schedule_count
 
@@ -58,7 +60,8 @@ def make_train_step(graphdef, config, norm_stats: dict, loss_fn=None):
     update left it; warm-up takes `warmup_steps` real updates. The price: after k skips
     the run ends k updates short of the schedule's end (the rate slightly above end_lr).
     'lr' is that rate, `schedule(schedule_count(opt_state))`, the one this step's update
-    uses (or would have used, when skipped).
+    uses (or would have used, when skipped). A `loss_free_bias` router's selection bias
+    moves with each applied update (`ringmoe.model.balance`), outside the optimiser.
     `loss_fn(params, batch, *frozen) -> (total, (terms, router))` defaults to the
     pretraining objective; `frozen` are inputs that get no gradient (the teacher's
     parameters when distilling).
@@ -66,6 +69,15 @@ def make_train_step(graphdef, config, norm_stats: dict, loss_fn=None):
     tx = make_optimizer(config)
     schedule = learning_rate(config)
     accum = int(config.grad_accum_steps)
+    moe = config.model.moe
+    biased = moe.enabled and policy(moe.router).selection_bias   # loss-free balancing after each update
+
+    def balanced(params, router, batch):
+        """`params` with every router's selection bias moved by this step's load (`balance_routers`)."""
+        model = nnx.merge(graphdef, params)
+        balance_routers(model, router, {m: b["pixels"].shape[0] for m, b in batch.items()},
+                        float(moe.bias_update_rate))
+        return nnx.state(model, nnx.Param)
 
     loss_fn = loss_fn or make_loss_fn(graphdef, config, norm_stats)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -94,6 +106,8 @@ def make_train_step(graphdef, config, norm_stats: dict, loss_fn=None):
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if biased:
+            params = balanced(params, router, batch)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
                                step=state.step + 1, rng=state.rng,
