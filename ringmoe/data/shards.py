@@ -32,6 +32,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from ringmoe.data import schema
 from ringmoe.data.badrecords import BadRecordBudget
 from ringmoe.data.schema import Record, RecordError
+from ringmoe.errors import first_line
 
 MANIFEST = "manifest.json"
 FORMAT = "ringmoe-records"
@@ -333,7 +334,7 @@ def _iter_records(data_dir: str, manifest: dict, budget: BadRecordBudget) -> Ite
                 try:
                     data = reader.read([i])[0]
                 except Exception as e:  # riegeli reports corruption as RuntimeError
-                    budget.skip(f"{where}: unreadable ({type(e).__name__}: {_first_line(e)})")
+                    budget.skip(f"{where}: unreadable ({type(e).__name__}: {first_line(e)})")
                     continue
                 try:
                     record = schema.decode(data, where)
@@ -373,7 +374,7 @@ def _open_shard(path: str, expected: int, skip) -> ArrayRecordReader | None:
         reader = ArrayRecordReader(path)
         found = reader.num_records() if reader.ok() else None
     except Exception as e:  # a file shorter than one block, or not ArrayRecord at all
-        skip(f"{path}: unreadable shard ({type(e).__name__}: {_first_line(e)})", expected)
+        skip(f"{path}: unreadable shard ({type(e).__name__}: {first_line(e)})", expected)
         return None
     if found != expected:
         _close(reader)
@@ -391,5 +392,3 @@ def _close(reader: ArrayRecordReader) -> None:
         pass
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]

@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from ringmoe.data import augment, masking, schema
+from ringmoe.errors import first_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,7 @@ class RecordTransform:
         try:
             data = self._read(index)
         except Exception as e:  # riegeli reports corruption as RuntimeError
-            return _bad(index, f"{self.where(index)}: unreadable ({type(e).__name__}: {_first_line(e)})")
+            return _bad(index, f"{self.where(index)}: unreadable ({type(e).__name__}: {first_line(e)})")
         where = self.where(index)
         try:
             record = schema.decode(data, where)
@@ -140,5 +141,3 @@ def _bad(index: int, message: str) -> dict:
     return {"record_index": index, "bad": message, "images": {}, "label_map": None, "scene_label": 0}
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]

@@ -23,6 +23,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from ringmoe import cli, sharding
+from ringmoe.errors import describe
 from ringmoe.model.ringmoe import ParamKeys, RingMoE
 from ringmoe.training.checkpoint import abstract_with_shardings
 from ringmoe.training.state import abstract_state
@@ -140,7 +141,7 @@ def load_pretrained(checkpoint_dir: str) -> tuple[ConfigDict, RingMoE, int]:
                     params = manager.restore(step, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(target))).state.params
             except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for damaged files
-                reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                reason = describe(e)
                 errors.append(f"step {step}: {reason}")
                 log.warning("checkpoint %s/%d is unreadable (%s); trying an older one", directory, step, reason)
                 continue

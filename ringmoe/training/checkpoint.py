@@ -55,6 +55,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ringmoe.errors import describe
 from ringmoe.training import distributed
 
 log = logging.getLogger("ringmoe.checkpoint")
@@ -217,7 +218,7 @@ class Checkpointer:
             handler.metadata(path / "state")
             return meta, None
         except Exception as e:  # noqa: BLE001 -- Orbax/TensorStore raise many types for damaged files
-            return None, _describe(e)
+            return None, describe(e)
         finally:
             handler.close()
 
@@ -232,7 +233,7 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore())), None
         except Exception as e:  # noqa: BLE001 -- as in _probe
             ocp.multihost.sync_global_processes(_ORBAX_RESTORE_BARRIER)
-            return None, _describe(e)
+            return None, describe(e)
 
     def _move_aside(self, step: int, failed: dict[int, str]) -> None:
         """Process 0 renames step `step` to `<step>.unreadable`; every process warns."""
@@ -262,11 +263,9 @@ class Checkpointer:
         try:
             self.manager.close()
         except Exception as e:  # noqa: BLE001 -- as above: report, do not mask the error in flight
-            log.error("closing the checkpoint manager of %s: %s", self.directory, _describe(e))
+            log.error("closing the checkpoint manager of %s: %s", self.directory, describe(e))
 
 
-def _describe(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def _cause(e: BaseException) -> str:
@@ -277,8 +276,8 @@ def _cause(e: BaseException) -> str:
         seen = seen.__cause__ or seen.__context__
     if seen is None:
         if "No space left on device" in str(e) or f"errno {errno.ENOSPC}" in str(e).lower():
-            return f"no space left on device ({_describe(e)})"
-        return _describe(e)
+            return f"no space left on device ({describe(e)})"
+        return describe(e)
     where = f" ({seen.filename})" if seen.filename else ""
     return f"{seen.strerror[:1].lower()}{seen.strerror[1:]}{where}"
 

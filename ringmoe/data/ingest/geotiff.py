@@ -32,6 +32,7 @@ from rasterio.windows import Window
 from ringmoe.data import sensors, shards
 from ringmoe.data.badrecords import BadRecordBudget
 from ringmoe.data.schema import Record, RecordError
+from ringmoe.errors import describe
 
 # Class names by id; index 0 is 'unlabelled'. esri_lulc9: the ESRI/Impact Observatory
 # 10 m land-cover classes remapped to 1..9, as in the TerraMesh LULC chips of data/real.
@@ -205,14 +206,14 @@ def _open(path: str):
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             return rasterio.open(path)
     except Exception as e:  # rasterio raises RasterioIOError, CPLE_* for damaged files
-        raise RecordError(f"{path}: unreadable GeoTIFF ({_describe(e)})") from None
+        raise RecordError(f"{path}: unreadable GeoTIFF ({describe(e)})") from None
 
 
 def _read(ds, path: str, window: Window) -> np.ndarray:
     try:
         return ds.read(window=window)
     except Exception as e:  # truncated strips/tiles surface only on read
-        raise RecordError(f"{path}: unreadable pixels ({_describe(e)})") from None
+        raise RecordError(f"{path}: unreadable pixels ({describe(e)})") from None
 
 
 def _check_coregistered(path_a: str, a, path_b: str, b) -> None:
@@ -247,11 +248,6 @@ def _windows(height: int, width: int, tile: int | None, where: str) -> list[tupl
             for r in range(height // tile) for c in range(width // tile)]
 
 
-def _describe(e: BaseException) -> str:
-    """'Type: first line' of an error; GDAL's 'see previous exception' means its cause says more."""
-    if e.__cause__ is not None and "previous exception" in str(e):
-        e = e.__cause__
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
 
 
 def convert_geotiff(csv_path: str, out_dir: str, *, tile: int | None = None, shard_size: int = 1024,

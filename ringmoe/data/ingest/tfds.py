@@ -32,6 +32,7 @@ import numpy as np
 from ringmoe.data import sensors, shards
 from ringmoe.data.badrecords import BadRecordBudget
 from ringmoe.data.schema import ModalityImage, Record, RecordError
+from ringmoe.errors import describe
 
 SO2SAT_S2_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
 # Channel order of EuroSAT's all-band TIFFs, and the file channel of each L1C-order band.
@@ -108,8 +109,7 @@ def _open_error(tfds, name: str, split: str, data_dir: str | None, e: Exception)
             "--file_format=array_record; eurosat's generator needs TensorFlow), then pass --data-dir")
     if not prepared:
         return f"tfds {name} split {split!r}: not prepared in {version_dir}; {hint}"
-    first = (str(e).strip().splitlines() or [""])[0][:300]
-    return f"tfds {name} split {split!r} in {version_dir}: cannot open ({type(e).__name__}: {first}); {hint}"
+    return f"tfds {name} split {split!r} in {version_dir}: cannot open ({describe(e)}); {hint}"
 
 
 def iter_tfds_records(name: str, *, split: str = "train", data_dir: str | None = None,
@@ -126,7 +126,7 @@ def iter_tfds_records(name: str, *, split: str = "train", data_dir: str | None =
             try:
                 ex = ds[i]
             except Exception as e:  # riegeli / proto errors from a damaged shard
-                budget.skip(f"{where}: unreadable ({type(e).__name__}: {str(e)[:200]})")
+                budget.skip(f"{where}: unreadable ({describe(e)})")
                 continue
             try:
                 record = mapper(ex, i, split, where)
