@@ -299,7 +299,7 @@ class _OneLineOrbaxErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
             error = record.exc_info[1]
-            record.msg, record.args = f"{record.getMessage()} ({_describe(error)})", ()
+            record.msg, record.args = f"{record.getMessage()} ({describe(error)})", ()
             record.exc_info, record.exc_text = None, None
         return True
 
