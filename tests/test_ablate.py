@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-from ml_collections import ConfigDict
 
 from configs.ablations import moe_vs_dense, physics_terms
 from pretrain import ablate

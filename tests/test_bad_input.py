@@ -2,7 +2,6 @@
 record and the problem, or, under max_bad_records, be skipped and counted."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -161,7 +161,7 @@ def test_s2_other_band_scale_offset_is_an_error_naming_file_and_values(tmp_path,
 
 
 def test_l1c_has_13_bands_with_b10_and_tag_offset(tmp_path):
-    tif = write_tif(tmp_path / "l1c.tif", np.full((13, 4, 4), 1500, np.uint16), tags={"RADIO_ADD_OFFSET": "-1000"})
+    write_tif(tmp_path / "l1c.tif", np.full((13, 4, 4), 1500, np.uint16), tags={"RADIO_ADD_OFFSET": "-1000"})
     csv = write_csv(tmp_path / "m.csv", [("a", "sentinel2_l1c", "l1c.tif")])
     rec = next(geotiff.iter_geotiff_records(csv))
     ms = rec.modalities["multispectral"]

@@ -3,7 +3,6 @@
 conftest.py forces 8 host devices before JAX is imported.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

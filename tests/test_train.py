@@ -5,7 +5,6 @@ so each compile stays small; the code path is the one `configs/tiny.py` uses.
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
