@@ -6,12 +6,11 @@ Values marked (ref) are the RingMoE paper's (arXiv 2504.03166; DESIGN.md s.2).
 """
 from ml_collections import ConfigDict
 
-# Sentinel-2 (S2A) bands: name, central wavelength (nm), bandwidth (nm). DESIGN.md s.4.
-S2_L2A_BANDS = (
-    ("B1", 442.7, 21.0), ("B2", 492.4, 66.0), ("B3", 559.8, 36.0), ("B4", 664.6, 31.0),
-    ("B5", 704.1, 15.0), ("B6", 740.5, 15.0), ("B7", 782.8, 20.0), ("B8", 832.8, 106.0),
-    ("B8A", 864.7, 21.0), ("B9", 945.1, 20.0), ("B11", 1613.7, 91.0), ("B12", 2202.4, 175.0),
-)
+from ringmoe.data.sensors import S2_BANDS, S2_L2A_ORDER
+
+# Sentinel-2 L2A bands as a config states them: (name, central wavelength nm, bandwidth nm),
+# from the one table of Sentinel-2 bands (`ringmoe.data.sensors.S2_BANDS`, DESIGN.md s.4).
+S2_L2A_BANDS = tuple((name, float(S2_BANDS[name][0]), float(S2_BANDS[name][1])) for name in S2_L2A_ORDER)
 
 
 def modality(channels: int, embed: str = "patch", bands=(), power_head: int = 0, unit: str = "") -> ConfigDict:

@@ -29,7 +29,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-RGB_NM = (664.6, 559.8, 492.4)          # Sentinel-2 B4, B3, B2
+from ringmoe.data.sensors import S2_BANDS
+
+RGB_NM = tuple(S2_BANDS[band][0] for band in ("B4", "B3", "B2"))   # Sentinel-2 red, green, blue (nm)
 SAR_L2_DB_RANGES = ((-25.0, 0.0), (-32.0, -5.0), (0.0, 15.0))  # VV, VH, VV/VH ratio
 MASK_GREY = 0.5
 COLUMNS = ("masked input", "reconstruction (visible pasted)", "target")

@@ -60,10 +60,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ringmoe.data.sensors import S2_BANDS
 from ringmoe.objectives.common import masked_mean, safe_norm
 
-# Sentinel-2 (S2A) central wavelengths, nm (DESIGN.md section 4).
-S2_WAVELENGTH_NM = {"B3": 559.8, "B4": 664.6, "B8": 832.8, "B11": 1613.7}
+# Central wavelengths (nm) of the Sentinel-2 bands the indices use (`sensors.S2_BANDS`).
+S2_WAVELENGTH_NM = {band: S2_BANDS[band][0] for band in ("B3", "B4", "B8", "B11")}
 # index name -> (a, b) of (a - b) / (a + b).
 INDICES = {
     "ndvi": ("B8", "B4"),
