@@ -6,6 +6,7 @@ Values marked (ref) are the RingMoE paper's (arXiv 2504.03166; DESIGN.md s.2).
 """
 from ml_collections import ConfigDict
 
+from ringmoe.data.schema import MODALITIES
 from ringmoe.data.sensors import S2_BANDS, S2_L2A_ORDER
 
 # Sentinel-2 L2A bands as a config states them: (name, central wavelength nm, bandwidth nm),
@@ -77,7 +78,7 @@ def base_config() -> ConfigDict:
     c.data = ConfigDict()
     # Share of the rows per step for each modality (a modality absent from the data set
     # or the model is not served; 0 turns one off).
-    c.data.modality_weights = ConfigDict({m: 1.0 for m in ("optical", "multispectral", "sar_l2", "sar_l1")})
+    c.data.modality_weights = ConfigDict({m: 1.0 for m in MODALITIES})
     c.data.crop_scale = (0.2, 0.5)    # (ref) random resized crop, fraction of the record's area
     c.data.crop_ratio = (3 / 4, 4 / 3)  # crop aspect-ratio range
     c.data.flip = True                # random horizontal and vertical flips
