@@ -107,7 +107,7 @@ def base_config() -> ConfigDict:
     c.optimizer = ConfigDict({"lr": 2.5e-4, "init_lr": 1e-6, "end_lr": 5e-7, "warmup_steps": 200,
                               "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.05, "grad_clip": 5.0})
 
-    # Pretraining objectives (ringmoe/objectives/loss.py). Each number is a term's weight;
+    # Pretraining objectives (ringmoe/objectives/terms.py). Each number is a term's weight;
     # 0 turns it off (not computed, not logged). The reference is SimMIM + span (SAR-L1);
     # the other physics terms are ours, weighted so that near a good reconstruction each
     # pulls no harder than SimMIM (first guesses, to be tuned by ablation).

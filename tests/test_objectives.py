@@ -615,5 +615,37 @@ def test_config_trains_the_terms_its_comments_name(name, physics):
 def test_the_loss_reads_exactly_the_objective_keys_of_configs_common():
     """ringmoe/ never imports configs/: the loss names its keys, ringmoe/config.py holds their values."""
     from ringmoe.config import base_config
-    from ringmoe.objectives.loss import OBJECTIVE_KEYS
-    assert set(base_config().objectives.keys()) == OBJECTIVE_KEYS
+    from ringmoe.objectives.loss import objective_keys
+    assert set(base_config().objectives.keys()) == objective_keys()
+
+
+def test_a_new_objective_is_one_registered_function():
+    """Adding an objective touches the file that defines it and the config, nothing else: this
+    test registers `brightness` (optical only: squared error of the images' mean value, in
+    normalised units) and the loss refuses a config without its key, then trains and
+    reports it, for optical images only."""
+    from ringmoe.objectives import registry
+    from ringmoe.objectives.loss import check_objectives
+
+    @registry.objective("brightness", "optical", physical=False)
+    def brightness(term):
+        return (jnp.mean(term.output["reconstruction"]) - jnp.mean(term.inputs["pixels"])) ** 2
+
+    try:
+        model, outputs, batch, norm = physics_inputs({"optical": 3, "sar_l2": 2})
+        config = tiny.get_config()
+        cfg = config.objectives
+        with pytest.raises(ValueError, match="lacks 'brightness'"):
+            check_objectives(cfg)
+        with cfg.unlocked():
+            cfg.brightness = 0.25
+        _, terms = pretraining_loss(model, outputs, batch, cfg, config.model.moe, norm)
+        expected = float((jnp.mean(outputs["optical"]["reconstruction"]) - jnp.mean(batch["optical"]["pixels"])) ** 2)
+        assert float(terms["optical/brightness"]) == pytest.approx(expected, rel=1e-6)
+        assert "sar_l2/brightness" not in terms
+        assert float(terms["optical/total"]) == pytest.approx(float(terms["optical/simmim"]) + 0.25 * expected,
+                                                              rel=1e-6)
+    finally:
+        del registry.OBJECTIVES["brightness"]
+    with pytest.raises(ValueError, match="unknown key.*'brightness'"):
+        check_objectives(cfg)

@@ -7,8 +7,11 @@ Points: every term at its configured weight; SimMIM alone (the plain reference
 minus its span target); then each term switched off on its own.
 """
 from configs.ablations.common import grid
+from ringmoe.objectives import registry
 
-TERMS = ("span", "pauli", "speckle_nll", "xpol_ratio", "sam", "index")
+# Every registered physics term (ringmoe/objectives/terms.py): span, pauli, speckle_nll,
+# xpol_ratio, sam, index.
+TERMS = tuple(o.name for o in registry.registered().values() if o.physical)
 
 
 def get_config():
