@@ -170,3 +170,23 @@ def test_load_pretrained_names_empty_and_unreadable_directories(run, tmp_path):
     with pytest.raises(CheckpointError, match="no readable checkpoint .step 1: "):
         load_pretrained(str(damaged))
     assert (damaged / "checkpoints" / "1").is_dir()   # left where it was
+
+
+def test_a_new_probe_is_one_registered_class(run, monkeypatch):
+    """Adding a probe is one class in `PROBES` (ringmoe/eval/registry.py): this test adds a
+    majority-class guesser, and `evaluate` runs it like the others, with its interval."""
+    from ringmoe.eval import registry
+    from ringmoe.eval.intervals import accuracy_result
+
+    class Majority(registry.SceneProbe):
+        def score(self, features, train, test, settings, num_classes, inputs=""):
+            _, y, tr, te = self.split(features, train, test, inputs)
+            guess = np.bincount(y[tr]).argmax()
+            return accuracy_result(float(np.mean(y[te] == guess)), int(te.sum()))
+
+    monkeypatch.setitem(registry.PROBES, "majority", Majority())
+    workdir, data_dir = run
+    config, model, _ = load_pretrained(workdir)
+    result = evaluate(config, model, data_dir, "majority", baseline=False)
+    assert result["probe"] == "majority" and result["metric"] == "top1_accuracy"
+    assert result["ci"][0] <= result["value"] <= result["ci"][1] and result["test_records"] > 0

@@ -26,8 +26,7 @@ import os
 import sys
 
 from ringmoe import cli
-
-PROBES = ("knn", "linear", "segmentation")
+from ringmoe.eval.registry import PROBES
 
 
 def _table(result: dict) -> str:

@@ -27,14 +27,11 @@ from ringmoe.data import shards
 from ringmoe.data.pipeline import modality_specs
 from ringmoe.data.schema import RecordError
 from ringmoe.data.transform import RecordTransform, TransformOptions
-from ringmoe.eval.intervals import accuracy_result
-from ringmoe.eval.probes import dataset_split, knn_accuracy, lbfgs_probe, linear_probe, segmentation_probe
+from ringmoe.eval.probes import dataset_split
 from ringmoe.eval.raw import band_statistics, raw_bands
+from ringmoe.eval.registry import PROBES
 from ringmoe.model.checkpoint import one_device_mesh
 from ringmoe.model.ringmoe import RingMoE, create_model
-
-PROBES = {"knn": "top1_accuracy", "linear": "top1_accuracy", "segmentation": "miou"}
-
 
 def random_init_model(config) -> RingMoE:
     """The model the pretraining run started from (same config, same seed): the baseline."""
@@ -164,40 +161,6 @@ def extract(model: RingMoE, config, data_dir: str, modality: str, *, stage: int 
             "record_index": np.asarray(out["record_index"], np.int64)}
 
 
-def _score(probe: str, features: dict, train: np.ndarray, test: np.ndarray, settings, num_classes: int,
-           inputs: str = "") -> dict:
-    """The probe's {"value", "ci", "n_test"} on the `train` / `test` records' features
-    (`inputs` "raw_": the raw-input baseline's instead of the encoder's)."""
-    tr, te = np.isin(features["record_index"], train), np.isin(features["record_index"], test)
-    if probe == "segmentation":
-        f, y = features[inputs + "patch"], features["label_map"]
-        scores = segmentation_probe(f[tr], y[tr], f[te], y[te], num_classes=num_classes,
-                                    epochs=settings.segmentation_epochs, lr=settings.segmentation_lr,
-                                    weight_decay=settings.segmentation_weight_decay, seed=settings.seed)
-        return {"value": scores["miou"], "ci": scores["miou_ci"], "n_test": scores["n_test"],
-                "pixel_accuracy": scores["pixel_accuracy"]}
-    x, y = features[inputs + "pooled"], features["scene_label"]
-    if probe == "knn":
-        if inputs:   # band statistics come in mixed units: give every one the same weight
-            x = (x - x[tr].mean(0)) / (x[tr].std(0) + 1e-6)
-        return accuracy_result(knn_accuracy(x[tr], y[tr], x[te], y[te], settings.knn_k), int(te.sum()))
-    if settings.linear_solver not in LINEAR_SOLVERS:
-        raise ValueError(f"unknown probe.linear_solver {settings.linear_solver!r} ({' | '.join(LINEAR_SOLVERS)})")
-    accuracy = LINEAR_SOLVERS[settings.linear_solver](x[tr], y[tr], x[te], y[te], num_classes, settings)
-    return accuracy_result(accuracy, int(te.sum()))
-
-
-# probe.linear_solver -> test accuracy of a linear head (ringmoe/eval/probes.py): "lbfgs" solves the
-# logistic regression to convergence with a validated L2; "adamw" is the earlier fixed-step recipe.
-LINEAR_SOLVERS = {
-    "lbfgs": lambda xtr, ytr, xte, yte, k, s: lbfgs_probe(xtr, ytr, xte, yte, num_classes=k,
-                                                          steps=s.linear_lbfgs_steps, seed=s.seed)["accuracy"],
-    "adamw": lambda xtr, ytr, xte, yte, k, s: linear_probe(xtr, ytr, xte, yte, num_classes=k, epochs=s.linear_epochs,
-                                                           lr=s.linear_lr, weight_decay=s.linear_weight_decay,
-                                                           seed=s.seed),
-}
-
-
 def evaluate(config, model: RingMoE, data_dir: str, probe: str, modality: str | None = None, *,
              baseline: bool = True) -> dict:
     """Runs one probe on `model` and, with `baseline`, on its random initialisation and the raw input.
@@ -232,7 +195,7 @@ def evaluate_probes(config, model: RingMoE, data_dir: str, probes, modality: str
         raise ValueError(f"unknown modality {modality!r} for this model and data set (available: "
                          f"{', '.join(available) or 'none'})")
     settings = probe_settings(config)
-    stage = settings.segmentation_stage if "segmentation" in probes else None
+    stage = settings.segmentation_stage if any(PROBES[p].needs_patch for p in probes) else None
     features = extract(model, config, data_dir, modality, stage=stage, pooling=settings.pooling, raw=baseline)
     random_features = None
     if baseline:
@@ -240,34 +203,29 @@ def evaluate_probes(config, model: RingMoE, data_dir: str, probes, modality: str
         random_features = extract(baseline_model, config, data_dir, modality, stage=stage, pooling=settings.pooling)
     names = len(manifest["label_names"])   # label_names[i] names class id i; id 0 = unlabelled / none
     results = []
-    for probe in probes:
-        segmentation = probe == "segmentation"
-        if segmentation:
-            labels = features["label_map"]
-            labelled = labels.reshape(len(labels), -1).max(1) > 0
-            num_classes = max(names - 1, int(labels.max()))               # classes 1..K
-        else:
-            labelled = features["scene_label"] > 0
-            num_classes = max(names, int(features["scene_label"].max()) + 1)  # ids used as is, 0 unused
+    for name in probes:
+        probe = PROBES[name]
+        labelled = probe.labelled(features)
+        num_classes = probe.num_classes(features, names)
         if not labelled.any():
-            kind = "label maps" if segmentation else "scene labels"
-            raise ValueError(f"{data_dir}: no {modality} record has {kind}; the {probe} probe needs them")
+            raise ValueError(f"{data_dir}: no {modality} record has {probe.label_kind}; the {name} probe needs them")
         train, test = dataset_split(manifest, features["record_index"][labelled],
                                     settings.test_fraction, settings.seed)
-        scores = _score(probe, features, train, test, settings, num_classes)
-        raw = _score(probe, features, train, test, settings, num_classes, inputs="raw_") if baseline else {}
-        result = {"probe": probe, "metric": PROBES[probe], "value": scores["value"], "ci": scores["ci"],
+        scores = probe.score(features, train, test, settings, num_classes)
+        raw = probe.score(features, train, test, settings, num_classes, inputs="raw_") if baseline else {}
+        result = {"probe": name, "metric": probe.metric, "value": scores["value"], "ci": scores["ci"],
                   "random_init_value": None, "random_init_ci": None,
                   "raw_value": raw.get("value"), "raw_ci": raw.get("ci"), "modality": modality,
                   "pooling": settings.pooling, "train_records": int(len(train)),
                   "test_records": int(len(test))}
-        if segmentation:
-            result.update(stage=stage, pixel_accuracy=scores["pixel_accuracy"], random_init_pixel_accuracy=None,
-                          raw_pixel_accuracy=raw.get("pixel_accuracy"))
+        if probe.needs_patch:
+            result["stage"] = stage
+        for extra in probe.extras:
+            result.update({extra: scores[extra], f"random_init_{extra}": None, f"raw_{extra}": raw.get(extra)})
         if random_features is not None:
-            random_scores = _score(probe, random_features, train, test, settings, num_classes)
+            random_scores = probe.score(random_features, train, test, settings, num_classes)
             result.update(random_init_value=random_scores["value"], random_init_ci=random_scores["ci"])
-            if segmentation:
-                result["random_init_pixel_accuracy"] = random_scores["pixel_accuracy"]
+            for extra in probe.extras:
+                result[f"random_init_{extra}"] = random_scores[extra]
         results.append(result)
     return results
