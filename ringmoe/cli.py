@@ -152,6 +152,22 @@ def run_absl(tool: str, main, *, status: dict[type, int] | None = None) -> None:
     app.run(guarded, flags_parser=functools.partial(parse_flags, tool))
 
 
+def define_config_dict(tool: str, name: str, default, help_text: str):
+    """`config_flags.DEFINE_config_dict`, whose overrides are parsed from sys.argv as the flag is
+    defined (not when `run_absl` parses the flags): an override of a key `default` lacks is the
+    same one-line usage error (status 2) as everywhere else."""
+    from ml_collections import config_flags
+    try:
+        return config_flags.DEFINE_config_dict(name, default, help_text)
+    except (AttributeError, KeyError) as e:
+        if debug_requested(sys.argv):
+            raise
+        problem = unknown_override(sys.argv, e)
+        if problem is None:
+            raise
+        fail(tool, 2, problem)
+
+
 def parse_flags(tool: str, argv: list[str]) -> list[str]:
     """flags.FLAGS(argv), with every parse problem one line and exit status 2: an unknown or
     malformed flag, an override of a key the config lacks (ml_collections raises AttributeError

@@ -1,6 +1,9 @@
 """Evaluation probes: each one on features whose answer is known, then end to end on a checkpoint."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ from ringmoe.eval import probes
 from ringmoe.eval.features import evaluate, extract
 from ringmoe.model.checkpoint import CheckpointError, load_pretrained
 from tests.small import initial_run, micro_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _P = base_config().probe   # the defaults must solve these easy cases
 LINEAR = {"epochs": _P.linear_epochs, "lr": _P.linear_lr, "weight_decay": _P.linear_weight_decay, "seed": 0}
@@ -129,23 +134,28 @@ def test_evaluate_end_to_end_on_a_checkpoint(run):
         evaluate(config, model, data_dir, "knn", "sar_l1")
 
 
-def test_evaluate_cli_prints_json_last_and_one_line_errors(run, capsys):
-    from tools.evaluate import main
+def test_evaluate_cli_prints_json_last_and_one_line_errors(run):
+    """`python -m tools.evaluate` (absl flags: a subprocess each, flags are per process):
+    JSON last, `--config.probe.*` overrides the run's probe settings, every error one line."""
+    from tests.test_faults_cli import run as run_module
     workdir, data_dir = run
-    main(["--checkpoint", workdir, "--data", data_dir, "--probe", "knn", "--no-baseline"])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    base = ["tools.evaluate", f"--checkpoint={workdir}"]
+    proc = subprocess.run([sys.executable, "-m", *base, f"--data={data_dir}", "--probe=knn", "--no-baseline",
+                           "--config.probe.knn_k=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["probe"] == "knn" and result["random_init_value"] is None and 0 <= result["value"] <= 1
     assert result["raw_value"] is None and result["ci"][0] <= result["value"] <= result["ci"][1]
     for args, status, message in (
-            (["--data", data_dir, "--probe", "nope"], 2, "unknown probe 'nope'"),
-            (["--data", data_dir, "--probe", "knn", "--modality", "sar_l1"], 1, "unknown modality 'sar_l1'"),
-            (["--data", data_dir + "-missing", "--probe", "knn"], 1, f"{data_dir}-missing: no such data set directory")):
-        with pytest.raises(SystemExit) as exit_:
-            main(["--checkpoint", workdir] + args)
-        err = capsys.readouterr().err
-        last = err.strip().splitlines()[-1]   # (log warnings may come before it)
-        assert exit_.value.code == status and last.startswith("tools.evaluate: error: ") and message in last
-        assert "Traceback" not in err
+            ([f"--data={data_dir}", "--probe=nope"], 2, "unknown probe 'nope'"),
+            ([f"--data={data_dir}", "--probe=knn", "--config.model.embed_dim=8"], 2,
+             "--config.model.embed_dim: tools.evaluate uses the checkpoint's config"),
+            ([f"--data={data_dir}", "--probe=knn", "--config.probe.knn_kk=3"], 2, "knn_kk"),
+            ([f"--data={data_dir}", "--probe=knn", "--modality=sar_l1"], 1, "unknown modality 'sar_l1'"),
+            ([f"--data={data_dir}-missing", "--probe=knn"], 1, f"{data_dir}-missing: no such data set directory")):
+        code, err = run_module(*base[:1], base[1], *args)
+        assert code == status and err[-1].startswith("tools.evaluate: error: ") and message in err[-1], err
+        assert not any("Traceback" in line for line in err)
 
 
 def test_extract_names_a_bad_record(run, tmp_path):

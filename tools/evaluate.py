@@ -3,10 +3,12 @@
     python -m tools.evaluate --checkpoint /tmp/tiny --data /tmp/syn64 --probe knn
     python -m tools.evaluate --checkpoint /tmp/tiny/checkpoints --data /tmp/syn64 --probe linear --modality sar_l2
     python -m tools.evaluate --checkpoint /tmp/tiny --data /tmp/syn64 --probe segmentation --no-baseline
+    python -m tools.evaluate --checkpoint /tmp/tiny --data /tmp/syn64 --probe knn --config.probe.knn_k=5
 
 --checkpoint is a training workdir (or its checkpoints/ directory): the newest
 readable step is restored with the run's own config, whose `probe` block holds
-the probe settings (ringmoe/config.py). Probes: knn and linear on scene labels
+the probe settings (ringmoe/config.py); `--config.probe.KEY=VALUE` overrides them
+for this evaluation (only `probe.*`: the model is the checkpoint's). Probes: knn and linear on scene labels
 (top-1 accuracy), segmentation on label maps (mIoU). Prints a small table, then
 as its LAST stdout line one JSON object with `probe`, `metric`, `value`, `ci`,
 `random_init_value`, `random_init_ci`, `raw_value`, `raw_ci` (the raw-input
@@ -18,15 +20,25 @@ bootstrap for mIoU). Any usage or data problem exits with a one-line message.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import logging
 import os
-import sys
+
+from absl import flags
+from ml_collections import config_flags
 
 from ringmoe import cli
+from ringmoe.config import base_config
 from ringmoe.eval.registry import PROBES
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or its checkpoints/ directory.")
+_DATA = flags.DEFINE_string("data", None, "Data set directory (manifest.json + shards).")
+_PROBE = flags.DEFINE_string("probe", None, " | ".join(PROBES) + " (ringmoe/eval/registry.py).")
+_MODALITY = flags.DEFINE_string("modality", None, "Default: the model's first modality in the data set.")
+_NO_BASELINE = flags.DEFINE_boolean("no-baseline", False, "Skip the random-initialisation and raw-input baselines.")
+_CONFIG = cli.define_config_dict("tools.evaluate", "config", base_config(), "Overrides of the run's probe settings "
+                                 "for this evaluation: --config.probe.KEY=VALUE (ringmoe/config.py).")
 
 
 def _table(result: dict) -> str:
@@ -45,30 +57,40 @@ def _table(result: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-@cli.command("tools.evaluate")
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="training workdir or its checkpoints/ directory")
-    p.add_argument("--data", required=True, help="data set directory (manifest.json + shards)")
-    p.add_argument("--probe", required=True, help=" | ".join(PROBES))
-    p.add_argument("--modality", default=None, help="default: the model's first modality in the data set")
-    p.add_argument("--no-baseline", action="store_true", help="skip the random-initialisation baseline")
-    args = p.parse_args(argv)
-    if args.probe not in PROBES:
-        raise cli.UsageError(f"unknown probe {args.probe!r} (one of {', '.join(PROBES)})")
-    if not os.path.isdir(args.data):
-        raise FileNotFoundError(errno.ENOENT, "no such data set directory", args.data)
+def probe_overrides() -> dict:
+    """The `--config.probe.*` values given on the command line; any other override is a usage
+    error (the model, data and objectives are the checkpoint's)."""
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    other = sorted(k for k in overrides if not k.startswith("probe."))
+    if other:
+        raise cli.UsageError(f"--config.{other[0]}: tools.evaluate uses the checkpoint's config; only "
+                             "--config.probe.* settings can change for an evaluation")
+    return overrides
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])}")
+    missing = [f"--{f.name}" for f in (_CHECKPOINT, _DATA, _PROBE) if not f.value]
+    if missing:
+        raise cli.UsageError(f"{', '.join(missing)} required")
+    if _PROBE.value not in PROBES:
+        raise cli.UsageError(f"unknown probe {_PROBE.value!r} (one of {', '.join(PROBES)})")
+    overrides = probe_overrides()
+    if not os.path.isdir(_DATA.value):
+        raise FileNotFoundError(errno.ENOENT, "no such data set directory", _DATA.value)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)   # Orbax notes that it opened a directory read-only
 
     from ringmoe.eval.features import evaluate
     from ringmoe.model.checkpoint import load_pretrained
-    config, model, step = load_pretrained(args.checkpoint)
-    result = evaluate(config, model, args.data, args.probe, args.modality, baseline=not args.no_baseline)
-    result.update(step=step, checkpoint=os.path.abspath(args.checkpoint))
+    config, model, step = load_pretrained(_CHECKPOINT.value)
+    config.update_from_flattened_dict(overrides)
+    result = evaluate(config, model, _DATA.value, _PROBE.value, _MODALITY.value, baseline=not _NO_BASELINE.value)
+    result.update(step=step, checkpoint=os.path.abspath(_CHECKPOINT.value))
     print(_table(result))
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run_absl("tools.evaluate", main)
