@@ -127,6 +127,24 @@ def test_statistics_extraction_and_pruning_on_a_micro_model(micro_run):
     assert kept == [[int(np.argmax(row))] for row in routed]
 
 
+def test_pruning_keeps_a_loss_free_routers_bias_with_its_experts(micro_run):
+    """A `loss_free_bias` router's selection bias is cut to the kept experts, like its kernel."""
+    config, _, data_dir = micro_run
+    config = config.copy_and_resolve_references()
+    config.model.moe.router = "loss_free_bias"
+    model = create_model(config.model, seed=0)
+    params = flat_params(model)
+    biases = [path for path in params if path[-2:] == ("router", "bias") and "collaborative_experts" in path]
+    for i, path in enumerate(biases):
+        params[path] = np.arange(params[path].size, dtype=np.float32) + 10 * i
+    stats = statistics.expert_statistics(model, config, data_dir, ["optical"], max_images=2)
+    configs = stages.stage_configs(config, "optical", 0.5)
+    pruned, kept = pruning.prune_collaborative(params, configs["pruned"], stats, "optical")
+    pruned_params = flat_params(pruned)
+    for i, (path, index) in enumerate(zip(biases, kept)):
+        np.testing.assert_array_equal(pruned_params[path], np.asarray(index, np.float32) + 10 * i)
+
+
 def _expected_swinv2_shapes(config, modality):
     """timm SwinTransformerV2's parameter names and shapes, from the config alone."""
     m = config.model

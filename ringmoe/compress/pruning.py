@@ -45,6 +45,8 @@ def prune_collaborative(params: Mapping[Path, np.ndarray], pruned_config, statis
     for prefix, index in zip(blocks, kept):
         group = prefix + ("ffn", GROUP)
         out[group + ("router", "kernel")] = params[group + ("router", "kernel")][:, index]
+        if group + ("router", "bias") in params:   # a loss_free_bias router's selection bias
+            out[group + ("router", "bias")] = params[group + ("router", "bias")][index]
         for name in ("w_in", "b_in", "w_out", "b_out"):
             out[group + ("experts", name)] = params[group + ("experts", name)][index]
     return build(pruned_config, out), kept
