@@ -49,7 +49,6 @@ from types import SimpleNamespace
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
@@ -358,10 +357,8 @@ def save_pictures(workdir, tag, graphdef, state, device_batch, metrics, norm_sta
 
 
 def main(argv):
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
-    logging.getLogger("ringmoe").setLevel(logging.INFO)
+    cli.no_arguments(argv)
+    cli.setup_logging()
     if _FLAGS.config.value is None or not _FLAGS.workdir.value:
         raise app.UsageError("--config and --workdir are required")
     initialize_distributed()

@@ -14,17 +14,14 @@ Exit status, one rule for every tool:
      record (`ValueError`, among it `RecordError`), a file it cannot read or write
      and a workdir another run holds (`OSError`), and the error types a module
      registers with `@reported` (`CheckpointError`).
-A tool may give its own types another status (`command(..., status=...)`:
+A tool may give its own types another status (`run_absl(..., status=...)`:
 tools.inspect says 2 for a data set it cannot read at all).
 
 `--debug` (or the environment variable RINGMOE_DEBUG=1) turns this off: the error
 raises with its full traceback.
 
-    if __name__ == "__main__":                    # absl tools (flags, ml_collections configs)
+    if __name__ == "__main__":                    # every tool: absl flags, ml_collections configs
         cli.run_absl("pretrain.train", main)      # replaces app.run(main); defines --debug
-
-    @cli.command("tools.inspect")                 # argparse tools: main(argv=None)
-    def main(argv=None): ...
 
 Only the standard library and absl are imported here, so a command-line mistake
 is reported before any heavy import.
@@ -33,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import sys
@@ -124,21 +122,22 @@ def errors(tool: str, *, debug: bool = False, status: dict[type, int] | None = N
         fail(tool, code, describe(e))
 
 
-def command(tool: str, *, status: dict[type, int] | None = None):
-    """Decorator for an argparse tool's `main(argv=None)`: runs it under `errors(tool)`;
-    a `--debug` argument is taken out of argv and turns the reporting off."""
-    def wrap(main):
-        @functools.wraps(main)
-        def run(argv=None):
-            argv = list(sys.argv[1:] if argv is None else argv)
-            debug = "--debug" in argv
-            with errors(tool, debug=debug, status=status):
-                return main([a for a in argv if a != "--debug"])
-        return run
-    return wrap
-
-
 # --- absl tools ---------------------------------------------------------------------------
+
+def setup_logging(level: int = logging.INFO, absl_level: int = logging.WARNING) -> None:
+    """The one logging set-up of every tool: progress from `ringmoe` loggers at `level`, other
+    libraries' warnings, absl's (Orbax logs every file it writes at INFO) from `absl_level` up."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(absl_level)
+    logging.getLogger("ringmoe").setLevel(level)
+
+
+def no_arguments(argv: list[str]) -> None:
+    """A UsageError for positional arguments left after the flags (a flag's value given
+    without its flag, a typo), which absl would otherwise pass over in silence."""
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
 
 def run_absl(tool: str, main, *, status: dict[type, int] | None = None) -> None:
     """`app.run(main)` for an absl tool: flags (and ml_collections config flags) parsed by

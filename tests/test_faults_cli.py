@@ -5,7 +5,7 @@ checked before any work (pretrain/validate.py).
 
 Each case starts from the faulty input and runs the real entry point: `python -m
 pretrain.train` and `python -m tools.bench data` as subprocesses (absl parses flags once per
-process), the argparse tools in-process through their main(argv).
+process).
 """
 import hashlib
 import os
@@ -32,7 +32,7 @@ from configs import tiny
 def get_config():
     c = tiny.get_config()
     m = c.model
-    m.image_size, m.depths, m.num_heads, m.embed_dim, m.cpb_hidden = 32, (1, 1), (1, 2), 16, 16
+    m.image_size, m.depths, m.num_heads, m.embed_dim = 32, (1, 1), (1, 2), 16
     for name in ("multispectral", "sar_l2", "sar_l1"):
         del m.modalities[name]
     c.batch_size = 8
@@ -296,15 +296,44 @@ def test_helper_reports_input_errors_and_lets_bugs_raise(capsys, monkeypatch):
         open("/nonexistent/file")
 
 
-def test_argparse_tools_report_through_the_helper(setup, capsys, monkeypatch):
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
-    from tools import inspect, make_synthetic
-    with pytest.raises(SystemExit) as e:
-        inspect.main([str(setup / "empty")])
-    assert e.value.code == 2  # tools.inspect's own rule: a data set it cannot read at all
-    assert capsys.readouterr().err == f"tools.inspect: error: {setup / 'empty'}: empty directory: missing manifest.json\n"
-    with pytest.raises(SystemExit) as e:
-        make_synthetic.main(["--out", str(setup / "data"), "--examples", "2", "--image-size", "32"])
-    assert e.value.code == 1
-    assert capsys.readouterr().err == (f"tools.make_synthetic: error: {setup / 'data'}: already holds a data set "
-                                       "(manifest.json); use an empty directory\n")
+def _tool(*args):
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, cli.DEBUG_ENV: "0"})
+
+
+def test_data_tools_report_through_the_helper(setup):
+    proc = _tool("tools.inspect", str(setup / "empty"))
+    assert proc.returncode == 2  # tools.inspect's own rule: a data set it cannot read at all
+    assert proc.stderr == f"tools.inspect: error: {setup / 'empty'}: empty directory: missing manifest.json\n"
+    proc = _tool("tools.make_synthetic", "--out", str(setup / "data"), "--examples", "2", "--image-size", "32")
+    assert proc.returncode == 1
+    assert proc.stderr == (f"tools.make_synthetic: error: {setup / 'data'}: already holds a data set "
+                           "(manifest.json); use an empty directory\n")
+
+
+def test_data_tools_take_absl_flags_and_refuse_misplaced_ones(tmp_path):
+    """One convention: absl flags, usage errors as one line with status 2."""
+    cases = [(("tools.make_synthetic", "--out", str(tmp_path / "a"), "--examples", "0"),
+              "flag --examples=0: 0 is not a positive integer"),
+             (("tools.make_synthetic", "--out", str(tmp_path / "a"), "--examples", "2", "--hardness"),
+              "--hardness needs --labeled"),
+             (("tools.convert", "tfds", "--name", "eurosat/all", "--out", str(tmp_path / "b"), "--tile", "64"),
+              "--tile: not a flag of tfds"),
+             (("tools.convert", "--out", str(tmp_path / "b")), "one source kind: python -m tools.convert "
+              "{geotiff|tfds} --out DIR ..."),
+             (("tools.inspect",), "one argument: the data set directory (python -m tools.inspect DIR)"),
+             (("tools.params", "--config", "configs/tiny.py", "stray"), "unexpected arguments: stray")]
+    for args, message in cases:
+        proc = _tool(*args)
+        assert (proc.returncode, proc.stderr.strip()) == (2, f"{args[0]}: error: {message}"), args
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_every_tool_is_an_absl_tool():
+    """Every `python -m tools.NAME` (and pretrain.train) parses absl flags through cli.run_absl."""
+    tools_dir = os.path.join(REPO, "tools")
+    entry_points = [os.path.join(tools_dir, f) for f in sorted(os.listdir(tools_dir))
+                    if f.endswith(".py") and f != "__init__.py"] + [os.path.join(REPO, "pretrain", "train.py")]
+    for path in entry_points:
+        source = open(path, encoding="utf-8").read()
+        assert "argparse" not in source and "cli.run_absl(" in source, path

@@ -1,11 +1,16 @@
 """Synthetic scenes: sensor physics sanity, determinism, pairing, CLI, label hardness."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from ringmoe.data import hardness, shards, synthetic
 from ringmoe.data.schema import MODALITIES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 S2 = {b: i for i, b in enumerate(("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12"))}
 CLS = {c: i for i, c in enumerate(synthetic.CLASSES)}
@@ -133,12 +138,13 @@ def test_paired_fraction():
     assert all(r.label_map is None and r.scene_label is None for r in records)
 
 
-def test_cli_writes_data_set(tmp_path, capsys):
-    from tools import make_synthetic
+def test_cli_writes_data_set(tmp_path):
     out = tmp_path / "ds"
-    assert make_synthetic.main(["--out", str(out), "--examples", "10", "--image-size", "16", "--seed", "2",
-                                "--paired-fraction", "0.5", "--labeled", "--shard-size", "4"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, "-m", "tools.make_synthetic", "--out", str(out), "--examples", "10",
+                           "--image-size", "16", "--seed", "2", "--paired-fraction", "0.5", "--labeled",
+                           "--shard-size", "4"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
     manifest = shards.read_manifest(str(out))
     assert summary["records"] == manifest["records"] == 10 and summary["shards"] == 3
     assert manifest["label_names"][0] == "unlabelled" and manifest["label_names"][1:] == list(synthetic.CLASSES)

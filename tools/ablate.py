@@ -15,13 +15,11 @@ alone. Programs are cached in DIR/.jax_cache, so points sharing an architecture
 compile it once.
 """
 import json
-import logging
 import os
 import time
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from pretrain import ablate
@@ -32,9 +30,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the points' runs 
 
 
 def main(argv):
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    cli.no_arguments(argv)
+    cli.setup_logging()
     if _GRID.value is None or not _WORKDIR.value:
         raise app.UsageError("--grid and --workdir are required")
     start = time.perf_counter()

@@ -159,7 +159,7 @@ def gb(n: float) -> str:
 
 
 def main(argv):
-    del argv
+    cli.no_arguments(argv)
     target = topology.get(_TOPOLOGY.value)
     if _MEMORY.value is not None:
         target = dataclasses.replace(target, memory_bytes=_MEMORY.value)

@@ -24,7 +24,6 @@ import json
 import logging
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from ringmoe import cli
@@ -45,11 +44,8 @@ _DRY = flags.DEFINE_boolean("dry-run", False, "Only each stage's parameter count
 
 
 def main(argv):
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    logging.getLogger("ringmoe").setLevel(logging.INFO)
+    cli.no_arguments(argv)
+    cli.setup_logging(absl_level=logging.ERROR)   # Orbax notes that it opened a directory read-only
     if _CONFIG.value is None or not _MODALITY.value:
         raise app.UsageError("--config and --modality are required")
     config = _CONFIG.value

@@ -8,55 +8,66 @@ Prints a short summary, then as its last line the JSON of `records`, `shards`,
 `bad_records` and `out`. Bad input stops with one error line (exit status 1) unless
 --max-bad-records allows skipping it.
 """
-import argparse
 import json
+
+from absl import flags
 
 from ringmoe import cli
 
+_OUT = flags.DEFINE_string("out", None, "Output directory (new or empty).", required=True)
+_SHARD_SIZE = flags.DEFINE_integer("shard-size", 1024, "Records per shard.", lower_bound=1)
+_MAX_BAD = flags.DEFINE_integer("max-bad-records", 0, "Skip and count up to K bad records "
+                                "(default 0: stop at the first).", lower_bound=0)
+# geotiff
+_MANIFEST = flags.DEFINE_string("manifest", None, "geotiff: CSV of co-registered GeoTIFFs "
+                                "(sample_id,sensor,path[,label_path]); paths relative to its directory.")
+_TILE = flags.DEFINE_integer("tile", None, "geotiff: cut rasters into SIZE x SIZE records.", lower_bound=1)
+_LABEL_NAMES = flags.DEFINE_string("label-names", None, "geotiff: class names by id: a scheme (esri_lulc9) "
+                                   "or comma-separated names, id 0 first.")
+_SOURCE = flags.DEFINE_string("source", "", "geotiff: provenance / attribution stored in the manifest.")
+# tfds
+_NAME = flags.DEFINE_string("name", None, "tfds: a prepared TFDS data set (eurosat/all, so2sat/all).")
+_SPLIT = flags.DEFINE_string("split", "train", "tfds: the split.")
+_DATA_DIR = flags.DEFINE_string("data-dir", None, "tfds: TFDS data_dir holding the prepared split.")
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.convert", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="kind", required=True)
-    g = sub.add_parser("geotiff", help="CSV of co-registered GeoTIFFs (sample_id,sensor,path[,label_path])")
-    g.add_argument("--manifest", required=True, help="CSV file; paths relative to its directory")
-    g.add_argument("--tile", type=int, default=None, help="cut rasters into SIZE x SIZE records")
-    g.add_argument("--label-names", default=None,
-                   help="class names by id: a scheme (esri_lulc9) or comma-separated names, id 0 first")
-    g.add_argument("--source", default="", help="provenance / attribution stored in the manifest")
-    t = sub.add_parser("tfds", help="a prepared TFDS split (eurosat/all, so2sat/all)")
-    t.add_argument("--name", required=True)
-    t.add_argument("--split", default="train")
-    t.add_argument("--data-dir", default=None, help="TFDS data_dir holding the prepared split")
-    for s in (g, t):
-        s.add_argument("--out", required=True, help="output directory (new or empty)")
-        s.add_argument("--shard-size", type=int, default=1024, help="records per shard")
-        s.add_argument("--max-bad-records", type=int, default=0,
-                       help="skip and count up to K bad records (default 0: stop at the first)")
-    return p
+KINDS = {"geotiff": (_MANIFEST, _TILE, _LABEL_NAMES, _SOURCE), "tfds": (_NAME, _SPLIT, _DATA_DIR)}
+REQUIRED = {"geotiff": _MANIFEST, "tfds": _NAME}
 
 
-@cli.command("tools.convert")
-def main(argv=None) -> None:
-    args = _parser().parse_args(argv)
-    if args.kind == "geotiff":
+def _kind(argv: list[str]) -> str:
+    """The source kind (the one positional argument); a flag of the other kind is a usage error."""
+    if len(argv) != 2 or argv[1] not in KINDS:
+        raise cli.UsageError(f"one source kind: python -m tools.convert {{{'|'.join(KINDS)}}} --out DIR ...")
+    kind = argv[1]
+    if REQUIRED[kind].value is None:
+        raise cli.UsageError(f"{kind} needs --{REQUIRED[kind].name}")
+    misplaced = [f"--{f.name}" for other, fs in KINDS.items() if other != kind for f in fs if f.present]
+    if misplaced:
+        raise cli.UsageError(f"{', '.join(misplaced)}: not a flag of {kind}")
+    return kind
+
+
+def main(argv) -> None:
+    kind = _kind(argv)
+    if kind == "geotiff":
         from ringmoe.data.ingest import geotiff
         manifest = geotiff.convert_geotiff(
-            args.manifest, args.out, tile=args.tile, shard_size=args.shard_size,
-            max_bad_records=args.max_bad_records, label_names=geotiff.label_names_from(args.label_names),
-            source=args.source)
+            _MANIFEST.value, _OUT.value, tile=_TILE.value, shard_size=_SHARD_SIZE.value,
+            max_bad_records=_MAX_BAD.value, label_names=geotiff.label_names_from(_LABEL_NAMES.value),
+            source=_SOURCE.value)
     else:
         from ringmoe.data.ingest import tfds
-        manifest = tfds.convert_tfds(args.name, args.out, split=args.split, data_dir=args.data_dir,
-                                     shard_size=args.shard_size, max_bad_records=args.max_bad_records)
+        manifest = tfds.convert_tfds(_NAME.value, _OUT.value, split=_SPLIT.value, data_dir=_DATA_DIR.value,
+                                     shard_size=_SHARD_SIZE.value, max_bad_records=_MAX_BAD.value)
     extra = manifest.get("extra", {})
-    print(f"wrote {manifest['records']} records in {len(manifest['shards'])} shard(s) to {args.out}; "
+    print(f"wrote {manifest['records']} records in {len(manifest['shards'])} shard(s) to {_OUT.value}; "
           f"modalities {dict((m, v['records']) for m, v in manifest['modalities'].items())}; "
           f"paired {manifest['paired_records']}; skipped {extra.get('bad_records', 0)} bad record(s)")
     for message in extra.get("errors", []):
         print(f"  skipped: {message}")
     print(json.dumps({"records": manifest["records"], "shards": len(manifest["shards"]),
-                      "bad_records": extra.get("bad_records", 0), "out": args.out}))
+                      "bad_records": extra.get("bad_records", 0), "out": _OUT.value}))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_absl("tools.convert", main)

@@ -1,11 +1,13 @@
 """`make demo`: the main job end to end at tiny size, on this machine, in minutes.
 
-    python -m tools.demo [--out demo_out] [--steps 150]
+    python -m tools.demo [--out demo_out] [--config configs/demo.py] [--config.total_steps=150] \
+        [--examples 256] [--probe-examples 2000] [--distill-steps 0]
 
-1. labelled synthetic data (tools.make_synthetic): a pretraining set and, from
-   another seed, a probe set of unseen scenes; the real Sentinel-1/2 chips cut
-   into 64 px tiles (tools.convert, data/real);
-2. pretraining of configs/tiny.py on the pretraining set (pretrain.train);
+1. labelled synthetic data (ringmoe/data/synthetic.py): a pretraining set and,
+   from another seed, a probe set of unseen scenes; the real Sentinel-1/2 chips
+   cut into tiles of the model's input size (ringmoe/data/ingest/geotiff.py);
+2. pretraining of configs/demo.py (configs/tiny.py, 150 steps) on the
+   pretraining set (pretrain.train; `--config.*` overrides it);
 3. probes on the frozen encoder vs its random initialisation and vs the raw
    input (band means/stds; a per-pixel head on the bands): linear and kNN
    scene classification of the probe set for every modality (the headline
@@ -14,37 +16,31 @@
    400 test records, so one record is 0.25 points; every figure carries its
    95 % interval (Wilson; a record bootstrap for mIoU);
 4. compression of the pretrained model to a dense SwinV2 for multispectral
-   (ringmoe.compress: statistics, extraction, pruning, merge, distillation,
-   export), every stage linear-probed on the probe set;
+   (ringmoe.compress: statistics, extraction, pruning, merge, export; the
+   distillation that follows the reference's merge with --distill-steps N),
+   every stage linear-probed on the probe set;
 5. DEMO_OUT/report.md with the figures and the PNGs (reconstructions, expert
    loads, loss curves, calibration statistics).
 Progress lines while it runs (the last one gives the wall time); the last line
 is a JSON summary of the results alone, the same for every run of one command.
 """
-import argparse
-import contextlib
-import io
 import json
+import logging
 import os
 import shutil
 import time
 
+from absl import flags
+from ml_collections import config_flags
+
 from ringmoe import cli
 
-REAL_CHIPS_CSV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "tests", "data", "real_chips.csv")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_CHIPS_CSV = os.path.join(REPO, "tests", "data", "real_chips.csv")
 
 
 def _step(i: int, n: int, text: str, start: float) -> None:
     print(f"[demo {i}/{n} | {time.perf_counter() - start:5.0f}s] {text}", flush=True)
-
-
-def _quiet(fn, *args):
-    """Runs a tool's main() keeping only its last (JSON) line."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        fn(*args)
-    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def _report(path: str, figures: dict, pictures: list[str]) -> None:
@@ -87,39 +83,41 @@ def _report(path: str, figures: dict, pictures: list[str]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-@cli.command("tools.demo")
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="demo_out", help="output directory (replaced)")
-    p.add_argument("--steps", type=int, default=150, help="pretraining steps")
-    p.add_argument("--examples", type=int, default=256, help="synthetic scenes to pretrain on")
-    p.add_argument("--probe-examples", type=int, default=2000,
-                   help="synthetic scenes to probe on (2000: 400 test records, 0.25 points each)")
-    p.add_argument("--distill-steps", type=int, default=100, help="distillation steps of the compressed model")
-    a = p.parse_args(argv)
-    start, n = time.perf_counter(), 6
-    shutil.rmtree(a.out, ignore_errors=True)
-    os.makedirs(a.out)
-    synthetic, probe_set, real, run = (os.path.join(a.out, d) for d in ("synthetic", "probe_set", "real_chips",
-                                                                        "run"))
+_OUT = flags.DEFINE_string("out", "demo_out", "Output directory (replaced).")
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "demo.py"),
+                                          "Pretraining config (configs/demo.py: configs/tiny.py, 150 steps).")
+_EXAMPLES = flags.DEFINE_integer("examples", 256, "Synthetic scenes to pretrain on.", lower_bound=1)
+_PROBE_EXAMPLES = flags.DEFINE_integer("probe-examples", 2000, "Synthetic scenes to probe on "
+                                       "(2000: 400 test records, 0.25 points each).", lower_bound=10)
+_DISTILL_STEPS = flags.DEFINE_integer("distill-steps", 0, "Distillation steps of the compressed model (0: stop "
+                                      "after the merge, as the reference does).", lower_bound=0)
 
-    from configs import tiny
-    from tools import convert, make_synthetic
-    _step(1, n, f"making {a.examples} + {a.probe_examples} labelled synthetic scenes, converting the real chips",
-          start)
-    made = _quiet(make_synthetic.main, ["--out", synthetic, "--examples", str(a.examples), "--image-size", "64",
-                                        "--seed", "0", "--labeled"])
-    _quiet(make_synthetic.main, ["--out", probe_set, "--examples", str(a.probe_examples), "--image-size", "64",
-                                 "--seed", "1", "--labeled"])
-    chips = _quiet(convert.main, ["geotiff", "--manifest", REAL_CHIPS_CSV, "--out", real, "--tile", "64",
-                                  "--label-names", "esri_lulc9"])
+
+def main(argv) -> None:
+    cli.no_arguments(argv)
+    cli.setup_logging(absl_level=logging.ERROR)   # Orbax notes that it opened a directory read-only
+    config, out = _CONFIG.value, _OUT.value
+    from pretrain.validate import validate_config
+    validate_config(config)   # before minutes of data making
+    start, n = time.perf_counter(), 6
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    synthetic_dir, probe_set, real, run = (os.path.join(out, d) for d in ("synthetic", "probe_set", "real_chips",
+                                                                          "run"))
+
+    from ringmoe.data import synthetic
+    from ringmoe.data.ingest import geotiff
+    _step(1, n, f"making {_EXAMPLES.value} + {_PROBE_EXAMPLES.value} labelled synthetic scenes, converting "
+          "the real chips", start)
+    made = synthetic.write(synthetic_dir, _EXAMPLES.value, config.model.image_size, seed=0, labeled=True)
+    synthetic.write(probe_set, _PROBE_EXAMPLES.value, config.model.image_size, seed=1, labeled=True)
+    chips = geotiff.convert_geotiff(REAL_CHIPS_CSV, real, tile=config.model.image_size,
+                                    label_names=geotiff.label_names_from("esri_lulc9"))
 
     from pretrain.train import train
-    config = tiny.get_config()
-    config.data_dir, config.total_steps = synthetic, a.steps
-    config.eval_every = max(a.steps // 4, 1)
-    config.log_every = max(a.steps // 20, 1)
-    _step(2, n, f"pretraining configs/tiny.py for {a.steps} steps (compiles first, ~1-2 min)", start)
+    config.data_dir = synthetic_dir
+    _step(2, n, f"pretraining {config_flags.get_config_filename(flags.FLAGS['config'])} for "
+          f"{config.total_steps} steps (compiles first, ~1-2 min)", start)
     t = time.perf_counter()
     last = train(config, run)
     train_seconds = time.perf_counter() - t
@@ -139,11 +137,11 @@ def main(argv=None) -> None:
         trained, model, real, ("segmentation",), "multispectral", baseline_model=random_init)]
 
     from ringmoe.compress.run import compress
-    _step(4, n, f"compressing to a dense multispectral SwinV2 ({a.distill_steps} distillation steps), "
+    _step(4, n, f"compressing to a dense multispectral SwinV2 ({_DISTILL_STEPS.value} distillation steps), "
           "probing every stage", start)
-    compression = compress(run, trained, "multispectral", os.path.join(a.out, "compressed"),
-                           keep=trained.compress.keep_collaborative, distill_steps=a.distill_steps,
-                           data_dir=synthetic, probe_data_dir=probe_set)
+    compression = compress(run, trained, "multispectral", os.path.join(out, "compressed"),
+                           keep=trained.compress.keep_collaborative, distill_steps=_DISTILL_STEPS.value,
+                           data_dir=synthetic_dir, probe_data_dir=probe_set)
 
     _step(5, n, "writing the report", start)
     records = read_jsonl(os.path.join(run, "metrics.jsonl"))
@@ -154,12 +152,12 @@ def main(argv=None) -> None:
     pictures = [os.path.join(run, "pictures", f) for f in ("loss_curves.png", "reconstructions_final.png",
                                                             "expert_load_final.png")]
     pictures += [compression["statistics"]["full"]["png"],
-                 os.path.join(a.out, "compressed", "distill", "loss_curves.png")]
+                 os.path.join(out, "compressed", "distill", "loss_curves.png")]
     from ringmoe.eval.intervals import accuracy_result, pooled_accuracy
     n_test = next(p["test_records"] for p in probes if p["probe"] == "linear" and p["modality"] == "multispectral")
     compressed_ci = {k: accuracy_result(v, n_test)["ci"] for k, v in compression["linear_probe"].items()}
-    report = os.path.join(a.out, "report.md")
-    _report(report, {"steps": a.steps, "synthetic_records": made["records"], "train_seconds": train_seconds,
+    report = os.path.join(out, "report.md")
+    _report(report, {"steps": config.total_steps, "synthetic_records": made["records"], "train_seconds": train_seconds,
                      "eval_terms": eval_terms, "probes": probes, "compression": compression,
                      "compressed_ci": compressed_ci}, [p for p in pictures if os.path.exists(p)])
 
@@ -189,4 +187,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_absl("tools.demo", main)

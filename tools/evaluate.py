@@ -69,8 +69,7 @@ def probe_overrides() -> dict:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])}")
+    cli.no_arguments(argv)
     missing = [f"--{f.name}" for f in (_CHECKPOINT, _DATA, _PROBE) if not f.value]
     if missing:
         raise cli.UsageError(f"{', '.join(missing)} required")
@@ -79,8 +78,7 @@ def main(argv) -> None:
     overrides = probe_overrides()
     if not os.path.isdir(_DATA.value):
         raise FileNotFoundError(errno.ENOENT, "no such data set directory", _DATA.value)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)   # Orbax notes that it opened a directory read-only
+    cli.setup_logging(logging.WARNING, absl_level=logging.ERROR)   # Orbax notes a directory opened read-only
 
     from ringmoe.eval.features import evaluate
     from ringmoe.model.checkpoint import load_pretrained

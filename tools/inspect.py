@@ -9,7 +9,6 @@ then as its LAST stdout line one JSON object with `records`, `decoded`,
 when any record is bad, 2 when the data set itself (directory, manifest) is unusable.
 Run it as a module: `python tools/inspect.py` would shadow the stdlib `inspect`.
 """
-import argparse
 import json
 import sys
 
@@ -46,12 +45,10 @@ def _summary(m: dict) -> list[str]:
     return lines
 
 
-@cli.command("tools.inspect", status={RecordError: 2})  # a data set it cannot read at all
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tools.inspect", description=__doc__.split("\n")[0])
-    p.add_argument("data_dir")
-    args = p.parse_args(argv)
-    m = shards.check_dataset(args.data_dir)
+def main(argv) -> None:
+    if len(argv) != 2:
+        raise cli.UsageError("one argument: the data set directory (python -m tools.inspect DIR)")
+    m = shards.check_dataset(argv[1])
     print("\n".join(_summary(m)))
     check = m["check"]
     print(json.dumps({
@@ -63,4 +60,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_absl("tools.inspect", main, status={RecordError: 2})  # 2: a data set it cannot read at all

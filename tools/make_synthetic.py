@@ -10,50 +10,46 @@ ringmoe/data/hardness.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
+
+from absl import flags
 
 from ringmoe import cli
 
+_OUT = flags.DEFINE_string("out", None, "Empty output directory.", required=True)
+_EXAMPLES = flags.DEFINE_integer("examples", None, "Number of records.", required=True, lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer("image-size", 64, "Record height = width in pixels.", lower_bound=8)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice.")
+_PAIRED = flags.DEFINE_float("paired-fraction", 1.0, "Share of records holding all four modalities "
+                             "(the rest hold one).", lower_bound=0.0, upper_bound=1.0)
+_LABELED = flags.DEFINE_boolean("labeled", False, "Store label maps and scene labels.")
+_SHARD_SIZE = flags.DEFINE_integer("shard-size", 1024, "Records per ArrayRecord shard.", lower_bound=1)
+_LOOKS = flags.DEFINE_float("looks", None, "SAR-L2 speckle looks (default: ringmoe/data/synthetic.py's 4.4).")
+_HARDNESS = flags.DEFINE_boolean("hardness", False, "Also report linear-probe accuracy (needs --labeled).")
 
-@cli.command("tools.make_synthetic")
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="empty output directory")
-    p.add_argument("--examples", type=int, required=True, help="number of records")
-    p.add_argument("--image-size", type=int, default=64, help="record height = width in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--paired-fraction", type=float, default=1.0,
-                   help="share of records holding all four modalities (the rest hold one)")
-    p.add_argument("--labeled", action="store_true", help="store label maps and scene labels")
-    p.add_argument("--shard-size", type=int, default=1024, help="records per ArrayRecord shard")
-    p.add_argument("--looks", type=float, default=None, help="SAR-L2 speckle looks (default 4.4)")
-    p.add_argument("--hardness", action="store_true", help="also report linear-probe accuracy (needs --labeled)")
-    a = p.parse_args(argv)
-    if a.examples < 1 or a.image_size < 8 or not 0.0 <= a.paired_fraction <= 1.0:
-        p.error("need --examples >= 1, --image-size >= 8 and --paired-fraction in [0, 1]")
-    if a.hardness and not a.labeled:
-        p.error("--hardness needs --labeled")
 
+def main(argv) -> None:
+    cli.no_arguments(argv)
+    if _HARDNESS.value and not _LABELED.value:
+        raise cli.UsageError("--hardness needs --labeled")
     from ringmoe.data import synthetic
-    kwargs = {"paired_fraction": a.paired_fraction, "labeled": a.labeled}
-    if a.looks is not None:
-        kwargs["looks"] = a.looks
+    kwargs = {"paired_fraction": _PAIRED.value, "labeled": _LABELED.value}
+    if _LOOKS.value is not None:
+        kwargs["looks"] = _LOOKS.value
     start = time.time()
-    manifest = synthetic.write(a.out, a.examples, a.image_size, a.seed, shard_size=a.shard_size, **kwargs)
-    summary = {"out": a.out, "records": manifest["records"], "paired_records": manifest["paired_records"],
+    manifest = synthetic.write(_OUT.value, _EXAMPLES.value, _IMAGE_SIZE.value, _SEED.value,
+                               shard_size=_SHARD_SIZE.value, **kwargs)
+    summary = {"out": _OUT.value, "records": manifest["records"], "paired_records": manifest["paired_records"],
                "single_modality_records": manifest["single_modality_records"],
                "modality_records": {m: v["records"] for m, v in manifest["modalities"].items()},
-               "shards": len(manifest["shards"]), "image_size": a.image_size, "seed": a.seed,
-               "labeled": a.labeled, "seconds": round(time.time() - start, 2)}
-    if a.hardness:
+               "shards": len(manifest["shards"]), "image_size": _IMAGE_SIZE.value, "seed": _SEED.value,
+               "labeled": _LABELED.value, "seconds": round(time.time() - start, 2)}
+    if _HARDNESS.value:
         from ringmoe.data import hardness
-        summary["hardness"] = hardness.label_hardness(a.out)
+        summary["hardness"] = hardness.label_hardness(_OUT.value)
     print(json.dumps(summary))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_absl("tools.make_synthetic", main)

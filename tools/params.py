@@ -17,7 +17,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 
 
 def main(argv):
-    del argv
+    cli.no_arguments(argv)
     config = _CONFIG.value
     counts = count(abstract_model(config.model), top_k=config.model.moe.top_k)
     print(table(counts))
