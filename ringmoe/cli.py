@@ -156,8 +156,19 @@ def define_config_dict(tool: str, name: str, default, help_text: str):
     defined (not when `run_absl` parses the flags): an override of a key `default` lacks is the
     same one-line usage error (status 2) as everywhere else."""
     from ml_collections import config_flags
+    return _defined_early(tool, config_flags.DEFINE_config_dict, name, default, help_text)
+
+
+def define_config_file(tool: str, name: str, default: str, help_text: str):
+    """`config_flags.DEFINE_config_file` with a default file: like a config dict, its overrides
+    are parsed as the flag is defined, with the same one-line usage error."""
+    from ml_collections import config_flags
+    return _defined_early(tool, config_flags.DEFINE_config_file, name, default, help_text)
+
+
+def _defined_early(tool: str, define, name: str, default, help_text: str):
     try:
-        return config_flags.DEFINE_config_dict(name, default, help_text)
+        return define(name, default, help_text)
     except (AttributeError, KeyError) as e:
         if debug_requested(sys.argv):
             raise

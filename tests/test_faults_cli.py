@@ -322,7 +322,9 @@ def test_data_tools_take_absl_flags_and_refuse_misplaced_ones(tmp_path):
              (("tools.convert", "--out", str(tmp_path / "b")), "one source kind: python -m tools.convert "
               "{geotiff|tfds} --out DIR ..."),
              (("tools.inspect",), "one argument: the data set directory (python -m tools.inspect DIR)"),
-             (("tools.params", "--config", "configs/tiny.py", "stray"), "unexpected arguments: stray")]
+             (("tools.params", "--config", "configs/tiny.py", "stray"), "unexpected arguments: stray"),
+             (("tools.demo", "--config.nonexistent=1"), "--config.nonexistent=1: the config has no key 'nonexistent'"),
+             (("tools.demo", "--config.total_steps=0"), "config.total_steps = 0: must be a positive integer")]
     for args, message in cases:
         proc = _tool(*args)
         assert (proc.returncode, proc.stderr.strip()) == (2, f"{args[0]}: error: {message}"), args

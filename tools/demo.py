@@ -84,8 +84,8 @@ def _report(path: str, figures: dict, pictures: list[str]) -> None:
 
 
 _OUT = flags.DEFINE_string("out", "demo_out", "Output directory (replaced).")
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(REPO, "configs", "demo.py"),
-                                          "Pretraining config (configs/demo.py: configs/tiny.py, 150 steps).")
+_CONFIG = cli.define_config_file("tools.demo", "config", os.path.join(REPO, "configs", "demo.py"),
+                                 "Pretraining config (configs/demo.py: configs/tiny.py, 150 steps).")
 _EXAMPLES = flags.DEFINE_integer("examples", 256, "Synthetic scenes to pretrain on.", lower_bound=1)
 _PROBE_EXAMPLES = flags.DEFINE_integer("probe-examples", 2000, "Synthetic scenes to probe on "
                                        "(2000: 400 test records, 0.25 points each).", lower_bound=10)
