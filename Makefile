@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo aot clean
+.PHONY: install test demo parity aot clean
 
 install: $(STAMP)
 
@@ -20,6 +20,19 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tools.demo
 
+# Parity with timm's SwinV2 in PyTorch, both ways (tools.parity). PyTorch lives in its own
+# environment, never in requirements.txt; `make test` stays free of it.
+PARITY_VENV := .venv-torch
+PARITY_STAMP := $(PARITY_VENV)/.installed
+
+$(PARITY_STAMP): requirements-parity.txt
+	test -x $(PARITY_VENV)/bin/python || $(PYTHON) -m venv $(PARITY_VENV)
+	$(PARITY_VENV)/bin/python -m pip install --disable-pip-version-check -q -r requirements-parity.txt
+	touch $(PARITY_STAMP)
+
+parity: $(STAMP) $(PARITY_STAMP)
+	$(PY) -m tools.parity --torch-python $(PARITY_VENV)/bin/python --workdir parity_out
+
 # The 14.7B ahead-of-time compile for every pod target (README "Running on a pod"):
 # 20-31 min and up to ~24 GB of host memory (plus swap for v5e-256) per target on 2 cores.
 # libtpu gives the TPU targets compile-only devices of their topology.
@@ -30,4 +43,4 @@ aot: $(STAMP)
 	  $(PY) -m tools.aot --config configs/ringmoe_14b.py:$$t --topology $$t || exit 1; done
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out parity_out .pytest_cache

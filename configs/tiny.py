@@ -23,7 +23,6 @@ def get_config():
     m.embed_dim = 32
     m.depths = (2, 2, 2, 2)
     m.num_heads = (2, 4, 8, 16)
-    m.cpb_hidden = 64
     m.modalities.optical = modality(3)
     m.modalities.multispectral = modality(12, "wavelength", S2_L2A_BANDS)  # Sentinel-2 L2A
     m.modalities.sar_l2 = modality(2)   # Sentinel-1 VV, VH

@@ -85,7 +85,6 @@ RULES: dict[str, Rule] = {
     "model.depths": POSITIVE_INTS,
     "model.num_heads": POSITIVE_INTS,
     "model.mlp_ratio": POSITIVE,
-    "model.cpb_hidden": POSITIVE_INT,
     "model.moe.num_modal_experts": COUNT,
     "model.moe.num_collaborative_experts": COUNT,
     "model.moe.top_k": POSITIVE_INT,

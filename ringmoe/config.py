@@ -48,7 +48,6 @@ def base_config() -> ConfigDict:
     c.model.depths = (2, 2, 18, 2)
     c.model.num_heads = (14, 28, 56, 112)
     c.model.mlp_ratio = 4.0           # (ref)
-    c.model.cpb_hidden = 512          # SwinV2 continuous position bias MLP width
     c.model.dtype = "float32"         # compute dtype; parameters stay float32
     c.model.remat = "none"            # none | block | dots_with_no_batch_dims_saveable | dots_saveable:
                                       # what each SwinV2 block keeps for the backward pass (model/ringmoe.py)

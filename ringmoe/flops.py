@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from ringmoe.model.embed import NUM_FREQS, WavelengthPatchEmbed, projected_channels
 from ringmoe.model.router import capacity
+from ringmoe.model.swin import CPB_HIDDEN
 
 # Vendor dense peaks in FLOP/s per chip, by compute dtype. float32 is what a
 # float32 matmul runs at under JAX's DEFAULT precision: TF32 tensor cores on
@@ -132,7 +133,7 @@ def forward_flops(model_config, modality: str, batch_size: int) -> dict[str, flo
         per_block = {
             "attention": _matmul(tokens, d, 3 * d) + _matmul(tokens, d, d),
             "scores": 2 * _matmul(tokens, n, d),
-            "cpb": _matmul(table, 2, model_config.cpb_hidden) + _matmul(table, model_config.cpb_hidden, heads),
+            "cpb": _matmul(table, 2, CPB_HIDDEN) + _matmul(table, CPB_HIDDEN, heads),
             "ffn": active_ffns_per_token(model_config, res * res) * 2 * _matmul(tokens, d, hidden),
             "router": sum(_matmul(tokens, d, e) for e in routed_experts),
         }

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -18,6 +17,7 @@ from ringmoe.compress.extraction import extract_modality, flat_params, unrolled
 from ringmoe.compress.run import compress
 from ringmoe.data.transform import ModalitySpec
 from ringmoe.model.checkpoint import load_pretrained
+from ringmoe.model.ffn import gelu
 from ringmoe.model.ringmoe import create_model
 from tests.small import initial_run, micro_config
 
@@ -83,9 +83,9 @@ def test_merge_keeps_a_full_width_expert_exactly_and_apportions_by_gate():
     expert = ("shared", rng.normal(size=(d, f)), rng.normal(size=f), rng.normal(size=(f, d)), rng.normal(size=d), 1.0)
     dense, report = merging.merge_block([expert], f)
     x = rng.normal(size=(5, d))
-    gelu = lambda h: np.asarray(jax.nn.gelu(h))  # noqa: E731
-    reference = gelu(x @ expert[1] + expert[2]) @ expert[3] + expert[4]
-    merged = gelu(x @ dense["fc1_kernel"] + dense["fc1_bias"]) @ dense["fc2_kernel"] + dense["fc2_bias"]
+    act = lambda h: np.asarray(gelu(h))  # noqa: E731  (the model's activation)
+    reference = act(x @ expert[1] + expert[2]) @ expert[3] + expert[4]
+    merged = act(x @ dense["fc1_kernel"] + dense["fc1_bias"]) @ dense["fc2_kernel"] + dense["fc2_bias"]
     np.testing.assert_allclose(merged, reference, rtol=1e-5, atol=1e-5)
     assert report == [{"group": "shared", "weight": 1.0, "rank": f, "energy_kept": 1.0}]
     # F / N units per group, split inside a group by mean gate; an unused expert gets none.
@@ -146,17 +146,19 @@ def test_pruning_keeps_a_loss_free_routers_bias_with_its_experts(micro_run):
 
 
 def _expected_swinv2_shapes(config, modality):
-    """timm SwinTransformerV2's parameter names and shapes, from the config alone."""
+    """timm SwinTransformerV2's parameter names and shapes, from the config alone (timm's
+    position-bias MLP is 512 wide, a constant of timm's, not of our config)."""
     m = config.model
-    c, p, cpb = m.modalities[modality].channels, m.patch_size, m.cpb_hidden
+    c, p, cpb = m.modalities[modality].channels, m.patch_size, 512
     shapes = {"patch_embed.proj.weight": (m.embed_dim, c, p, p), "patch_embed.proj.bias": (m.embed_dim,),
               "patch_embed.norm.weight": (m.embed_dim,), "patch_embed.norm.bias": (m.embed_dim,)}
     for i, (depth, heads) in enumerate(zip(m.depths, m.num_heads)):
         d = m.embed_dim * 2 ** i
         f = int(d * m.mlp_ratio)
-        if i:
-            shapes.update({f"layers.{i}.downsample.reduction.weight": (d, 2 * d),
-                           f"layers.{i}.downsample.norm.weight": (d,), f"layers.{i}.downsample.norm.bias": (d,)})
+        if i + 1 < len(m.depths):   # the original SwinV2 layout: stage i's merging ends it
+            shapes.update({f"layers.{i}.downsample.reduction.weight": (2 * d, 4 * d),
+                           f"layers.{i}.downsample.norm.weight": (2 * d,),
+                           f"layers.{i}.downsample.norm.bias": (2 * d,)})
         for j in range(depth):
             b = f"layers.{i}.blocks.{j}"
             shapes.update({

@@ -78,7 +78,10 @@ def test_dense_within_xla_cost_analysis():
     cost = jax.jit(fwd).lower(state, pixels).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     ratio = sum(flops.forward_flops(config, "optical", 2).values()) / cost["flops"]
-    assert 0.90 <= ratio <= 1.01, ratio
+    # The analytic count is matmuls only; XLA also counts elementwise work, here mostly the
+    # exact GELU's erf polynomial over every hidden unit (0.88 at this width; over 0.90 with the
+    # tanh approximation it replaced), a share that shrinks as the width grows.
+    assert 0.85 <= ratio <= 1.01, ratio
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

@@ -9,7 +9,7 @@ from flax import nnx
 
 from ringmoe import sharding
 from ringmoe.model.swin import (
-    PatchMerging, SwinV2Block, WindowAttention, relative_coords_table, shifted_window_mask)
+    MASK_VALUE, PatchMerging, SwinV2Block, WindowAttention, relative_coords_table, shifted_window_mask)
 
 D, HEADS, CPB = 16, 2, 32
 
@@ -147,7 +147,7 @@ def test_unshifted_windows_do_not_mix():
 def test_shifted_window_mask():
     mask = shifted_window_mask(8, 4, 2)
     assert mask.shape == (4, 16, 16)
-    assert set(np.unique(mask)) <= {0.0, -1e4}
+    assert set(np.unique(mask)) <= {0.0, MASK_VALUE} and MASK_VALUE == -100.0   # timm's value
     assert (mask[0] == 0).all()          # interior window: no wrapped tokens
     assert (mask[3] < 0).sum() > (mask[1] < 0).sum() > 0
     np.testing.assert_array_equal(mask, mask.transpose(0, 2, 1))

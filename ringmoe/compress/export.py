@@ -1,107 +1,35 @@
-"""Export of the dense model: Orbax checkpoint, safetensors with standard SwinV2 names, JSON sidecar.
+"""Export of the dense model: a directory timm loads, plus our own checkpoint.
 
-    <out>/checkpoint/        Orbax (`ringmoe.model.checkpoint.save_model`): loads with
-                             `load_pretrained` / `tools.evaluate --checkpoint`
     <out>/model.safetensors  the encoder under timm's SwinTransformerV2 names and
                              PyTorch layouts (Linear (out, in), Conv2d (out, in, kh, kw))
-    <out>/model.json         config, modality, bands with wavelengths, normalisation
-                             statistics, timm constructor arguments, every tensor's shape
+    <out>/config.json        timm's model config (architecture, model_args,
+                             pretrained_cfg with input size and per-band mean / std):
+                             `timm.create_model("local-dir:<out>", pretrained=True)`
+    <out>/model.json         what a remote-sensing user needs: the modality, every band
+                             with its physics (wavelength / bandwidth in nm, or radar
+                             frequency in GHz and polarisation), the pixels' physical
+                             unit, the normalisation, every tensor's shape, our config
+    <out>/checkpoint/        Orbax (`ringmoe.model.checkpoint.save_model`): loads with
+                             `load_pretrained` / `tools.evaluate --checkpoint`
+All files are written readable by everyone (0644).
 
-Name map (i = stage, j = block; our patch merging ends stage i, timm's
-`downsample` starts stage i + 1):
-
-    patch_embed.proj.{weight,bias}, patch_embed.norm.{weight,bias}
-    layers.i.blocks.j.attn.qkv.weight (3D, D)      layers.i.blocks.j.attn.{q_bias,v_bias} (D,)
-    layers.i.blocks.j.attn.logit_scale (H, 1, 1)   layers.i.blocks.j.attn.proj.{weight,bias}
-    layers.i.blocks.j.attn.cpb_mlp.0.{weight,bias} (cpb, 2), layers.i.blocks.j.attn.cpb_mlp.2.weight (H, cpb)
-    layers.i.blocks.j.norm1.{weight,bias}, ...norm2.{weight,bias}
-    layers.i.blocks.j.mlp.fc1.{weight,bias} (F, D), ...mlp.fc2.{weight,bias} (D, F)
-    layers.{i+1}.downsample.reduction.weight (2D, 4D), layers.{i+1}.downsample.norm.{weight,bias}
-    norm.{weight,bias}
-
-A wavelength-conditioned embedding is exported as the plain convolution it computes
-for the modality's configured bands (kernel_c / C, bias sum_c b_c / C). Not in
-the safetensors file (pretraining-only): the SimMIM mask token and decoders. One
-numerical difference from timm: our shifted-window mask is -1e4, timm's -100.
+The names and layouts: ringmoe/compress/timm_layout.py (one map, used both ways).
+The encoder computes what timm's computes (exact GELU, LayerNorm eps 1e-5, a
+512-wide position-bias MLP, mask value -100): `make parity` checks it in PyTorch.
 """
 from __future__ import annotations
 
 import json
 import os
 
-import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from ringmoe.compress.extraction import flat_params
+from ringmoe.compress.timm_layout import to_timm
 from ringmoe.model.checkpoint import save_model
-from ringmoe.model.embed import WavelengthPatchEmbed
 from ringmoe.model.ringmoe import RingMoE
 
 FORMAT = "ringmoe-swinv2-export"
-MOE_PARTS = ("modal_experts", "collaborative_experts", "shared_expert")   # parameter path names of a MoE FFN
-
-
-def _patch_embedding(model: RingMoE, modality: str, params) -> dict[str, np.ndarray]:
-    p = model.patch_size
-    embedding = model.embeddings[modality]
-    prefix = ("embeddings", modality)
-    if isinstance(embedding, WavelengthPatchEmbed):
-        kernels, biases = jax.device_get(embedding.generate(*model.spectra(modality)))   # (C, p*p, D), (C, D)
-        channels = kernels.shape[0]
-        weight = (kernels.reshape(channels, p, p, -1).transpose(3, 0, 1, 2) / channels)
-        bias = biases.sum(0) / channels
-    else:
-        kernel = params[prefix + ("proj", "kernel")]                                   # (p*p*C, D)
-        weight = kernel.reshape(p, p, -1, kernel.shape[-1]).transpose(3, 2, 0, 1)
-        bias = params[prefix + ("proj", "bias")]
-    return {"patch_embed.proj.weight": weight, "patch_embed.proj.bias": bias,
-            "patch_embed.norm.weight": params[prefix + ("norm", "scale")],
-            "patch_embed.norm.bias": params[prefix + ("norm", "bias")]}
-
-
-def _norm(params, path, name) -> dict[str, np.ndarray]:
-    return {f"{name}.weight": params[path + ("scale",)], f"{name}.bias": params[path + ("bias",)]}
-
-
-def _linear(params, path, name, bias=True) -> dict[str, np.ndarray]:
-    out = {f"{name}.weight": params[path + ("kernel",)].T}
-    if bias:
-        out[f"{name}.bias"] = params[path + ("bias",)]
-    return out
-
-
-def swinv2_state_dict(model: RingMoE, modality: str) -> dict[str, np.ndarray]:
-    """The dense encoder's parameters as {timm SwinV2 name: float32 array in PyTorch layout}."""
-    params = flat_params(model)
-    if any(key in MOE_PARTS for path in params for key in path):
-        raise ValueError("export: the model still has MoE layers; only the dense stage exports to SwinV2")
-    out = _patch_embedding(model, modality, params)
-    for i, stage in enumerate(model.stages):
-        for j in range(stage.depth):
-            path, name = ("stages", i, "blocks", j), f"layers.{i}.blocks.{j}"
-            attn = path + ("attn",)
-            qkv = params[attn + ("qkv",)]                                             # (D, 3, H, hd)
-            heads = qkv.shape[2]
-            out[f"{name}.attn.qkv.weight"] = qkv.reshape(qkv.shape[0], -1).T
-            out[f"{name}.attn.q_bias"] = params[attn + ("q_bias",)].reshape(-1)
-            out[f"{name}.attn.v_bias"] = params[attn + ("v_bias",)].reshape(-1)
-            out[f"{name}.attn.logit_scale"] = params[attn + ("logit_scale",)].reshape(heads, 1, 1)
-            proj = params[attn + ("proj", "kernel")]                                  # (H, hd, D)
-            out[f"{name}.attn.proj.weight"] = proj.reshape(-1, proj.shape[-1]).T
-            out[f"{name}.attn.proj.bias"] = params[attn + ("proj", "bias")]
-            out.update(_linear(params, attn + ("cpb_fc1",), f"{name}.attn.cpb_mlp.0"))
-            out.update(_linear(params, attn + ("cpb_fc2",), f"{name}.attn.cpb_mlp.2", bias=False))
-            out.update(_norm(params, path + ("norm1",), f"{name}.norm1"))
-            out.update(_linear(params, path + ("ffn", "ffn", "fc1"), f"{name}.mlp.fc1"))
-            out.update(_linear(params, path + ("ffn", "ffn", "fc2"), f"{name}.mlp.fc2"))
-            out.update(_norm(params, path + ("norm2",), f"{name}.norm2"))
-        if stage.merging is not None:
-            merging, name = ("stages", i, "merging"), f"layers.{i + 1}.downsample"
-            out.update(_linear(params, merging + ("reduction",), f"{name}.reduction", bias=False))
-            out.update(_norm(params, merging + ("norm",), f"{name}.norm"))
-    out.update(_norm(params, ("norm",), "norm"))
-    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
 def timm_arguments(config, modality: str) -> dict:
@@ -112,34 +40,79 @@ def timm_arguments(config, modality: str) -> dict:
             "window_size": m.window_size, "mlp_ratio": m.mlp_ratio, "num_classes": 0}
 
 
-def export(directory: str, model: RingMoE, config, modality: str, spec, extra: dict | None = None) -> dict:
-    """Writes the three artefacts of the dense `model` under `directory`; returns their paths.
+# A registered timm SwinV2 whose builder takes every size from `model_args` (timm merges
+# the entry point's defaults under them), so any of our configs is expressed exactly.
+TIMM_ARCHITECTURE = "swinv2_tiny_window8_256"
 
-    `spec` is the modality's `ModalitySpec` (band names, normalisation mean / std) of
-    the data the model was trained on.
+
+def timm_config(config, modality: str, spec) -> dict:
+    """timm's config.json: architecture, model_args and pretrained_cfg (input size, per-band
+    mean / std in the data's physical units, no classifier, no first-conv adaptation)."""
+    m = config.model
+    return {"architecture": TIMM_ARCHITECTURE, "num_classes": 0,
+            "num_features": m.embed_dim * 2 ** (len(m.depths) - 1),
+            "model_args": timm_arguments(config, modality),
+            "pretrained_cfg": {"input_size": [spec.channels, m.image_size, m.image_size], "fixed_input_size": True,
+                               "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+                               "mean": [float(v) for v in spec.mean], "std": [float(v) for v in spec.std],
+                               "num_classes": 0, "first_conv": None, "classifier": None,
+                               "description": f"RingMoE dense SwinV2 encoder for {modality} "
+                                              f"({spec.unit or 'unitless'} pixels, normalised per band)"}}
+
+
+def band_metadata(config, modality: str, spec) -> list[dict]:
+    """Every band with its physics (the data set's manifest; the config's wavelengths for a
+    spectral modality the manifest lacks them for): names, wavelength / bandwidth in nm,
+    radar frequency in GHz, polarisation."""
+    configured = {b[0]: {"wavelength_nm": b[1], "bandwidth_nm": b[2]}
+                  for b in config.model.modalities[modality].get("bands", ()) or ()}
+    known = {b["name"]: b for b in spec.band_metadata}
+    return [{"name": name, **configured.get(name, {}), **known.get(name, {})} for name in spec.bands]
+
+
+UNITS = {"wavelength_nm": "nm", "bandwidth_nm": "nm", "frequency_ghz": "GHz",
+         "reflectance": "surface or top-of-atmosphere reflectance, unitless, typically in [0, 1]",
+         "db": "backscatter sigma0 in dB, 10 log10 of linear power",
+         "complex": "scattering-matrix element, Re and Im as separate bands, linear amplitude"}
+
+
+def _write_json(path: str, content: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=1)
+    os.chmod(path, 0o644)
+
+
+def export(directory: str, model: RingMoE, config, modality: str, spec, extra: dict | None = None) -> dict:
+    """Writes the four artefacts of the dense `model` under `directory`; returns their paths.
+
+    `spec` is the modality's `ModalitySpec` (bands with their physics, the unit,
+    normalisation mean / std) of the data the model was trained on.
     """
     os.makedirs(directory, exist_ok=True)
-    tensors = swinv2_state_dict(model, modality)
-    configured = {b[0]: (b[1], b[2]) for b in config.model.modalities[modality].get("bands", ()) or ()}
+    tensors = to_timm(model, modality)
     sidecar = {
         "format": FORMAT,
         "architecture": "SwinV2 (timm SwinTransformerV2 parameter names, PyTorch layouts)",
         "modality": modality,
         "timm_arguments": timm_arguments(config, modality),
-        "bands": [{"name": name, "wavelength_nm": configured.get(name, (None, None))[0],
-                   "bandwidth_nm": configured.get(name, (None, None))[1]} for name in spec.bands],
+        "unit": spec.unit,
+        "bands": band_metadata(config, modality, spec),
+        "units": {k: v for k, v in UNITS.items() if k in ("wavelength_nm", "bandwidth_nm", "frequency_ghz")
+                  or k == spec.unit},
         "normalization": {"mean": np.asarray(spec.mean).tolist(), "std": np.asarray(spec.std).tolist(),
-                          "formula": "(pixel - mean) / std per band, in the data set's physical units"},
+                          "formula": "(pixel - mean) / std per band, pixel in the unit above"},
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "parameters": int(sum(v.size for v in tensors.values())),
         "not_exported": ["mask_token (SimMIM)", "decoders (SimMIM)", "power_decoders"],
         **(extra or {}),
     }
     paths = {"safetensors": os.path.join(directory, "model.safetensors"),
+             "timm_config": os.path.join(directory, "config.json"),
              "sidecar": os.path.join(directory, "model.json")}
     save_file(tensors, paths["safetensors"], metadata={"format": FORMAT, "modality": modality})
-    with open(paths["sidecar"], "w", encoding="utf-8") as f:
-        json.dump({**sidecar, "config": json.loads(config.to_json())}, f, indent=1)
+    os.chmod(paths["safetensors"], 0o644)   # safetensors writes 0600
+    _write_json(paths["timm_config"], timm_config(config, modality, spec))
+    _write_json(paths["sidecar"], {**sidecar, "config": json.loads(config.to_json())})
     paths["checkpoint"] = save_model(os.path.join(directory, "checkpoint"), config, model,
                                      {k: v for k, v in sidecar.items() if k not in ("tensors", "format")})
     return paths

@@ -186,7 +186,8 @@ def modality_specs(manifest: dict, config, data_dir: str) -> dict[str, ModalityS
             log.warning("%s: %s bands %s have std 0 in the manifest (constant over the data set): "
                         "normalised with std 1", data_dir, m, constant)
         std = np.where(std > 1e-12, std, 1.0).astype(np.float32)
-        specs[m] = ModalitySpec(bands=names, mean=mean, std=std)
+        specs[m] = ModalitySpec(bands=names, mean=mean, std=std, unit=entry.get("unit"),
+                                band_metadata=tuple(dict(b) for b in entry["bands"]))
     return specs
 
 

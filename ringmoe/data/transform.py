@@ -25,10 +25,14 @@ from ringmoe.errors import first_line
 
 @dataclasses.dataclass(frozen=True)
 class ModalitySpec:
-    """What the pipeline serves for one modality: band names (in order) and their statistics."""
+    """What the pipeline serves for one modality: band names (in order) and their statistics,
+    and what the manifest says of them (the pixels' physical unit, each band's physics:
+    wavelength / bandwidth in nm, or radar frequency in GHz and polarisation)."""
     bands: tuple[str, ...]
     mean: np.ndarray   # (C,) float32
     std: np.ndarray    # (C,) float32, > 0
+    unit: str | None = None
+    band_metadata: tuple[dict, ...] = ()
 
     @property
     def channels(self) -> int:

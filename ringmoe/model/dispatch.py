@@ -32,6 +32,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ringmoe.model.ffn import gelu
 from ringmoe.model.router import RoutingPlan
 from ringmoe.sharding import constrain
 
@@ -54,7 +55,7 @@ def run(path: str, weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
 def _expert_ffn(weights, xe: jax.Array) -> jax.Array:
     """Applies expert e to row block xe[e]: (E, N, D) -> (E, N, D)."""
     w_in, b_in, w_out, b_out = weights
-    h = jax.nn.gelu(jnp.einsum("end,edf->enf", xe, w_in) + b_in[:, None])
+    h = gelu(jnp.einsum("end,edf->enf", xe, w_in) + b_in[:, None])
     h = constrain(h, "act_expert", "batch", "act_mlp")   # tokens stay split: no gather of the batch
     return jnp.einsum("enf,efd->end", h, w_out) + b_out[:, None]
 
@@ -123,7 +124,7 @@ def ragged(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
     sizes = sizes.at[-1].add(rows - jnp.sum(sizes))                    # padding rows: last expert, discarded
     sorted_experts = jnp.minimum(key[order], num_experts - 1)
     inputs = jnp.take(x.reshape(groups * tokens, dim), order // top_k, axis=0)
-    h = jax.nn.gelu(jax.lax.ragged_dot(inputs, w_in, sizes) + b_in[sorted_experts])
+    h = gelu(jax.lax.ragged_dot(inputs, w_in, sizes) + b_in[sorted_experts])
     y = jax.lax.ragged_dot(h, w_out, sizes) + b_out[sorted_experts]
     # Back to (token, k) order; padding rows get distinct out-of-range targets and are dropped.
     target = jnp.where(key[order] < num_experts, order, listed + jnp.arange(rows))

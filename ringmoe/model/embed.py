@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ringmoe.model.ffn import gelu
 from ringmoe.model.swin import DENSE_INIT, ZEROS, LayerNorm
 from ringmoe.sharding import constrain, partitioned
 
@@ -156,8 +157,8 @@ class WavelengthPatchEmbed(nnx.Module):
 
     def generate(self, wavelengths_nm: jax.Array, bandwidths_nm: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Per-band kernels (C, p*p, D) and biases (C, D), in float32."""
-        h = nnx.gelu(self.fc1(spectral_features(wavelengths_nm, bandwidths_nm)))
-        h = nnx.gelu(self.fc2(h))
+        h = gelu(self.fc1(spectral_features(wavelengths_nm, bandwidths_nm)))
+        h = gelu(self.fc2(h))
         return self.kernel_head(h), self.bias_head(h)
 
     def project(self, x: jax.Array, wavelengths_nm: jax.Array, bandwidths_nm: jax.Array) -> jax.Array:

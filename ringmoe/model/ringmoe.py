@@ -32,7 +32,7 @@ from ringmoe.model import scan
 from ringmoe.model.decoders import SimMIMDecoder
 from ringmoe.model.embed import WavelengthPatchEmbed, build_embedding
 from ringmoe.model.moe import DenseFFN, HierarchicalMoE
-from ringmoe.model.swin import PatchMerging, SwinV2Block
+from ringmoe.model.swin import LayerNorm, PatchMerging, SwinV2Block
 from ringmoe.sharding import constrain, partitioned, state_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -82,7 +82,7 @@ class Stage(nnx.Module):
             return DenseFFN(dim, hidden, dtype=dtype, rngs=rngs)
 
         blocks = [SwinV2Block(dim, num_heads, resolution, config.window_size, shift=bool(i % 2), ffn=ffn(),
-                              cpb_hidden=config.cpb_hidden, dtype=dtype, rngs=rngs) for i in range(depth)]
+                              dtype=dtype, rngs=rngs) for i in range(depth)]
         self.blocks = scan.stack(blocks) if self.scanned else nnx.List(blocks)
         self.merging = PatchMerging(dim, dtype=dtype, rngs=rngs) if merge else None
 
@@ -134,8 +134,7 @@ class RingMoE(nnx.Module):
                                 merge=not last, dtype=self.dtype, rngs=rngs))
         self.stages = nnx.List(stages)
         self.out_dim = dim * 2 ** (len(config.depths) - 1)
-        self.norm = nnx.LayerNorm(self.out_dim, scale_init=partitioned(nnx.initializers.ones, "embed"),
-                                  bias_init=partitioned(nnx.initializers.zeros, "embed"), rngs=rngs)
+        self.norm = LayerNorm(self.out_dim, rngs=rngs)
         self.stride = config.patch_size * 2 ** (len(config.depths) - 1)
         self.decoders = nnx.Dict({m: SimMIMDecoder(self.out_dim, self.stride, config.modalities[m].channels,
                                                    rngs=rngs) for m in self.modalities})

@@ -28,9 +28,14 @@ from ringmoe.sharding import cast_sharded, constrain, partitioned
 DENSE_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 ZEROS = nnx.initializers.zeros_init()
 ONES = nnx.initializers.ones_init()
-# Additive mask for token pairs that must not attend. SwinV2 logits can reach
-# +-(100 + 16), so Swin's -100 would not fully mask; -1e4 still fits in fp16/bf16.
-MASK_VALUE = -1e4
+# Additive mask for token pairs that must not attend: SwinV2's and timm's -100, so that
+# the exported model computes exactly what timm computes. (Scaled cosine logits lie in
+# [-s, s] + (0, 16) with s = exp(logit_scale) <= 100; at the initial s = 10 a masked pair
+# weighs below e^-80 of an unmasked one. Only a head that learns s near 100 leaks, in both.)
+MASK_VALUE = -100.0
+# Width of the continuous position bias MLP: SwinV2's, and fixed in timm (no argument), so
+# not a config key: every config exports to a model timm builds from its own arguments.
+CPB_HIDDEN = 512
 LOG_MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -117,7 +122,7 @@ class WindowAttention(nnx.Module):
     q and v have biases, k has none.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, *, cpb_hidden: int,
+    def __init__(self, dim: int, num_heads: int, window_size: int, *, cpb_hidden: int = CPB_HIDDEN,
                  dtype=jnp.float32, rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"WindowAttention: dim {dim} not divisible by num_heads {num_heads}")
@@ -197,7 +202,7 @@ class SwinV2Block(nnx.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, resolution: int, window_size: int, shift: bool,
-                 ffn: nnx.Module, *, cpb_hidden: int, dtype=jnp.float32, rngs: nnx.Rngs,
+                 ffn: nnx.Module, *, cpb_hidden: int = CPB_HIDDEN, dtype=jnp.float32, rngs: nnx.Rngs,
                  zero_init_post_norm: bool = False):
         if resolution <= window_size:
             window_size, shift_size = resolution, 0
