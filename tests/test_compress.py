@@ -233,7 +233,7 @@ def test_compress_runs_every_stage_and_saves_loadable_models(micro_run, tmp_path
     for name in ("full.json", "full.png", "pruned.json", "pruned.png"):
         assert os.path.getsize(os.path.join(out, "statistics", name)) > 0
     assert os.path.exists(os.path.join(out, "distill", "loss_curves.png"))
-    assert set(report["export"]) == {"safetensors", "sidecar", "checkpoint"}
+    assert set(report["export"]) == {"safetensors", "timm_config", "sidecar", "checkpoint"}
     markdown = open(os.path.join(out, "report.md")).read()
     assert "| dense | " in markdown and "| block | tokens | rho | held-out error | SVD merge |" in markdown
     assert len(report["merge_fit"]) == len(report["merge_ranks"]) == 2

@@ -76,8 +76,11 @@ def _report(path: str, figures: dict, pictures: list[str]) -> None:
         name = stage["name"]
         lines.append(f"| {stage['name']} | {stage['params']:,} | "
                      f"{fmt(compression['linear_probe'][name], figures['compressed_ci'][name])} |")
-    lines += ["", f"Exported: {compression['export']['safetensors']} (timm SwinV2 names), "
-              f"{compression['export']['sidecar']}, {compression['export']['checkpoint']}.", ""]
+    export = compression["export"]
+    lines += ["", f"Exported: {os.path.dirname(export['safetensors'])}, which timm loads as it is "
+              f"(`timm.create_model(\"local-dir:{os.path.dirname(export['safetensors'])}\", pretrained=True)`): "
+              f"{export['safetensors']} (timm SwinV2 names), {export['timm_config']} (timm's config), "
+              f"{export['sidecar']} (bands, units, normalisation), {export['checkpoint']} (Orbax).", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, os.path.dirname(path))})" for p in pictures]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
