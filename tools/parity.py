@@ -23,6 +23,7 @@ when not passed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -76,7 +77,7 @@ def _relative_error(a, b) -> float:
 
 def main(argv) -> None:
     cli.no_arguments(argv)
-    cli.setup_logging(absl_level=40)
+    cli.setup_logging(absl_level=logging.ERROR)
     if not os.access(_TORCH_PYTHON.value, os.X_OK):
         raise FileNotFoundError(2, "no parity Python (make parity creates .venv-torch)", _TORCH_PYTHON.value)
     import shutil

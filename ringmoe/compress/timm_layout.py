@@ -36,9 +36,11 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
-from ringmoe.compress.extraction import Path, flat_params
+from safetensors.numpy import load_file
+
+from ringmoe.compress.extraction import Path, build, flat_params
 from ringmoe.model.embed import WavelengthPatchEmbed
-from ringmoe.model.ringmoe import RingMoE
+from ringmoe.model.ringmoe import RingMoE, create_model
 
 MOE_PARTS = ("modal_experts", "collaborative_experts", "shared_expert")   # parameter path names of a MoE FFN
 
@@ -180,11 +182,6 @@ def import_swinv2(path: str, config, modality: str | None = None) -> tuple[RingM
     timm's names (timm's native or the original layout). The pretraining-only parameters a
     SwinV2 checkpoint does not hold (SimMIM mask token and decoders) keep their initial
     values from `config.seed`; the report lists them. Returns (model, report)."""
-    from safetensors.numpy import load_file
-
-    from ringmoe.compress.extraction import build
-    from ringmoe.model.ringmoe import create_model
-
     modalities = list(config.model.modalities)
     modality = modality or (modalities[0] if len(modalities) == 1 else None)
     if modality not in modalities:
