@@ -32,6 +32,7 @@ RESUME_ALLOWED = LOGGING_KEYS + (
     "model.remat",            # what the backward pass recomputes: memory, not values
     "probe",                  # settings of later tools (evaluation, compression), unused here
     "compress",
+    "upcycle",                # how tools.upcycle made the step-0 checkpoint: done before training starts
 )
 
 ABSENT = "<absent>"

@@ -58,7 +58,7 @@ from pretrain.validate import validate_config
 from ringmoe import cli, flops, sharding, visualize
 from ringmoe.data.pipeline import Pipeline
 from ringmoe.training import distributed
-from ringmoe.training.checkpoint import Checkpointer, SaveError, abstract_with_shardings
+from ringmoe.training.checkpoint import FRESH_DATA_STATE, Checkpointer, SaveError, abstract_with_shardings
 from ringmoe.training.metrics import MetricsWriter, flatten_router_stats, json_line, router_load_matrices
 from ringmoe.training.state import abstract_state, create_state
 from ringmoe.training.step import batch_shardings, jit_train_step, make_eval_step, to_device
@@ -166,8 +166,11 @@ def check_saved_config(config, step: int, meta: dict) -> None:
         log.warning("resuming checkpoint %d under changed settings: %s", step, resume.describe(allowed))
 
 
-def own_data_state(data_state: dict) -> dict:
-    """This process's iterator state out of a checkpoint's data item (`gathered_data_state`)."""
+def own_data_state(data_state: dict) -> dict | None:
+    """This process's iterator state out of a checkpoint's data item (`gathered_data_state`);
+    None for a checkpoint that starts a run (`FRESH_DATA_STATE`: an upcycled model's step 0)."""
+    if data_state == FRESH_DATA_STATE:
+        return None
     if "processes" not in data_state:  # a checkpoint from before the states were gathered
         return data_state
     states = data_state["processes"]
@@ -238,7 +241,8 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                                                check_meta=lambda step, meta: check_saved_config(config, step, meta))
         if restored is not None:
             start, state, data_state, _ = restored
-            pipeline.set_state(own_data_state(data_state))
+            if (own := own_data_state(data_state)) is not None:
+                pipeline.set_state(own)
             log.info("resumed from step %d", start)
         else:
             start = 0

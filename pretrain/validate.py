@@ -124,6 +124,11 @@ RULES: dict[str, Rule] = {
     "compress.distill_warmup_steps": COUNT,
     "compress.feature_weight": NON_NEGATIVE,
     "compress.reconstruction_weight": NON_NEGATIVE,
+    "upcycle.noise": NON_NEGATIVE,
+    "upcycle.reinit_fraction": PROBABILITY,
+    "upcycle.calibration_images": POSITIVE_INT,
+    "upcycle.kmeans_tokens": POSITIVE_INT,
+    "upcycle.kmeans_iterations": POSITIVE_INT,
 }
 
 

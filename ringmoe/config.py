@@ -181,4 +181,16 @@ def base_config() -> ConfigDict:
         "feature_weight": 1.0,            # MSE of layer-normalised stage features, student vs teacher
         "reconstruction_weight": 1.0,     # the pretraining objective of the modality, on masked input
     })
+
+    # Sparse upcycling of a dense model into this config's MoE (ringmoe/upcycle, `python -m tools.upcycle`).
+    c.upcycle = ConfigDict({
+        "router_init": "random",          # ringmoe.upcycle.routers.ROUTER_INITS: random | kmeans | uniform
+        "noise": 0.0,                     # Gaussian noise on each expert copy, std relative to the weight's
+        "reinit_fraction": 0.0,           # Drop-Upcycling: share of each expert's hidden units re-initialised
+        "calibration_images": 64,         # kmeans: images per modality whose FFN inputs are clustered
+        "kmeans_tokens": 8192,            # kmeans: tokens per modality and block sampled from those
+        "kmeans_iterations": 25,          # kmeans: Lloyd iterations (spherical k-means)
+        "source_key": "",                 # set by tools.ablate: the config key of the dense run upcycled, so
+                                          # that a changed first stage retrains the second (provenance only)
+    })
     return c

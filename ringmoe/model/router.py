@@ -51,6 +51,9 @@ class RoutingPlan(NamedTuple):
     capacity: int
 
 
+INIT_STD = 0.02   # std of a fresh router kernel's entries
+
+
 class Router(nnx.Module):
     """Bias-free linear map from a token to one logit per expert (no router noise).
 
@@ -59,7 +62,7 @@ class Router(nnx.Module):
     """
 
     def __init__(self, dim: int, num_experts: int, *, rngs: nnx.Rngs, selection_bias: bool = False):
-        self.kernel = nnx.Param(partitioned(nnx.initializers.normal(0.02), "embed", None)(
+        self.kernel = nnx.Param(partitioned(nnx.initializers.normal(INIT_STD), "embed", None)(
             rngs.params(), (dim, num_experts), jnp.float32))
         self.bias = (nnx.Param(partitioned(nnx.initializers.zeros, None)(rngs.params(), (num_experts,), jnp.float32))
                      if selection_bias else None)
@@ -170,6 +173,11 @@ class TokenChoice:
         scores = probs if bias is None else probs + bias
         return _token_choice(probs, scores, top_k, self.capacity(tokens, num_experts, top_k, capacity_factor))
 
+    def uniform_gate_sum(self, num_experts: int, top_k: int, capacity_factor: float) -> float:
+        """A token's gates summed, when every expert is equally likely and nothing is dropped:
+        top-1 keeps the probability 1/E; top-k >= 2 renormalises its k gates to sum to 1."""
+        return 1.0 / num_experts if top_k == 1 else 1.0
+
     def balance(self, probs, plan):
         """(load (E,) over all assignments, dropped fraction, Switch loss on first choices)."""
         num_experts = probs.shape[-1]
@@ -201,6 +209,13 @@ class ExpertChoice:
     def plan(self, probs, top_k, capacity_factor, bias=None) -> RoutingPlan:
         groups, tokens, num_experts = probs.shape
         return _expert_choice(probs, capacity(tokens, num_experts, top_k, capacity_factor))
+
+    def uniform_gate_sum(self, num_experts: int, top_k: int, capacity_factor: float) -> float:
+        """A token's gates summed on average when every expert is equally likely: the E experts
+        take C = capacity_factor * S * k / E tokens each, so a token has capacity_factor * k
+        experts on average, each with gate 1/E (an average only: how many experts a token
+        gets varies)."""
+        return capacity_factor * top_k / num_experts
 
     def balance(self, probs, plan):
         """(load (E,) over chosen pairs, fraction of tokens with no expert, 0)."""

@@ -72,6 +72,11 @@ _ORBAX_RESTORE_BARRIER = ocp.multihost.unique_barrier_key("Checkpointer:restore"
 TMP_SUFFIX = ocp.path.atomicity.TMP_DIR_SUFFIX
 
 
+# The data item of a checkpoint that starts a run rather than continuing one (an upcycled
+# model's step 0, `ringmoe.upcycle.build.write_run`): the data stream starts at its beginning.
+FRESH_DATA_STATE = {"stream": "start"}
+
+
 class SaveError(RuntimeError):
     """An asynchronous checkpoint save failed; the message names the step, the cause and
     the newest checkpoint that is still good."""

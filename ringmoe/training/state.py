@@ -70,7 +70,12 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def _init(config, tx):
-    params = nnx.state(RingMoE(config.model, rngs=ParamKeys(config.seed)), nnx.Param)
+    return start_state(config, nnx.state(RingMoE(config.model, rngs=ParamKeys(config.seed)), nnx.Param), tx)
+
+
+def start_state(config, params, tx) -> TrainState:
+    """The state of step 0 around `params`: a fresh optimiser, the run's RNG, no skipped updates
+    (a new run's, or an upcycled one's, `ringmoe.upcycle.build`)."""
     return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
                       rng=jax.random.key_data(jax.random.key(config.seed)), nonfinite=jnp.zeros((), jnp.int32))
 
