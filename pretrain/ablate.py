@@ -6,7 +6,11 @@ A grid file (configs/ablations/NAME.py) returns a ConfigDict with
   probe_data_dir  labelled records to probe on (default: data_dir; better: unseen scenes);
   budget     config overrides shared by all points (total_steps, ...);
   probe      the probe run on each point's frozen encoder (knn | linear);
-  points     ((name, {dotted config key: value}), ...);
+  points     ((name, {dotted config key: value}), ...); a point (name, overrides, source)
+             is the second stage of a two-stage recipe: its run starts from the
+             final checkpoint of the earlier point `source` (same seed), upcycled into
+             its MoE (`ringmoe.upcycle`, settings in its `upcycle.*` keys), and its
+             steps are counted with the source's;
   seeds      runs per point, seeds config.seed + 0 .. seeds - 1 (default 3): a point's
              figures are the mean and standard deviation over them, since one run's
              probe differs from the next by more than many ablation effects;
@@ -106,8 +110,11 @@ def set_aside_if_stale(name: str, config: ConfigDict, workdir: str, key: str) ->
     return aside
 
 
-def run_point(name: str, config: ConfigDict, workdir: str, probe: str, probe_data_dir: str) -> dict:
-    """Trains (or resumes) one point, probes every modality, writes and returns result.json."""
+def run_point(name: str, config: ConfigDict, workdir: str, probe: str, probe_data_dir: str,
+              source: tuple[str, str, int] | None = None) -> dict:
+    """Trains (or resumes) one point, probes every modality, writes and returns result.json.
+    `source` (name, workdir, total steps): a two-stage point's first stage, whose final
+    checkpoint is upcycled into this run's step 0 when the run has no checkpoint yet."""
     from pretrain import resume
     from pretrain.train import train
     from ringmoe.eval.features import evaluate
@@ -120,12 +127,18 @@ def run_point(name: str, config: ConfigDict, workdir: str, probe: str, probe_dat
             result = json.load(f)
         log.info("%s: done already (%s)", name, path)
         return result
+    if source is not None and resume.saved_config(workdir) is None:
+        from ringmoe.upcycle.run import upcycle
+        report = upcycle(source[1], config, workdir)
+        log.info("%s: upcycled %s (step %d), step-0 feature distance %s", name, source[0], report["source_step"],
+                 report["step0_feature_distance"])
     train(config, workdir)
     trained, model, step = load_pretrained(workdir)
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     final = {k: v for r in records if r.get("step") == step for k, v in r.items()}
     modalities = list(config.model.modalities.keys())
-    result = {"name": name, "config_key": key, "total_steps": config.total_steps, "probe": probe,
+    result = {"name": name, "config_key": key, "total_steps": config.total_steps + (source[2] if source else 0),
+              "source": source[0] if source else None, "probe": probe,
               "active_tflops_per_image": flops.model_flops_per_step(config.model, {m: 1 for m in modalities},
                                                                     training=False) / len(modalities) / 1e12,
               "loss": final.get("loss"), "simmim": {}, "probe_value": {}}
@@ -152,6 +165,7 @@ def summarise(name: str, runs: list[dict]) -> dict:
 
     first = runs[0]
     out = {"name": name, "seeds": len(runs), "runs": runs, "total_steps": first["total_steps"],
+           "source": first.get("source"),
            "probe": first["probe"], "metric": first.get("metric", ""),
            "active_tflops_per_image": first["active_tflops_per_image"]}
     for key in ("loss", "probe_mean"):
@@ -165,28 +179,43 @@ def summarise(name: str, runs: list[dict]) -> dict:
 
 def run(grid: ConfigDict, workdir: str) -> list[dict]:
     """Every point of the grid in order, each with `grid.seeds` seeds; returns their summaries."""
+    from pretrain import resume
+
     if not grid.data_dir:
         raise ValueError("the grid has no data set: pass --grid.data_dir=DIR")
-    names = [name for name, _ in grid.points]
+    names = [point[0] for point in grid.points]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate point names in the grid: {names}")
+    sources = {point[0]: point[2] for point in grid.points if len(point) > 2}
+    for name, source in sources.items():
+        if source not in names[:names.index(name)]:
+            raise ValueError(f"point {name!r} starts from {source!r}, which is not an earlier point of the grid")
     only = [n for n in str(grid.get("only", "") or "").split(",") if n]
     if set(only) - set(names):
         raise ValueError(f"--grid.only names unknown points {sorted(set(only) - set(names))} (have {names})")
+    missing = [f"{n} (starts from {sources[n]})" for n in only if n in sources and sources[n] not in only]
+    if missing:
+        raise ValueError(f"--grid.only must name the first stage of {', '.join(missing)} too")
     seeds = int(grid.get("seeds", 3))
     if seeds < 1:
         raise ValueError(f"--grid.seeds must be >= 1, got {seeds}")
-    configs = [(name, point_config(grid, dict(overrides))) for name, overrides in grid.points
-               if not only or name in only]  # every config is built before any training: fail early
-    results = []
+    configs = [(point[0], point_config(grid, dict(point[1]))) for point in grid.points
+               if not only or point[0] in only]  # every config is built before any training: fail early
+    results, seeded_configs = [], {}
     for i, (name, config) in enumerate(configs):
         runs = []
         for s in range(seeds):
             log.info("point %d/%d: %s, seed %d/%d", i + 1, len(configs), name, s + 1, seeds)
             seeded = ConfigDict(config.to_dict())
             seeded.seed = config.seed + s
+            source = None
+            if name in sources:
+                first = seeded_configs[sources[name], s]
+                seeded.upcycle.source_key = resume.config_key(resume.as_json(first))
+                source = (sources[name], os.path.join(workdir, sources[name], f"seed-{s}"), first.total_steps)
+            seeded_configs[name, s] = seeded
             runs.append(run_point(name, seeded, os.path.join(workdir, name, f"seed-{s}"), grid.probe,
-                                  grid.get("probe_data_dir") or grid.data_dir))
+                                  grid.get("probe_data_dir") or grid.data_dir, source))
         results.append(summarise(name, runs))
     return results
 
@@ -206,7 +235,8 @@ def write_report(results: list[dict], workdir: str, title: str) -> tuple[str, st
     lines = [f"# Ablation: {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         sd = lambda key, m=None: (r.get(f"{key}_sd") or {}).get(m) if m else r.get(f"{key}_sd")  # noqa: E731
-        row = ([r["name"], str(r["total_steps"]), _fmt(1e3 * r["active_tflops_per_image"], 2),
+        steps = str(r["total_steps"]) + (f" (from {r['source']})" if r.get("source") else "")
+        row = ([r["name"], steps, _fmt(1e3 * r["active_tflops_per_image"], 2),
                 _fmt(r["loss"], sd=sd("loss"))]
                + [_fmt(r["simmim"].get(m), sd=sd("simmim", m)) for m in modalities]
                + [_fmt(r["probe_value"].get(m), sd=sd("probe_value", m)) for m in modalities]

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from configs.ablations import moe_vs_dense, physics_terms
+from configs.ablations import moe_vs_dense, physics_terms, upcycling
 from pretrain import ablate
 from ringmoe import flops
 
@@ -72,7 +72,7 @@ def test_report_table_and_plot_with_seeds(tmp_path):
 def test_every_point_runs_with_each_seed(tmp_path, monkeypatch):
     seen = []
 
-    def fake_run_point(name, config, workdir, probe, probe_data_dir):
+    def fake_run_point(name, config, workdir, probe, probe_data_dir, source=None):
         seen.append((name, config.seed, os.path.relpath(workdir, tmp_path)))
         return {"name": name, "total_steps": config.total_steps, "probe": probe, "metric": "top1_accuracy",
                 "active_tflops_per_image": 0.01, "loss": 1.0, "simmim": {"optical": 0.4},
@@ -124,3 +124,39 @@ def test_a_finished_point_is_reused_only_under_its_own_config(tmp_path, monkeypa
     assert len(trained) == 2 and trained[-1].objectives.simmim == 0.5
     assert any(p.startswith(f"{name}.stale-") for p in os.listdir(tmp_path))  # the old run is kept aside
     assert run(**{"objectives.simmim": 0.5})["loss"] == 2.0 and len(trained) == 2
+
+
+def test_upcycling_grid_starts_each_second_stage_from_its_first_with_the_same_seed(tmp_path, monkeypatch):
+    from pretrain import resume
+    seen = {}
+
+    def fake_run_point(name, config, workdir, probe, probe_data_dir, source=None):
+        seen[name, config.seed] = (config, source)
+        return {"name": name, "total_steps": config.total_steps + (source[2] if source else 0),
+                "source": source[0] if source else None, "probe": probe, "metric": "top1_accuracy",
+                "active_tflops_per_image": 0.01, "loss": 1.0, "simmim": {"optical": 0.4},
+                "probe_value": {"optical": 0.5}, "probe_mean": 0.5}
+
+    monkeypatch.setattr(ablate, "run_point", fake_run_point)
+    grid = upcycling.get_config()
+    grid.data_dir = "/data"
+    results = {r["name"]: r for r in ablate.run(grid, str(tmp_path))}
+    # every point trains the same number of steps in all
+    assert {r["total_steps"] for r in results.values() if r["name"] != "dense_first_stage"} == {100}
+    for seed in range(3):
+        first, _ = seen["dense_first_stage", seed]
+        for point, init in (("upcycled_random", "random"), ("upcycled_kmeans", "kmeans")):
+            config, source = seen[point, seed]
+            assert source == ("dense_first_stage", str(tmp_path / "dense_first_stage" / f"seed-{seed}"), 50)
+            assert config.model.moe.enabled and not first.model.moe.enabled and config.upcycle.router_init == init
+            # the first stage's config is part of the second's key: a changed first stage retrains both
+            assert config.upcycle.source_key == resume.config_key(resume.as_json(first))
+    assert seen["moe_scratch", 0][1] is None
+
+    grid.only = "upcycled_random"
+    with pytest.raises(ValueError, match="must name the first stage of upcycled_random"):
+        ablate.run(grid, str(tmp_path))
+    grid.only = ""
+    grid.points = (("b", {}, "a"), ("a", {}))
+    with pytest.raises(ValueError, match="'b' starts from 'a', which is not an earlier point"):
+        ablate.run(grid, str(tmp_path))

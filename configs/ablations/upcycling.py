@@ -1,0 +1,32 @@
+"""Sparse upcycling vs training the MoE from scratch vs staying dense, at one total step count.
+
+    python -m tools.ablate --grid configs/ablations/upcycling.py --workdir /tmp/abl_upcycling \
+        --grid.data_dir=/tmp/syn64 --grid.probe_data_dir=/tmp/probe_set
+
+Every point trains 100 steps in all (configs/tiny.py, 3 seeds):
+
+  moe_scratch       the hierarchical MoE from its random init, 100 steps;
+  dense             the dense SwinV2 (configs/tiny.py, MoE off), 100 steps;
+  dense_first_stage the dense SwinV2, 50 steps: the first stage of the two below;
+  upcycled_random   dense_first_stage's final checkpoint upcycled (every expert a copy of
+                    its FFN, ringmoe/upcycle), fresh random routers, 50 MoE steps;
+  upcycled_kmeans   the same with k-means routers from the data set's FFN inputs.
+
+The second stage starts a new schedule (warm-up, cosine) and a fresh optimiser, as
+`tools.upcycle` + `pretrain.train` do. Measured on this 2-core CPU: see the README's
+"Sparse upcycling" section for the table.
+"""
+from configs.ablations.common import grid
+
+FIRST, SECOND = 50, 50
+
+
+def get_config():
+    dense = {"model.moe.enabled": False}
+    return grid((
+        ("moe_scratch", {"total_steps": FIRST + SECOND}),
+        ("dense", {**dense, "total_steps": FIRST + SECOND}),
+        ("dense_first_stage", {**dense, "total_steps": FIRST}),
+        ("upcycled_random", {"total_steps": SECOND, "upcycle.router_init": "random"}, "dense_first_stage"),
+        ("upcycled_kmeans", {"total_steps": SECOND, "upcycle.router_init": "kmeans"}, "dense_first_stage"),
+    ))
