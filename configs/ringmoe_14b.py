@@ -1,7 +1,8 @@
 """RingMoE giant, the reference model (DESIGN.md s.2): SwinV2 embed 448,
 depths 2/2/18/2, heads 14/28/56/112, window 12, patch 4, 192 px; hierarchical
 MoE in all 24 blocks: 4 modal experts per modality, 4 collaborative, 1 shared.
-Expected: 14.74B parameters in all, 6.53B per modality, about 2.4B active per token.
+Expected: 14.83B parameters in all (the paper: 14.74B; README "Configs" says where the
+0.6 % comes from), 6.55-6.58B per modality, about 2.45B active per token.
 
     python -m tools.params --config configs/ringmoe_14b.py
     python -m tools.aot --config configs/ringmoe_14b.py:v5e-256 --topology v5e-256

@@ -100,9 +100,11 @@ def main(argv):
         return
     if not _OUT.value:
         raise app.UsageError("--out is required (or --dry-run)")
-    if _FROM.value.endswith(".py") or not os.path.isdir(_FROM.value):
+    if _FROM.value.endswith(".py"):
         raise app.UsageError(f"--from {_FROM.value}: a real upcycling needs a checkpoint directory "
                              "(a config file only serves --dry-run)")
+    if not os.path.isdir(_FROM.value):
+        raise app.UsageError(f"--from {_FROM.value}: no such checkpoint directory")
     from ringmoe.upcycle.run import upcycle
     report = upcycle(_FROM.value, config, _OUT.value)
     for kind, n in report["params"].items():

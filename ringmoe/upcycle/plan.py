@@ -34,6 +34,7 @@ EXPERT_SOURCE = {"w_in": ("fc1/kernel", 2), "b_in": ("fc1/bias", 1), "w_out": ("
                  "b_out": ("fc2/bias", 1)}
 ROUTED = {"modal_experts": "modal", "collaborative_experts": "collaborative"}
 KINDS = ("copied", "expert", "shared", "router", "fresh")
+SHOWN = 8   # mismatched shapes named in an error (then a count)
 
 
 @cli.reported
@@ -119,8 +120,9 @@ def make_plan(source: Mapping[str, tuple], target: Mapping[str, tuple]) -> Plan:
                                     f"{tuple(source[entry.source])}")
         entries[path] = entry
     if problems:
+        more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         raise UpcycleError(f"the source cannot fill {len(problems)} parameter(s) of the target: "
-                           + "; ".join(problems))
+                           + "; ".join(problems[:SHOWN]) + more)
     used = {e.source for e in entries.values()}
     return Plan(entries, tuple(p for p in source if p not in used))
 
