@@ -238,3 +238,28 @@ def test_upcycled_checkpoint_resumes_at_step_0_and_trains(tmp_path):
     assert last["step"] == 2 and math.isfinite(last["loss"])
     with pytest.raises(plan.UpcycleError, match="already holds checkpoints"):
         upcycle(run, config, out)
+
+
+def test_upcycling_builds_straight_into_the_training_shardings():
+    """On an fsdp x expert mesh of the 8 test devices, every upcycled array carries the sharding
+    training gives it (experts split over `expert`), with the values of an unsharded build."""
+    from ringmoe import sharding
+    dense_config = _config(False)
+    source = _dense_source(dense_config)
+    config = _config(True, router_init="random", reinit_fraction=0.5, noise=0.1)
+    config.model.moe.num_modal_experts = config.model.moe.num_collaborative_experts = 2
+    config.mesh.update({"data": 1, "fsdp": 4, "expert": 2, "tensor": 1})
+    mesh = sharding.make_mesh(config.mesh)
+    kernel = routers.router_init("random").kernel_fn({})
+    with jax.set_mesh(mesh):
+        _, _, state, shardings = build.upcycled_state(nnx.state(source, nnx.Param), dense_config, config, mesh, kernel)
+    for array, expected in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+        assert array.sharding.is_equivalent_to(expected, array.ndim)
+    w_in = state.params["stages"][0]["blocks"]["ffn"]["collaborative_experts"]["experts"]["w_in"][...]
+    assert w_in.sharding.spec[1] == "expert"                             # (L, E, D, F): E over `expert`
+    _, alone = _upcycled(source, dense_config, config)
+    # the same draws; the weight's std (noise, redraws) is a sharded reduction: equal to rounding
+    np.testing.assert_allclose(np.asarray(w_in), alone.stages[0].blocks.ffn.collaborative_experts.experts.w_in[...],
+                               rtol=1e-5, atol=1e-7)
+    assert int(state.step) == 0 and float(jnp.sum(jnp.abs(state.opt_state[1][0].mu["stages"][0]["blocks"]["ffn"]
+                                                        ["collaborative_experts"]["experts"]["w_in"][...]))) == 0
