@@ -106,3 +106,25 @@ def test_lbfgs_probe_converges_where_few_adamw_steps_do_not():
     assert result["l2"] in probes.L2_GRID
     assert probes.linear_probe(x[:400], y[:400], x[400:], y[400:], num_classes=2, epochs=30, lr=1e-3,
                                weight_decay=1e-4, seed=0) < 0.9
+
+
+def test_lbfgs_probe_chooses_feature_maps_on_validation_records_only():
+    """One map carries the class, the other 400 columns are noise: with 300 training records
+    the head on every column overfits, the validated choice takes the informative map; the
+    choice never looks at the test records (shuffling their labels leaves it alone)."""
+    rng = np.random.default_rng(0)
+    n = 500
+    y = rng.integers(0, 2, n)
+    signal = y[:, None] * 0.8 + rng.normal(size=(n, 4))
+    noise = rng.normal(size=(n, 400))
+    x = np.concatenate([noise[:, :200], signal, noise[:, 200:]], axis=1)
+    maps = [("all", np.arange(404)), ("a", np.arange(200)), ("signal", np.arange(200, 204)),
+            ("b", np.arange(204, 404))]
+    chosen = probes.lbfgs_probe(x[:300], y[:300], x[300:], y[300:], num_classes=2, steps=200, seed=0,
+                                candidates=maps)
+    every = probes.lbfgs_probe(x[:300], y[:300], x[300:], y[300:], num_classes=2, steps=200, seed=0)
+    assert chosen["features"] == "signal" and every["features"] == "all"
+    assert chosen["accuracy"] > every["accuracy"] + 0.05, (chosen, every)
+    shuffled = probes.lbfgs_probe(x[:300], y[:300], x[300:], rng.permutation(y[300:]), num_classes=2, steps=200,
+                                  seed=0, candidates=maps)
+    assert shuffled["features"] == "signal" and shuffled["l2"] == chosen["l2"]

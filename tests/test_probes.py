@@ -106,6 +106,12 @@ def test_evaluate_end_to_end_on_a_checkpoint(run):
     # "stages" pooling: mean and std of the stage maps (16, 32 channels) and the final features (32).
     assert features["pooled"].shape == (24, 2 * (16 + 32 + 32)) and features["patch"].shape == (24, 8, 8, 16)
     assert extract(model, config, data_dir, "optical", pooling="final")["pooled"].shape == (24, 32)
+    # which columns each map fills: stage0's mean then std, stage1's, the final features'
+    maps = {name: (int(c[0]), int(c[-1]) + 1) for name, c in features["pooled_maps"]}
+    assert maps == {"stage0": (0, 32), "stage1": (32, 96), "final": (96, 160)}
+    patch = features["patch"]   # stage 0's map
+    np.testing.assert_allclose(features["pooled"][:, 0:16], patch.mean((1, 2)), atol=1e-5)
+    np.testing.assert_allclose(features["pooled"][:, 16:32], patch.std((1, 2)), atol=1e-5)
     # The raw baseline's inputs are the bands in physical units: optical is reflectance in [0, 1].
     assert features["raw_pooled"].shape == (24, 6) and features["raw_patch"].shape == (24, 32, 32, 3)
     assert 0 <= features["raw_patch"].min() and features["raw_patch"].max() <= 1

@@ -65,6 +65,16 @@ def _encode(model: RingMoE, pixels, modality: str, stage: int | None, pooling: s
     return jnp.concatenate([stat(f, (1, 2)) for f in maps for stat in (jnp.mean, jnp.std)], -1), patch
 
 
+def pooled_maps(model: RingMoE) -> list[tuple[str, np.ndarray]]:
+    """(name, column indices) of each map in the "stages" pooling: 'stage<i>' for every stage's
+    map before merging, 'final' for the normalised output; each map's mean columns then its std."""
+    stages = len(model.stages)
+    dims = [model.out_dim // 2 ** (stages - 1 - i) for i in range(stages)] + [model.out_dim]   # widths double
+    names = [f"stage{i}" for i in range(len(model.stages))] + ["final"]
+    bounds = np.cumsum([0] + [2 * d for d in dims])
+    return [(name, np.arange(lo, hi)) for name, lo, hi in zip(names, bounds[:-1], bounds[1:])]
+
+
 def image_batches(config, data_dir: str, modality: str, batch_size: int = 32, *, pad: bool = True):
     """Every record of `data_dir` that carries `modality`, once, in record order, in batches.
 
@@ -121,7 +131,8 @@ def extract(model: RingMoE, config, data_dir: str, modality: str, *, stage: int 
             batch_size: int = 32, pooling: str = "stages", raw: bool = False) -> dict[str, np.ndarray | None]:
     """Encodes every record of `data_dir` that carries `modality` (`image_batches`).
 
-    Returns numpy arrays: pooled (N, D), patch (N, h, w, D_stage) = the stage's
+    Returns numpy arrays: pooled (N, D), pooled_maps (`pooled_maps`: which columns each
+    map fills; None unless pooling "stages"), patch (N, h, w, D_stage) = the stage's
     map before merging (None without `stage`), scene_label (N,), label_map
     (N, S, S) and record_index (N,); with `raw` also the raw-input baseline's
     inputs (ringmoe.eval.raw): raw_pooled (N, 2 C') per-band means and stds and,
@@ -156,7 +167,7 @@ def extract(model: RingMoE, config, data_dir: str, modality: str, *, stage: int 
         for k, v in rows.items():
             out[k].extend(v)
     arrays = {k: np.concatenate(out[k]) if out[k] else None for k in ("pooled", "patch", "raw_pooled", "raw_patch")}
-    return {**arrays, "scene_label": np.asarray(out["scene_label"], np.int64),
+    return {**arrays, "pooled_maps": pooled_maps(model) if pooling == "stages" else None, "scene_label": np.asarray(out["scene_label"], np.int64),
             "label_map": np.stack(out["label_map"]).astype(np.int64),
             "record_index": np.asarray(out["record_index"], np.int64)}
 

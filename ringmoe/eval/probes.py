@@ -127,7 +127,8 @@ def _accuracy(params, x, y) -> float:
 
 
 def lbfgs_probe(train_x, train_y, test_x, test_y, *, num_classes: int, steps: int, seed: int,
-                validation_fraction: float = 0.2, l2_grid: Sequence[float] = L2_GRID) -> dict:
+                validation_fraction: float = 0.2, l2_grid: Sequence[float] = L2_GRID,
+                candidates: Sequence[tuple[str, np.ndarray]] | None = None) -> dict:
     """Test accuracy of L2-regularised logistic regression solved to convergence, penalty chosen on validation.
 
     Protocol (the usual linear evaluation, e.g. SimCLR's and CLIP's): features
@@ -139,19 +140,30 @@ def lbfgs_probe(train_x, train_y, test_x, test_y, *, num_classes: int, steps: in
     Why: a fixed number of AdamW steps stops wherever it stops, and on the demo's
     probe set 300 steps left the low-dimensional band statistics far from their
     optimum (train accuracy 0.83 -> 0.95 from 300 to 10,000 steps), so the
-    comparison depended on the optimiser, not the features. Returns {"accuracy",
-    "train_accuracy", "l2"}.
+    comparison depended on the optimiser, not the features.
+
+    `candidates` ((name, column indices), ...), optional: feature subsets chosen among
+    on the same validation records, jointly with the penalty (ties: the earlier
+    candidate); `ringmoe.eval.registry.Linear` offers all pooled maps and each one
+    alone. Returns {"accuracy", "train_accuracy", "l2", "features" (the candidate's
+    name; "all" without candidates)}.
     """
     _check_labels(np.concatenate([np.ravel(train_y), np.ravel(test_y)]), num_classes)
     train_x, test_x = _standardise(train_x, test_x)
     train_y = jnp.asarray(train_y, jnp.int32)
     fit_idx, val_idx = split_indices(np.arange(len(train_y)), validation_fraction, seed)
-    scores = [_accuracy(_lbfgs_fit(train_x[fit_idx], train_y[fit_idx], l2, num_classes=num_classes, steps=steps),
-                        train_x[val_idx], train_y[val_idx]) for l2 in l2_grid]
-    l2 = float(l2_grid[int(np.argmax(scores))])
+    candidates = candidates or (("all", np.arange(train_x.shape[-1])),)
+    scores = []
+    for _, columns in candidates:
+        x = train_x[:, columns]
+        scores += [_accuracy(_lbfgs_fit(x[fit_idx], train_y[fit_idx], l2, num_classes=num_classes, steps=steps),
+                             x[val_idx], train_y[val_idx]) for l2 in l2_grid]
+    best = int(np.argmax(scores))
+    (name, columns), l2 = candidates[best // len(l2_grid)], float(l2_grid[best % len(l2_grid)])
+    train_x, test_x = train_x[:, columns], test_x[:, columns]
     params = _lbfgs_fit(train_x, train_y, l2, num_classes=num_classes, steps=steps)
     return {"accuracy": _accuracy(params, test_x, test_y), "train_accuracy": _accuracy(params, train_x, train_y),
-            "l2": l2}
+            "l2": l2, "features": name}
 
 
 def _segment_logits(params, feats, size: tuple[int, int]):

@@ -44,26 +44,42 @@ class KNN(SceneProbe):
         return accuracy_result(knn_accuracy(x[tr], y[tr], x[te], y[te], settings.knn_k), int(te.sum()))
 
 
-# probe.linear_solver -> test accuracy of a linear head (ringmoe/eval/probes.py): "lbfgs" solves the
-# logistic regression to convergence with a validated L2; "adamw" is the earlier fixed-step recipe.
+# probe.linear_solver -> {"accuracy", "features"} of a linear head (ringmoe/eval/probes.py): "lbfgs" solves
+# the logistic regression to convergence with a validated L2 (and, given candidates, validated maps);
+# "adamw" is the earlier fixed-step recipe, on every column.
 LINEAR_SOLVERS = {
-    "lbfgs": lambda xtr, ytr, xte, yte, k, s: lbfgs_probe(xtr, ytr, xte, yte, num_classes=k,
-                                                          steps=s.linear_lbfgs_steps, seed=s.seed)["accuracy"],
-    "adamw": lambda xtr, ytr, xte, yte, k, s: linear_probe(xtr, ytr, xte, yte, num_classes=k, epochs=s.linear_epochs,
-                                                           lr=s.linear_lr, weight_decay=s.linear_weight_decay,
-                                                           seed=s.seed),
+    "lbfgs": lambda xtr, ytr, xte, yte, k, s, candidates: lbfgs_probe(
+        xtr, ytr, xte, yte, num_classes=k, steps=s.linear_lbfgs_steps, seed=s.seed, candidates=candidates),
+    "adamw": lambda xtr, ytr, xte, yte, k, s, candidates: {
+        "accuracy": linear_probe(xtr, ytr, xte, yte, num_classes=k, epochs=s.linear_epochs, lr=s.linear_lr,
+                                 weight_decay=s.linear_weight_decay, seed=s.seed), "features": "all"},
+}
+
+# probe.linear_maps -> the feature subsets the linear head may use, given extract()'s pooled_maps
+# (None for the raw baseline and for pooling "final": then every column).
+LINEAR_MAPS = {
+    "all": lambda maps: None,
+    "validated": lambda maps: None if not maps else [("all", np.concatenate([c for _, c in maps]))] + list(maps),
 }
 
 
 class Linear(SceneProbe):
-    """A linear classifier's top-1 accuracy (`probe.linear_solver`: `LINEAR_SOLVERS`)."""
+    """A linear classifier's top-1 accuracy (`probe.linear_solver`: `LINEAR_SOLVERS`), on the pooled
+    maps `probe.linear_maps` allows (`LINEAR_MAPS`); "maps" names those it used."""
+    extras = ("maps",)
 
     def score(self, features, train, test, settings, num_classes, inputs=""):
         if settings.linear_solver not in LINEAR_SOLVERS:
             raise ValueError(f"unknown probe.linear_solver {settings.linear_solver!r} ({' | '.join(LINEAR_SOLVERS)})")
+        if settings.linear_maps not in LINEAR_MAPS:
+            raise ValueError(f"unknown probe.linear_maps {settings.linear_maps!r} ({' | '.join(LINEAR_MAPS)})")
         x, y, tr, te = self.split(features, train, test, inputs)
-        accuracy = LINEAR_SOLVERS[settings.linear_solver](x[tr], y[tr], x[te], y[te], num_classes, settings)
-        return accuracy_result(accuracy, int(te.sum()))
+        candidates = LINEAR_MAPS[settings.linear_maps](None if inputs else features.get("pooled_maps"))
+        if candidates is not None and settings.linear_solver != "lbfgs":
+            raise ValueError(f"probe.linear_maps {settings.linear_maps!r} chooses maps on validation records, "
+                             "which only the lbfgs solver does: set probe.linear_maps=all for adamw")
+        fit = LINEAR_SOLVERS[settings.linear_solver](x[tr], y[tr], x[te], y[te], num_classes, settings, candidates)
+        return {**accuracy_result(fit["accuracy"], int(te.sum())), "maps": fit["features"]}
 
 
 class Segmentation:
