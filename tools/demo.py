@@ -66,6 +66,9 @@ def _report(path: str, figures: dict, pictures: list[str]) -> None:
         lines.append(f"| {p['probe']} | {p['data']} | {p['modality']} | {p['metric']} | {p['test_records']} | "
                      f"{fmt(p['value'], p['ci'])} | {fmt(p['random_init_value'], p['random_init_ci'])} | "
                      f"{fmt(p['raw_value'], p['raw_ci'])} |")
+    maps = [f"{p['modality']} {p['maps']} / {p['random_init_maps']}" for p in probes if "maps" in p]
+    lines += ["", "Linear probes: the pooled maps chosen on the validation records (probe.linear_maps), "
+              "pretrained / random init: " + "; ".join(maps) + "."]
     compression = figures["compression"]
     lines += ["", f"Compression (tools.compress) of the {compression['modality']} model: keep "
               f"{compression['keep_collaborative']:.0%} of the collaborative experts, {compression['merge']} merge, "
@@ -176,7 +179,8 @@ def main(argv) -> None:
         headline["segmentation_miou" + suffix + "_ci"] = seg[prefix + "ci"]
     keys = ("value", "ci", "random_init_value", "random_init_ci", "raw_value", "raw_ci", "test_records")
     summary = {**headline, "probe_test_records": n_test,
-               "per_modality": {p["modality"]: {k: p[k] for k in keys} for p in probes if p["probe"] == "linear"},
+               "per_modality": {p["modality"]: {k: p[k] for k in keys + ("maps", "random_init_maps")}
+                                for p in probes if p["probe"] == "linear"},
                "simmim_change": {m: last_ / first - 1 for m, (first, last_) in simmim.items()},
                "eval_terms": {k: {"step0": first, "last": last_} for k, (first, last_) in eval_terms.items()},
                "compressed_linear_probe": compression["linear_probe"],
