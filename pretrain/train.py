@@ -12,7 +12,9 @@ each time, so the curve is free of batch-to-batch noise); PNGs of reconstruction
 workdir with checkpoints resumes from the newest one every process can read, if the config it
 was trained under differs only in keys that may change (`pretrain.resume`:
 logging intervals, total_steps, mesh, ...; any other difference is an error
-naming each key). SIGTERM saves a checkpoint and exits cleanly.
+naming each key); a workdir written by `tools.upcycle` holds step 0 of a new run
+(an upcycled MoE, a fresh optimiser, the data stream from its start) and trains
+from there. SIGTERM saves a checkpoint and exits cleanly.
 
 Failures end the run with one message and nothing already saved lost: a save that
 fails in the background (`checkpoint.SaveError`, noticed at the next step), too
