@@ -24,6 +24,8 @@ import numpy as np
 from flax import nnx
 
 from ringmoe import sharding
+from ringmoe.data import shards
+from ringmoe.data.pipeline import modality_specs
 from ringmoe.eval.features import image_batches
 from ringmoe.model.checkpoint import load_pretrained, one_device_mesh
 from ringmoe.model.ringmoe import ParamKeys, RingMoE
@@ -60,10 +62,17 @@ def _features(model, pixels, modality: str):
     return model.encode(pixels, modality).features
 
 
+def served(config, data_dir: str) -> list[str]:
+    """The target's modalities that `data_dir` holds, in model order."""
+    specs = modality_specs(shards.read_manifest(data_dir), config, data_dir)
+    return [m for m in config.model.modalities.keys() if m in specs]
+
+
 def reference_features(dense, config, data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{modality: (pixels, the dense model's final features)} of its first CHECK_IMAGES images."""
+    """{modality: (pixels, the dense model's final features)} of its first CHECK_IMAGES images, for
+    each modality of the target that `data_dir` holds."""
     out = {}
-    for m in config.model.modalities.keys():
+    for m in served(config, data_dir):
         for pixels, n, _ in image_batches(config, data_dir, m, CHECK_IMAGES, pad=False):
             out[m] = (pixels[:n], np.asarray(jax.device_get(_features(dense, jnp.asarray(pixels[:n]), m))))
             break
@@ -107,6 +116,10 @@ def upcycle(source_dir: str, config, out: str, *, data_dir: str | None = None, d
             dense_config, dense = dense_counterpart(source_params, source_config, config)
             reference = reference_features(dense, config, data_dir)
             if init.calibrated:
+                missing = [m for m in config.model.modalities.keys() if m not in served(config, data_dir)]
+                if missing:
+                    raise UpcycleError(f"{data_dir} holds no {', '.join(missing)} images: k-means routers need "
+                                       "every modality's tokens (use --router-init random)")
                 calibrated = kmeans_kernels(dense, dense_config, config, data_dir)
     mesh = sharding.make_mesh(config.mesh, devices)
     with jax.set_mesh(mesh):
