@@ -2,9 +2,10 @@
 
     python -m tools.demo [--out demo_out] [--config.total_steps=150] [--examples 256]
 
-The demo's figures (README, "The demo"): its linear probe over the four
-modalities beats the same model at random initialisation by about 7 points with
-disjoint 95 % intervals, and matches (does not beat) the raw band statistics.
+The demo's figures (README, "The commands"): the linear probe (maps chosen on
+validation records) over the four modalities, on the checkpoint this config made:
+pretrained 0.688 [0.664, 0.710], random init 0.659 [0.636, 0.682], raw band
+statistics 0.649 [0.626, 0.672] (95 % intervals; 400 test records per modality).
 """
 from configs import tiny
 
