@@ -263,3 +263,50 @@ def test_upcycling_builds_straight_into_the_training_shardings():
                                rtol=1e-5, atol=1e-7)
     assert int(state.step) == 0 and float(jnp.sum(jnp.abs(state.opt_state[1][0].mu["stages"][0]["blocks"]["ffn"]
                                                         ["collaborative_experts"]["experts"]["w_in"][...]))) == 0
+
+
+def test_upcycling_a_public_swinv2_through_import_and_the_cli(tmp_path):
+    """A SwinV2 in timm's layout (here: our own export of a dense optical model) imported with
+    tools.import_swinv2, then upcycled by the tools.upcycle command line into a two-modality
+    MoE: SAR-L1's parts are fresh and named, every expert is the imported FFN."""
+    import os
+    import subprocess
+    import sys
+
+    from ringmoe.compress import stages
+    from ringmoe.compress.export import export
+    from ringmoe.data.transform import ModalitySpec
+    from ringmoe.model.checkpoint import load_pretrained
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dense_config = stages.dense_config(stages.extracted_config(micro_config(("optical",)), "optical"))
+    spec = ModalitySpec(bands=tuple("RGB"), mean=np.full(3, 0.1, np.float32), std=np.full(3, 0.2, np.float32),
+                        unit="reflectance")
+    paths = export(str(tmp_path / "export"), _dense_source(dense_config), dense_config, "optical", spec)
+    files = {}
+    for name, body in (("dense", "stages.dense_config(stages.extracted_config(micro_config(('optical',)), "
+                                 "'optical'))"),
+                       ("moe", "micro_config(('optical', 'sar_l1'))")):
+        files[name] = tmp_path / f"{name}.py"
+        files[name].write_text("from ringmoe.compress import stages\nfrom tests.small import micro_config\n\n"
+                               f"def get_config():\n    return {body}\n")
+
+    def tool(*args):
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=repo, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    imported = tool("tools.import_swinv2", "--safetensors", paths["safetensors"], "--config", str(files["dense"]),
+                    "--out", str(tmp_path / "imported"))["out"]
+    report = tool("tools.upcycle", "--from", imported, "--config", str(files["moe"]), "--out",
+                  str(tmp_path / "moe"), "--router-init", "random", "--noise", "0.0")
+    assert sorted(report["fresh_parts"]) == ["decoders/sar_l1", "embeddings/sar_l1", "power_decoders/sar_l1"]
+    assert report["step0_feature_distance"] == {}          # no data set given: nothing to measure on
+    _, dense, _ = load_pretrained(imported)
+    config, moe, step = load_pretrained(str(tmp_path / "moe"))
+    assert step == 0 and config.upcycle.router_init == "random" and set(moe.embeddings) == {"optical", "sar_l1"}
+    fc1 = dense.stages[0].blocks.ffn.ffn.fc1.kernel[...]
+    for experts in (moe.stages[0].blocks.ffn.modal_experts["sar_l1"].experts,
+                    moe.stages[0].blocks.ffn.collaborative_experts.experts):
+        assert all(np.array_equal(experts.w_in[...][:, e], fc1) for e in range(experts.w_in.shape[1]))
+    np.testing.assert_array_equal(moe.embeddings["optical"].proj.kernel[...], dense.embeddings["optical"].proj.kernel[...])
