@@ -123,10 +123,15 @@ def test_upcycle_plan_copies_lists_fresh_parts_and_refuses_bad_sources():
     assert kinds["stages/0/blocks/ffn/shared_expert/fc2/kernel"] == "shared"
     assert all(e.kind == "router" for p, e in the_plan.entries.items() if "/router/" in p)
 
+    narrower = _config(False)
+    narrower.model.mlp_ratio = 2.0     # a dense FFN of another width cannot be the experts
+    with pytest.raises(plan.UpcycleError, match=r"stages/0/blocks/ffn/collaborative_experts/experts/b_in \(2, 2, 64\) "
+                                                r"needs stages/0/blocks/ffn/ffn/fc1/bias of shape \(2, 64\), the source "
+                                                r"has \(2, 32\)"):
+        plan.make_plan(build.shapes(build.abstract_source(narrower)), target)
     wider = _config(False)
-    wider.model.embed_dim = 24
-    with pytest.raises(plan.UpcycleError, match=r"stages/0/blocks/ffn/modal_experts/optical/experts/w_in .* needs "
-                                                r"stages/0/blocks/ffn/ffn/fc1/kernel of shape \(2, 16, 64\)"):
+    wider.model.embed_dim = 24        # every parameter wrong: the first 8 named, then a count
+    with pytest.raises(plan.UpcycleError, match=r"^the source cannot fill 67 parameter\(s\) .* and 59 more$"):
         plan.make_plan(build.shapes(build.abstract_source(wider)), target)
     with pytest.raises(plan.UpcycleError, match="the source is a Mixture of Experts"):
         plan.make_plan(target, target)
