@@ -262,8 +262,10 @@ def write_report(results: list[dict], workdir: str, title: str) -> tuple[str, st
         for s in range(r.get("seeds", 1)):
             rows = read_jsonl(os.path.join(workdir, r["name"], f"seed-{s}", "metrics.jsonl"))
             points = [(x["step"], x["loss"]) for x in rows if isinstance(x.get("loss"), (int, float))]
-            if points:
-                curves.plot(*zip(*points), label=r["name"] if s == 0 else None, linewidth=1.0, color=color)
+            if points:   # a second stage is drawn after its first: shifted by the steps its run lacks
+                shift = r["total_steps"] - max(step for step, _ in points)
+                curves.plot([step + shift for step, _ in points], [loss for _, loss in points],
+                            label=r["name"] if s == 0 else None, linewidth=1.0, color=color)
     curves.set_yscale("log")
     curves.set_xlabel("step")
     curves.set_title("training loss")
