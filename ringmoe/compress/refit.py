@@ -59,6 +59,7 @@ from flax import nnx
 from ringmoe.compress import merging
 from ringmoe.compress.extraction import build, flat_params, unrolled
 from ringmoe.eval.features import image_batches
+from ringmoe.model import blockwise
 
 log = logging.getLogger("ringmoe.compress")
 
@@ -143,11 +144,6 @@ def choose_ridge(fit: Moments, held_out: Moments, prior) -> tuple[float, dict]:
 
 
 @functools.partial(nnx.jit, static_argnames=("modality",))
-def _embed(model, pixels, modality: str):
-    return model.embed(pixels, modality)
-
-
-@functools.partial(nnx.jit, static_argnames=("modality",))
 def _block_moments(student_block, teacher_ffn, x, held_out, modality: str):
     """The FFN input h of the student's block on its stream x, and the float32 moments of
     (student hidden units, teacher FFN output on h) of the fit fold and the held-out fold."""
@@ -167,17 +163,6 @@ def _block_moments(student_block, teacher_ffn, x, held_out, modality: str):
     return h, moments(1.0 - token_held_out), moments(token_held_out)
 
 
-@functools.partial(nnx.jit, static_argnames=("modality",))
-def _block_output(student_block, h, modality: str):
-    y, _ = student_block.ffn(h, (modality,))
-    return student_block.add_ffn(h, y)
-
-
-@nnx.jit
-def _patch_merging(merging_layer, x):
-    return merging_layer(x)
-
-
 def _calibration_stream(student, config, data_dir: str, modality: str, max_images: int, batch_size: int):
     """[(tokens after the patch embedding, held-out mask per image)] of up to `max_images`
     images, on the host."""
@@ -185,7 +170,7 @@ def _calibration_stream(student, config, data_dir: str, modality: str, max_image
     for pixels, n, _ in image_batches(config, data_dir, modality, batch_size, pad=False):
         n = min(n, max_images - images)
         index = np.arange(images, images + n)
-        stream.append((np.asarray(_embed(student, jnp.asarray(pixels[:n]), modality)),
+        stream.append((np.asarray(blockwise.embed(student, jnp.asarray(pixels[:n]), modality)),
                        index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1))
         images += n
         if images >= max_images:
@@ -223,7 +208,7 @@ def refit_merge(teacher, teacher_config, dense_config, statistics: dict, modalit
                            "tokens": int((fit + held_out).tokens)})
             log.info("refit block %d: rho %g, held-out error %s (SVD merge %s)", len(blocks) - 1, ridge,
                      errors["held_out_error"], errors["held_out_error_svd"])
-            stream = [(np.asarray(_block_output(block, jnp.asarray(h), modality)), mask) for h, mask in inputs]
+            stream = [(np.asarray(blockwise.block_output(block, jnp.asarray(h), modality)), mask) for h, mask in inputs]
         if stage.merging is not None:
-            stream = [(np.asarray(_patch_merging(stage.merging, jnp.asarray(x))), mask) for x, mask in stream]
+            stream = [(np.asarray(blockwise.merge(stage.merging, jnp.asarray(x))), mask) for x, mask in stream]
     return build(dense_config, flat_params(student)), {**report, "blocks": blocks}

@@ -32,10 +32,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from ringmoe.compress.extraction import unrolled
 from ringmoe.eval.features import image_batches
+from ringmoe.model import blockwise
 from ringmoe.model.router import INIT_STD
 from ringmoe.upcycle.plan import UpcycleError
 
@@ -107,27 +107,6 @@ def spherical_kmeans(x: jax.Array, key: jax.Array, k: int, iterations: int) -> j
     return jax.lax.fori_loop(0, iterations, lloyd, centroids)
 
 
-@nnx.jit
-def _ffn_input(block, x):
-    return block.attend(x)
-
-
-@functools.partial(nnx.jit, static_argnames=("modality",))
-def _block_output(block, h, modality: str):
-    y, _ = block.ffn(h, (modality,))
-    return block.add_ffn(h, y)
-
-
-@functools.partial(nnx.jit, static_argnames=("modality",))
-def _embed(model, pixels, modality: str):
-    return model.embed(pixels, modality)
-
-
-@nnx.jit
-def _merge(merging, x):
-    return merging(x)
-
-
 def ffn_inputs(dense, config, data_dir: str, modality: str, *, images: int, tokens: int, seed: int,
                batch_size: int = 16) -> list[np.ndarray]:
     """Per block (model order), up to `tokens` FFN inputs (rows (tokens, D)) of the unrolled dense
@@ -135,7 +114,7 @@ def ffn_inputs(dense, config, data_dir: str, modality: str, *, images: int, toke
     streams, seen = [], 0
     for pixels, n, _ in image_batches(config, data_dir, modality, batch_size, pad=False):
         n = min(n, images - seen)
-        streams.append(_embed(dense, jnp.asarray(pixels[:n]), modality))
+        streams.append(blockwise.embed(dense, jnp.asarray(pixels[:n]), modality))
         seen += n
         if seen >= images:
             break
@@ -145,12 +124,12 @@ def ffn_inputs(dense, config, data_dir: str, modality: str, *, images: int, toke
     out = []
     for stage in dense.stages:
         for block in stage.blocks:
-            inputs = [_ffn_input(block, x) for x in streams]
+            inputs = [blockwise.ffn_input(block, x) for x in streams]
             rows = np.concatenate([np.asarray(h, np.float32).reshape(-1, h.shape[-1]) for h in inputs])
             out.append(rows[rng.choice(len(rows), size=min(tokens, len(rows)), replace=False)])
-            streams = [_block_output(block, h, modality) for h in inputs]
+            streams = [blockwise.block_output(block, h, modality) for h in inputs]
         if stage.merging is not None:
-            streams = [_merge(stage.merging, x) for x in streams]
+            streams = [blockwise.merge(stage.merging, x) for x in streams]
     return out
 
 
