@@ -116,7 +116,8 @@ def upcycle(source_dir: str, config, out: str, *, data_dir: str | None = None, d
             dense_config, dense = dense_counterpart(source_params, source_config, config)
             reference = reference_features(dense, config, data_dir)
             if init.calibrated:
-                missing = [m for m in config.model.modalities.keys() if m not in served(config, data_dir)]
+                have = served(config, data_dir)
+                missing = [m for m in config.model.modalities.keys() if m not in have]
                 if missing:
                     raise UpcycleError(f"{data_dir} holds no {', '.join(missing)} images: k-means routers need "
                                        "every modality's tokens (use --router-init random)")
