@@ -19,15 +19,16 @@ LOGGING_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "image_ever
 
 # The ONE list of keys a run may resume under with another value (a path covers every
 # key below it). Everything else is refused, among it: data_dir (the pipeline's own
-# check compares only the record count, not the records), data.num_workers (each Grain
-# worker packs its own slice: another stream), eval_batches (eval/ losses would change
+# check compares only the record count, not the records), eval_batches (eval/ losses would change
 # meaning mid-curve), batch_size, grad_accum_steps, seed, optimizer.* and model.moe.dispatch.
 RESUME_ALLOWED = LOGGING_KEYS + (
     "total_steps",            # a longer or shorter run; the cosine decay is re-laid over the new length (logged)
     "max_nonfinite_steps",    # guards: when a run stops, not what it computes
+    "collective_timeout_s",
     "data.max_bad_records",
     "data.prefetch",          # buffering and read threads: the same batches in the same order
     "data.read_threads",
+    "data.num_workers",       # like the process count: elastic resume, every record still read once per epoch
     "mesh",                   # checkpoints restore onto another mesh: the same numbers up to rounding
     "model.remat",            # what the backward pass recomputes: memory, not values
     "probe",                  # settings of later tools (evaluation, compression), unused here

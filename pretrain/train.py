@@ -128,9 +128,11 @@ class NonFiniteGuard:
                                  f"steps ran): {describe_nonfinite(jax.device_get(metrics))}")
 
 
-def initialize_distributed() -> bool:
-    """Starts JAX's multi-controller runtime from the flags or the cluster JAX detects (if any)."""
-    return distributed.initialize(_FLAGS.coordinator.value, _FLAGS.num_processes.value, _FLAGS.process_id.value)
+def initialize_distributed(timeout_s: float) -> bool:
+    """Starts JAX's multi-controller runtime from the flags or the cluster JAX detects (if any);
+    every wait for the other processes lasts at most `timeout_s` (config collective_timeout_s)."""
+    return distributed.initialize(_FLAGS.coordinator.value, _FLAGS.num_processes.value, _FLAGS.process_id.value,
+                                  timeout_s)
 
 
 def fixed_eval_batches(config, shardings: dict) -> list[dict]:
@@ -168,33 +170,34 @@ def check_saved_config(config, step: int, meta: dict) -> None:
         log.warning("resuming checkpoint %d under changed settings: %s", step, resume.describe(allowed))
 
 
-def own_data_state(data_state: dict) -> dict | None:
-    """This process's iterator state out of a checkpoint's data item (`gathered_data_state`);
-    None for a checkpoint that starts a run (`FRESH_DATA_STATE`: an upcycled model's step 0)."""
+def restore_data_state(pipeline: Pipeline, data_state: dict) -> None:
+    """Continues `pipeline` from a checkpoint's data item (`gathered_data_state`): exactly when
+    the checkpoint was written by as many processes, elastically otherwise (`Pipeline.restore`).
+    A checkpoint that starts a run (`FRESH_DATA_STATE`: an upcycled model's step 0) leaves the
+    stream at its start."""
     if data_state == FRESH_DATA_STATE:
-        return None
-    if "processes" not in data_state:  # a checkpoint from before the states were gathered
-        return data_state
-    states = data_state["processes"]
-    if len(states) != jax.process_count():
-        raise ValueError(f"the checkpoint's data state is from {len(states)} processes, this run has "
-                         f"{jax.process_count()}: the data stream cannot resume exactly")
-    return states[jax.process_index()]
+        return
+    if "processes" not in data_state:
+        raise ValueError("the checkpoint's data state holds no process states: it was written before "
+                         "the states were gathered, and its data stream cannot resume")
+    pipeline.restore(data_state["processes"])
 
 
 def bad_records(pipeline: Pipeline) -> int:
     """Distinct bad records skipped so far by all processes (collective: every process calls
     it at the same log steps), restored with the data state on resume."""
-    return sum(distributed.allgather_json(pipeline.statistics()["bad_records"]))
+    return sum(distributed.allgather_json(pipeline.statistics()["bad_records"], "the bad-record count"))
 
 
-def gathered_data_state(pipeline: Pipeline) -> dict:
-    """Every process's iterator state, in process order (collective), for the checkpoint."""
-    return {"processes": distributed.allgather_json(pipeline.get_state())}
+def gathered_data_state(pipeline: Pipeline, step: int) -> dict:
+    """Every process's iterator state, in process order (collective), for checkpoint `step`."""
+    return {"processes": distributed.allgather_json(pipeline.get_state(), f"checkpoint {step} (the data states)")}
 
 
 class RecordLog:
-    """Audit trail (--log_records): the record indices of every batch this process read."""
+    """Audit trail (--log_records): for every batch this process read, the record indices of its
+    rows ("records", per modality) and every record the packer consumed for it, placed or not
+    ("read": [epoch, record index] pairs; what elastic resume counts)."""
 
     def __init__(self, workdir: str, enabled: bool):
         self.file = None
@@ -202,10 +205,10 @@ class RecordLog:
             os.makedirs(os.path.join(workdir, "records"), exist_ok=True)
             self.file = open(os.path.join(workdir, "records", f"process_{jax.process_index()}.jsonl"), "a")
 
-    def write(self, step: int, batch: dict) -> None:
+    def write(self, step: int, batch: dict, read: list) -> None:
         if self.file is not None:
             rows = {m: [int(i) for i in b["record_index"]] for m, b in batch.items()}
-            self.file.write(json.dumps({"step": step, "records": rows}) + "\n")
+            self.file.write(json.dumps({"step": step, "records": rows, "read": [list(r) for r in read]}) + "\n")
             self.file.flush()
 
     def close(self) -> None:
@@ -227,6 +230,7 @@ def train(config, workdir: str, devices=None, *, log_records: bool = False) -> d
 
 def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
     os.makedirs(workdir, exist_ok=True)
+    distributed.set_timeout(config.collective_timeout_s)
     mesh = sharding.make_mesh(config.mesh, devices)
     pipeline = Pipeline(config)
     norm_stats = {m: {"mean": pipeline.specs[m].mean, "std": pipeline.specs[m].std, "bands": pipeline.specs[m].bands}
@@ -243,8 +247,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                                                check_meta=lambda step, meta: check_saved_config(config, step, meta))
         if restored is not None:
             start, state, data_state, _ = restored
-            if (own := own_data_state(data_state)) is not None:
-                pipeline.set_state(own)
+            restore_data_state(pipeline, data_state)
             log.info("resumed from step %d", start)
         else:
             start = 0
@@ -276,7 +279,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
         try:
             for step in range(start, config.total_steps):
                 batch = next(pipeline)
-                records.write(step + 1, batch)
+                records.write(step + 1, batch, pipeline.last_read)
                 device_batch = to_device(batch, in_batch)
                 state, metrics = step_fn(state, device_batch)
                 window_steps += 1
@@ -316,7 +319,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                     # The host waits for this step anyway: check it now, before it is saved.
                     guard.check(last=done == config.total_steps)
                 if save:
-                    checkpointer.save(done, state, gathered_data_state(pipeline), {**meta, "step": done}, force=True)
+                    checkpointer.save(done, state, gathered_data_state(pipeline, done), {**meta, "step": done}, force=True)
                 if preempted:
                     log.warning("stopping at step %d on request (signal %s); checkpoint saved", done, stop["signal"])
                     break
@@ -367,13 +370,15 @@ def main(argv):
     cli.setup_logging()
     if _FLAGS.config.value is None or not _FLAGS.workdir.value:
         raise app.UsageError("--config and --workdir are required")
-    initialize_distributed()
+    initialize_distributed(_FLAGS.config.value.collective_timeout_s)
     try:
         last = train(_FLAGS.config.value, _FLAGS.workdir.value, log_records=_FLAGS.log_records.value)
     except (NonFiniteError, SaveError) as e:
         raise SystemExit(f"pretrain.train: stopped: {e}") from None
     except resume.ConfigMismatchError as e:
         raise SystemExit(f"pretrain.train: not resumed: {e}") from None
+    except distributed.CollectiveTimeoutError as e:
+        raise SystemExit(f"pretrain.train: stopped: {e}") from None
     print(json_line(last))   # strict JSON: a NaN loss is null
 
 

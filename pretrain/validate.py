@@ -68,6 +68,7 @@ RULES: dict[str, Rule] = {
     "eval_every": COUNT,
     "eval_batches": POSITIVE_INT,
     "max_nonfinite_steps": POSITIVE_INT,
+    "collective_timeout_s": POSITIVE,
     "optimizer.lr": NON_NEGATIVE,
     "optimizer.init_lr": NON_NEGATIVE,
     "optimizer.end_lr": NON_NEGATIVE,

@@ -101,6 +101,8 @@ def base_config() -> ConfigDict:
     c.image_every = 0                 # reconstruction / expert-load PNGs every N steps (0: at the end only)
     c.eval_every = 0                  # loss on fixed batches every N steps, at step 0 and at the end (0: off)
     c.eval_batches = 2                # those batches: drawn once with seed + 1 (same records, other crops/masks)
+    c.collective_timeout_s = 600.0    # the longest any process waits for the others at start-up, a
+    #                                   checkpoint or a restore; then an error naming who did not arrive
     c.max_nonfinite_steps = 5         # NaN/Inf updates skipped in a row before the run stops (and a
     #                                   shorter run whose every update was skipped fails at its end)
     c.optimizer = ConfigDict({"lr": 2.5e-4, "init_lr": 1e-6, "end_lr": 5e-7, "warmup_steps": 200,

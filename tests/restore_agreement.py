@@ -8,10 +8,16 @@ on one process only (the RINGMOE_TEST_UNREADABLE hook of ringmoe/training/checkp
 set only for the restore phase).
 
     python -m tests.restore_agreement WORKDIR PORT PROCESS_ID
+
+With a fourth argument PROCESS:open or PROCESS:restore (and RINGMOE_TEST_TIMEOUT
+seconds), that process hangs (sleeps) before opening the checkpoints or before
+restoring, and the other prints the error its wait ends with: the collective
+timeout (tests/test_elastic.py).
 """
 import json
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -23,8 +29,11 @@ from ringmoe.training.checkpoint import Checkpointer
 STEPS = 3
 
 
-def main(workdir: str, port: str, process_id: str) -> None:
-    distributed.initialize(f"localhost:{port}", 2, int(process_id))
+def main(workdir: str, port: str, process_id: str, hung: str | None = None) -> None:
+    distributed.initialize(f"localhost:{port}", 2, int(process_id),
+                           timeout_s=float(os.environ.get("RINGMOE_TEST_TIMEOUT", distributed.DEFAULT_TIMEOUT_S)))
+    if hung is not None:
+        return wait_for(workdir, *hung.split(":"))
     sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), PartitionSpec("data"))
 
     def state(step: int):
@@ -46,6 +55,24 @@ def main(workdir: str, port: str, process_id: str) -> None:
     print(json.dumps({"process": jax.process_index(), "step": step, "shards": shards, "data": data,
                       "meta": meta}), flush=True)
     checkpointer.close()
+
+
+def wait_for(workdir: str, hung: str, where: str) -> None:
+    """Process `hung` sleeps before `where` (open, restore); the other opens and restores."""
+    start = time.monotonic()
+    if jax.process_index() == int(hung):
+        if where == "restore":
+            Checkpointer(workdir, keep=1, save_every=1)
+        time.sleep(600)
+        return
+    try:
+        Checkpointer(workdir, keep=1, save_every=1).restore_latest({})
+        error = None
+    except distributed.CollectiveTimeoutError as e:
+        error = str(e)
+    print(json.dumps({"process": jax.process_index(), "error": error,
+                      "waited_s": round(time.monotonic() - start, 2)}), flush=True)
+    os._exit(0)  # not JAX's exit-time shutdown, which would wait for the hung process
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def trainer(monkeypatch):
     """pretrain.train without pictures, on one device, and a `main` runner with these flags."""
     from pretrain import train
     monkeypatch.setattr(train, "save_pictures", lambda *args: None)
-    monkeypatch.setattr(train, "initialize_distributed", lambda: False)
+    monkeypatch.setattr(train, "initialize_distributed", lambda timeout_s: False)
     real = train.train
     monkeypatch.setattr(train, "train", lambda config, workdir, **kw: real(config, workdir, jax.devices()[:1], **kw))
 

@@ -10,6 +10,8 @@ audit (--log_records) shows what each process read.
 """
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -129,7 +131,7 @@ def test_two_processes_train_like_one(setup, tmp_path):
     # Checkpoints: written collectively, holding both processes' iterator states.
     with open(two / "checkpoints" / str(STEPS) / "data" / "metadata") as f:
         states = json.load(f)["processes"]
-    assert [s["fingerprint"]["process_index"] for s in states] == [0, 1]
+    assert [s["layout"]["process_index"] for s in states] == [0, 1]
     assert sorted(os.listdir(two / "checkpoints")) == ["2", "4"]
 
     # Resume: the newest checkpoint (4) fails to restore on process 1 only (ringmoe/training/checkpoint.py's test
@@ -175,3 +177,63 @@ def test_processes_agree_on_the_restored_step(tmp_path):
     for err in errs:
         assert f"checkpoint {tmp_path / 'checkpoints' / '3'} is unreadable on process 1" in err
         assert f"checkpoint {tmp_path / 'checkpoints' / '2'} is unreadable on process 1" in err
+
+
+def processes(setup, workdir, count, devices, *extra) -> list[str]:
+    """`count` trainer processes of `devices` CPU devices each, joined by jax.distributed."""
+    if count == 1:
+        return finish([trainer(setup, workdir, devices, *extra)])
+    coordinator = f"--coordinator_address=localhost:{free_port()}"
+    return finish([trainer(setup, workdir, devices, coordinator, f"--num_processes={count}", f"--process_id={i}",
+                           *extra) for i in range(count)])
+
+
+def test_elastic_resume_on_2_then_1_then_3_processes_reads_every_record_once(setup, tmp_path):
+    """One run, preempted and resumed twice on another number of processes and another mesh:
+
+    1. 2 processes x 2 devices (mesh data 2 x expert 2) until process 1 alone gets SIGTERM:
+       both stop at the same step S, save it and exit 0;
+    2. 1 process x 4 devices (data 4) for step S + 1;
+    3. 3 processes x 2 devices (data 3 x expert 2) for steps S + 2 and S + 3 (the parameters
+       reshard each time).
+
+    Shuffled, 24 rows (12 paired records) a step, 32 records an epoch: parts 2-3 read 36
+    records, so an epoch ends inside them. From the record audit, every epoch that ended was
+    read exactly once over the parts, and the last one has no record twice; the metrics have
+    one line per step, 1..S + 3; the losses are finite."""
+    run = tmp_path / "run"
+    common = ("--config.batch_size=24", "--config.data.shuffle=True", "--config.checkpoint_every=100")
+    coordinator = f"--coordinator_address=localhost:{free_port()}"
+    first = [trainer(setup, run, 2, coordinator, "--num_processes=2", f"--process_id={i}", *common,
+                     "--config.total_steps=40", "--config.mesh.data=2") for i in range(2)]
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").exists() or not metrics(run):
+        assert time.time() < deadline and all(p.poll() is None for p in first), "part 1 did not start training"
+        time.sleep(0.5)
+    first[1].send_signal(signal.SIGTERM)
+    errs = [err for _, err in (p.communicate(timeout=300) for p in first)]
+    assert [p.returncode for p in first] == [0, 0], "\n".join(e[-2000:] for e in errs)
+    stopped = int(re.search(r"stopping at step (\d+)", errs[0]).group(1))
+    assert f"stopping at step {stopped}" in errs[1] and stopped < 40
+    assert os.listdir(run / "checkpoints") == [str(stopped)]
+
+    processes(setup, run, 1, 4, *common, f"--config.total_steps={stopped + 1}", "--config.mesh.data=4",
+              "--config.mesh.expert=1")
+    processes(setup, run, 3, 2, *common, f"--config.total_steps={stopped + 3}", "--config.mesh.data=3")
+
+    read = []
+    for name in sorted(os.listdir(run / "records")):
+        with open(run / "records" / name) as f:
+            read += [tuple(pair) for line in f for pair in json.loads(line)["read"]]
+    assert len(read) == 12 * (stopped + 3)
+    last = max(epoch for epoch, _ in read)
+    for epoch in range(last + 1):
+        records = sorted(record for e, record in read if e == epoch)
+        assert records == list(range(RECORDS)) if epoch < last else len(set(records)) == len(records), epoch
+    assert (stopped + 3) * 12 // RECORDS > stopped * 12 // RECORDS   # an epoch ended after the resize
+    logged = metrics(run)
+    assert [r["step"] for r in logged] == list(range(1, stopped + 4))
+    assert all(np.isfinite(r["loss"]) for r in logged)
+    with open(run / "checkpoints" / str(stopped + 3) / "data" / "metadata") as f:
+        states = json.load(f)["processes"]
+    assert [s["layout"]["process_count"] for s in states] == [3, 3, 3]

@@ -21,7 +21,8 @@ over between batches: the iterator state is just the parent's (JSON), which
 makes resume exact. Per-batch counters (records read, bad records with their
 first messages, dropped images) ride along under "_stats" for the pipeline to
 accumulate (every bad record as [index, message], so the pipeline can count
-distinct ones). An exhausted parent ends iteration and drops the partial batch.
+distinct ones), with every element pulled, used or not, as [stream index, epoch,
+record index] under "consumed": what the pipeline's elastic state counts. An exhausted parent ends iteration and drops the partial batch.
 
 Bad records: the packer is where they are first seen, so it enforces what it can
 of the budget (`max_bad_records`, data.max_bad_records) at once: with 0 the first
@@ -77,12 +78,13 @@ class _PackIterator(grain.DatasetIterator):
         lo = {m: 0 for m in self._sizes}
         hi = dict(self._sizes)
         stats = {"records_read": 0, "records_used": 0, "records_skipped": 0, "bad_records": 0,
-                 "images_served": 0, "images_dropped": 0, "paired_rows": 0, "errors": []}
+                 "images_served": 0, "images_dropped": 0, "paired_rows": 0, "errors": [], "consumed": []}
         while any(lo[m] < hi[m] for m in self._sizes):
             if stats["records_read"] >= self._max_records:
                 raise self._starved(stats, [m for m in self._sizes if lo[m] < hi[m]])
             element = next(self._parent)   # StopIteration ends the stream; the partial batch is dropped
             stats["records_read"] += 1
+            stats["consumed"].append([element["stream"], element["epoch"], element["record_index"]])
             if element["bad"]:
                 stats["bad_records"] += 1
                 stats["errors"].append([element["record_index"], element["bad"]])

@@ -20,9 +20,9 @@ compiles once. Rows of different modalities that come from the same paired
 record share a row index where possible (see packing.py).
 
 Stages (Grain dataset API):
-  1. record indices: a global permutation of [0, N) from `seed`, cut into
-     disjoint strided shards by process (jax.process_index / process_count,
-     overridable), re-permuted within the shard every epoch (seed + epoch);
+  1. record indices: each epoch's global order of [0, N) from `seed` and the
+     epoch, of which process p of P (jax.process_index / process_count,
+     overridable) reads positions p, p + P, p + 2P, ... (`cursor.Share`);
   2. map: RecordTransform (read, decode, random resized crop + flips identical
      across modalities and labels, per-band normalisation, SimMIM masks), with
      randomness keyed on (seed, epoch, record index) only;
@@ -30,12 +30,15 @@ Stages (Grain dataset API):
   4. mp_prefetch over `data.num_workers` processes (0 = in-process, with a
      background thread holding `data.prefetch` batches).
 
-Resume: `get_state()` is a JSON-serialisable dict (Grain's own iterator state,
-which records positions only, plus our counters and a fingerprint of everything
-that shapes the stream); `set_state()` on a fresh pipeline with the same config
-continues with exactly the batches the uninterrupted run would have produced.
-Nothing is pickled. Changing num_workers changes the stream (each worker packs
-its own slice), so the fingerprint refuses that.
+Resume: `get_state()` is a JSON-serialisable dict: Grain's own iterator state
+(positions only), our counters, what shapes the stream, and this process's
+progress in process-count-free terms (`cursor`). `set_state()` on a fresh
+pipeline with the same layout (process index and count, workers) continues with
+exactly the batches the uninterrupted run would have produced; `restore()` takes
+every process's state and continues on any other number of processes or workers
+with every record of the epoch still read exactly once (elastic resume: the
+data is exact, the make-up of the batches after the resize is not). Nothing is
+pickled.
 
 Opening a data set checks the manifest (structure, finite band statistics:
 `shards.read_manifest`) and that every shard holds the records the manifest
@@ -51,14 +54,15 @@ once; kept in the resume state), and the K+1-th distinct one is an error.
 """
 from __future__ import annotations
 
+import json
 import logging
-import sys
 
 import grain
 import grain.experimental as grain_exp
 import numpy as np
 
 from ringmoe.data import masking, shards
+from ringmoe.data.cursor import Consumed, Cursor, EpochOrder, Share, advance
 from ringmoe.data.packing import ModalityPackIterDataset
 from ringmoe.data.schema import MODALITIES, RecordError
 from ringmoe.data.transform import ModalitySpec, RecordTransform, TransformOptions
@@ -66,51 +70,36 @@ from ringmoe.data.transform import ModalitySpec, RecordTransform, TransformOptio
 log = logging.getLogger("ringmoe.data.pipeline")
 
 STATE_FORMAT = "ringmoe-pipeline-state"
-STATE_VERSION = 1
+STATE_VERSION = 2
 _COUNTERS = ("records_read", "records_used", "records_skipped", "bad_records", "images_served",
              "images_dropped", "paired_rows")
 
 
 class _ProcessShard(grain.MapDataset):
-    """(epoch, record index) pairs of one process: a fixed disjoint slice of a global
-    permutation, re-permuted every epoch; `num_epochs` None = forever."""
+    """This process's stream: index i -> (epoch, record index, i), its `cursor.Share` of each
+    epoch's global order from `cursor` on; `num_epochs` None = forever."""
 
-    def __init__(self, num_records: int, seed: int, process_index: int, process_count: int,
-                 shuffle: bool, num_epochs: int | None):
+    def __init__(self, order: EpochOrder, share: Share):
         super().__init__()
-        self._n, self._seed, self._shuffle = num_records, seed % 2**32, shuffle
-        self._pi, self._pc = process_index, process_count
-        self._len = len(range(process_index, num_records, process_count))
-        self._epochs = num_epochs
-
-    @property
-    def records(self) -> int:
-        """Records this process reads per epoch."""
-        return self._len
+        self.order, self.share = order, share
+        self._len = len(share)
 
     def __len__(self) -> int:
-        if self._len == 0:
-            return 0
-        return sys.maxsize if self._epochs is None else self._len * self._epochs
-
-    def record_index(self, k: int) -> int:
-        """Data set index of the k-th record of this process's shard (epoch-independent set)."""
-        g = self._pi + k * self._pc
-        if self._shuffle and self._n > 1:
-            g = grain_exp.index_shuffle(g, max_index=self._n - 1, seed=self._seed, rounds=4)
-        return int(g)
+        return self._len
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        epoch, k = divmod(int(index), self._len)
-        if self._shuffle and self._len > 1:
-            k = grain_exp.index_shuffle(k, max_index=self._len - 1, seed=(self._seed + 1 + epoch) % 2**32,
-                                        rounds=4)
-        return epoch, self.record_index(k)
+        epoch, position = self.share.locate(int(index))
+        return epoch, self.order.record(epoch, position), int(index)
+
+    def read(self, index: int) -> tuple[int, int]:
+        """(epoch, record index) of stream index `index`."""
+        epoch, record, _ = self[index]
+        return epoch, record
 
     def __str__(self) -> str:
-        return f"_ProcessShard({self._pi}/{self._pc}, records={self._len})"
+        return f"_ProcessShard({self.share.process}/{self.share.count}, from epoch {self.share.cursor.epoch})"
 
 
 def modality_batch_sizes(rows: int, weights: dict[str, float]) -> dict[str, int]:
@@ -225,11 +214,13 @@ class Pipeline:
         epochs = d.num_epochs if num_epochs is None else num_epochs
         self.num_workers = d.num_workers if num_workers is None else num_workers
         self.max_bad_records = d.max_bad_records
-        self.shard = _ProcessShard(self.manifest["records"], seed, process_index, process_count,
-                                   d.shuffle, epochs or None)
-        if self.shard.records == 0:
-            raise ValueError(f"{self.data_dir}: {self.manifest['records']} records leave none for process "
+        records = self.manifest["records"]
+        if records < process_count:
+            raise ValueError(f"{self.data_dir}: {records} records leave none for process "
                              f"{process_index} of {process_count}")
+        self._order = EpochOrder(records, int(seed), bool(d.shuffle))
+        self._process = (process_index, process_count)
+        self._num_epochs = epochs or None
         lo, hi = d.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {tuple(d.crop_scale)}")
@@ -239,31 +230,46 @@ class Pipeline:
             mask_block_size=d.mask_block_size, mask_ratio=d.mask_ratio, shared_mask=d.shared_mask)
         self.transform = RecordTransform(paths, [s["records"] for s in self.manifest["shards"]],
                                          {k: self.specs[k] for k in self.modalities}, options, seed)
-        rows = sum(self.batch_sizes.values())
-        ds = self.shard.map(self.transform).to_iter_dataset(
-            grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=max(2 * rows, 8)))
+        self._read_options = grain.ReadOptions(num_threads=d.read_threads,
+                                               prefetch_buffer_size=max(2 * sum(self.batch_sizes.values()), 8))
+        self._prefetch = d.prefetch
+        # What shapes the stream: equal in every state this pipeline resumes.
+        self._stream = {"records": records, "seed": int(seed), "shuffle": bool(d.shuffle),
+                        "num_epochs": int(epochs or 0), "train": train}
+        # How this run reads it: a state saved under the same layout resumes batch for batch
+        # (`set_state`), another one elastically (`restore`).
+        self._layout = {"process_index": process_index, "process_count": process_count,
+                        "batch_sizes": self.batch_sizes, "num_workers": self.num_workers}
+        self._iter = None
+        self._build(Cursor())
+        self._reset_counters()
+
+    def _build(self, cursor: Cursor) -> None:
+        """The Grain dataset of this process's share of the stream from `cursor` on."""
+        self.close()
+        self.cursor = cursor
+        self.shard = _ProcessShard(self._order, Share(cursor, self._order.records, *self._process, self._num_epochs))
+        ds = self.shard.map(self.transform).to_iter_dataset(self._read_options)
         ds = ModalityPackIterDataset(
-            ds, self.batch_sizes, image_size=m.image_size, patch_size=m.patch_size,
+            ds, self.batch_sizes, image_size=self.image_size, patch_size=self.patch_size,
             channels={k: s.channels for k, s in self.specs.items()},
-            max_records_per_batch=max(1000, 100 * rows), max_bad_records=d.max_bad_records)
+            max_records_per_batch=max(1000, 100 * sum(self.batch_sizes.values())),
+            max_bad_records=self.max_bad_records)
         if self.num_workers > 0:
             _absl_flags_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,
-                                                             per_worker_buffer_size=max(1, d.prefetch)))
-        elif d.prefetch > 0:
-            ds = grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
+                                                             per_worker_buffer_size=max(1, self._prefetch)))
+        elif self._prefetch > 0:
+            ds = grain_exp.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=self._prefetch)
         self._dataset = ds
         self._iter = None
-        self._fingerprint = {"records": self.manifest["records"], "seed": int(seed),
-                             "process_index": process_index, "process_count": process_count,
-                             "batch_sizes": self.batch_sizes, "num_workers": self.num_workers,
-                             "shuffle": bool(d.shuffle), "num_epochs": int(epochs or 0), "train": train}
-        self._reset_counters()
+        self._consumed = Consumed()
 
     def _reset_counters(self) -> None:
         self._stats = {k: 0 for k in _COUNTERS}
         self._stats["batches"] = 0
         self._bad: dict[int, str] = {}     # distinct bad record index -> message (at most max + 1)
+        self.last_read: list[tuple[int, int]] = []
 
     def _iterator(self):
         if self._iter is None:
@@ -276,6 +282,8 @@ class Pipeline:
     def __next__(self) -> dict:
         batch = next(self._iterator())
         stats = batch.pop("_stats")
+        self._consumed.add(stream for stream, _, _ in stats["consumed"])
+        self.last_read = [(epoch, record) for _, epoch, record in stats["consumed"]]
         for k in _COUNTERS:
             self._stats[k] += stats[k]
         self._stats["batches"] += 1
@@ -301,30 +309,82 @@ class Pipeline:
         return out
 
     def get_state(self) -> dict:
-        """JSON-serialisable resume state (Grain iterator positions + counters + fingerprint)."""
-        return {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": self._fingerprint,
+        """JSON-serialisable resume state: the stream's and this process's identity, the cursor
+        this process started from and what it consumed since (`cursor`), counters, and Grain's
+        own iterator state (positions only)."""
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "stream": self._stream, "layout": self._layout,
+                "cursor": self.cursor.to_json(), "consumed": self._consumed.to_json(),
                 "stats": dict(self._stats), "bad": [[i, m] for i, m in sorted(self._bad.items())],
                 "grain": self._iterator().get_state()}
 
     def set_state(self, state: dict) -> None:
-        """Restores `get_state()` output; refuses state from a differently shaped stream."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError("not a ringmoe pipeline state")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"pipeline state version {state.get('version')}, expected {STATE_VERSION}")
-        saved = state["fingerprint"]
-        diff = sorted(k for k in set(saved) | set(self._fingerprint) if saved.get(k) != self._fingerprint.get(k))
+        """Restores this process's own `get_state()` output, saved under the same layout (process
+        index and count, batch sizes, workers): the batches continue exactly as the
+        uninterrupted run's. Refuses any other (`restore` takes every process's states)."""
+        self._check(state)
+        diff = _differences(state["layout"], self._layout)
         if diff:
-            raise ValueError("pipeline state is from a different stream: "
-                             + ", ".join(f"{k} {saved.get(k)!r} != {self._fingerprint.get(k)!r}" for k in diff))
+            raise ValueError(f"pipeline state is from another layout ({diff}): resume it with restore()")
+        self._build(Cursor.from_json(state["cursor"]))
         self._iterator().set_state(state["grain"])
+        self._consumed = Consumed.from_json(state["consumed"])
         self._reset_counters()
         self._stats.update({k: int(v) for k, v in state["stats"].items() if k in self._stats})
         self._bad = {int(i): str(m) for i, m in state.get("bad", [])}
 
+    def restore(self, states: list[dict]) -> None:
+        """Continues from the states every process of a run saved (in process order).
+
+        Under the same layout, this process's own state (`set_state`: exact). Under
+        another (a different process count, batch split or worker count), elastically:
+        the saved processes' consumption is merged into one cursor (`cursor.advance`)
+        from which this run's processes take their shares, so every record of the epoch
+        is still read exactly once; which process reads it, and so the make-up of the
+        batches, differs from an uninterrupted run. The counters are summed into
+        process 0 ("batches": the step count, kept on every process), and the distinct
+        bad records go to process 0."""
+        if not states:
+            raise ValueError("no pipeline state to restore")
+        for state in states:
+            self._check(state)
+        index, count = self._process
+        if len(states) == count and not _differences(states[index]["layout"], self._layout):
+            self.set_state(states[index])
+            return
+        bases = {json.dumps(state["cursor"], sort_keys=True) for state in states}
+        if len(bases) != 1:
+            raise ValueError(f"pipeline states of {len(states)} processes start from {len(bases)} different cursors")
+        processes = [state["layout"]["process_index"] for state in states]
+        if processes != list(range(len(states))):
+            raise ValueError(f"pipeline states are of processes {processes}, expected 0..{len(states) - 1} in order")
+        cursor = advance(Cursor.from_json(states[0]["cursor"]), self._order.records,
+                         [Consumed.from_json(state["consumed"]) for state in states], self._num_epochs)
+        self._build(cursor)
+        self._reset_counters()
+        self._stats["batches"] = max(int(state["stats"]["batches"]) for state in states)
+        if index == 0:
+            for k in _COUNTERS:
+                self._stats[k] = sum(int(state["stats"][k]) for state in states)
+            self._bad = {int(i): str(m) for state in states for i, m in state.get("bad", [])}
+        log.info("data stream of %d processes continues on %d (elastic resume): epoch %d, %s", len(states), count,
+                 cursor.epoch, ", ".join(f"epoch {cursor.epoch + i}: {s.watermark} + {len(s.consumed)} of "
+                                         f"{self._order.records} consumed" for i, s in enumerate(cursor.segments))
+                 or "at an epoch's start")
+
+    def _check(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError("not a ringmoe pipeline state")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"pipeline state version {state.get('version')}, expected {STATE_VERSION} "
+                             "(written before elastic resume: such a run cannot resume its data stream)")
+        diff = _differences(state["stream"], self._stream)
+        if diff:
+            raise ValueError(f"pipeline state is from a different stream: {diff}")
+
     def shard_record_indices(self) -> np.ndarray:
-        """Data set indices this process reads (each epoch, in some order): disjoint across processes."""
-        return np.array([self.shard.record_index(k) for k in range(self.shard.records)], np.int64)
+        """Data set indices this process reads in the cursor's current epoch: disjoint across processes."""
+        start, length = self.shard.share.span(self.cursor.epoch)
+        return np.array([self.shard.read(i)[1] for i in range(start, start + length)], np.int64)
 
     def batch_spec(self) -> dict:
         """{modality: {key: (shape, dtype name)}} of every batch, for abstract model init."""
@@ -341,6 +401,12 @@ class Pipeline:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _differences(saved: dict, current: dict) -> str:
+    """'num_workers 0 != 1, ...' for the keys whose values differ ('' when none)."""
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    return ", ".join(f"{k} {saved.get(k)!r} != {current.get(k)!r}" for k in keys)
 
 
 def _absl_flags_parsed() -> None:

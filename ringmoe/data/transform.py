@@ -59,7 +59,7 @@ class TransformOptions:
 class RecordTransform:
     """Callable (epoch, record_index) -> element dict; see the module docstring.
 
-    Element: {"record_index": int, "bad": "" or message, "scene_label": int (0 = none),
+    Element: {"record_index": int, "epoch": int, "stream": int, "bad": "" or message, "scene_label": int (0 = none),
               "label_map": int32 (S, S) (zeros = unlabelled),
               "images": {modality: {"pixels": float32 (S, S, C), "mask": bool (S/P, S/P),
                                     "valid": bool (S, S)}}}
@@ -88,8 +88,13 @@ class RecordTransform:
         shard = bisect.bisect_right(self._starts, index) - 1
         return f"{self.paths[shard]} record {index - self._starts[shard]} (data set record {index})"
 
-    def __call__(self, item: tuple[int, int]) -> dict:
-        epoch, index = int(item[0]), int(item[1])
+    def __call__(self, item: tuple[int, int, int]) -> dict:
+        """item: (epoch, record index, the process's stream index), which the element carries
+        on ("epoch", "record_index", "stream") so the pipeline can count what it consumed."""
+        epoch, index, stream = (int(v) for v in item)
+        return {**self._element(epoch, index), "epoch": epoch, "stream": stream}
+
+    def _element(self, epoch: int, index: int) -> dict:
         try:
             data = self._read(index)
         except Exception as e:  # riegeli reports corruption as RuntimeError

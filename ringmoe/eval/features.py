@@ -94,7 +94,7 @@ def image_batches(config, data_dir: str, modality: str, batch_size: int = 32, *,
                                random_crop=False, mask_block_size=size, mask_ratio=0.0)
     transform = RecordTransform(shards.shard_paths(data_dir), [s["records"] for s in manifest["shards"]],
                                 {modality: specs[modality]}, options, seed=0)
-    elements = grain.MapDataset.range(manifest["records"]).map(lambda i: (0, i)).map(transform).to_iter_dataset(
+    elements = grain.MapDataset.range(manifest["records"]).map(lambda i: (0, i, i)).map(transform).to_iter_dataset(
         grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=2 * batch_size))
     pending: list[np.ndarray] = []
     rows: dict[str, list] = {"scene_label": [], "label_map": [], "record_index": []}

@@ -37,11 +37,12 @@ stops and `close()` shuts the manager down. The
 partial `<step>.orbax-checkpoint-tmp` directory it leaves is removed when the next
 run starts (`remove_partial_saves`, process 0, with a warning).
 
-Waiting: the gathers, like Orbax's own barriers, are device collectives without
-a timeout of their own. A process that dies is noticed by JAX's coordination
-service (jax.distributed.initialize's heartbeat_timeout_seconds, 100 s by
-default), which ends the job; one that is alive but never arrives (hung
-elsewhere) is waited for without limit.
+Waiting: the gathers wait at most `collective_timeout_s` for every process
+(`distributed.allgather_json`), then fail with an error naming the processes
+that did not arrive; they come before Orbax's own barriers at both a save (the
+data states) and a restore (the probes), so a hung process is named there. A
+process that dies is also noticed by JAX's coordination service
+(jax.distributed.initialize's heartbeat_timeout_seconds, 100 s by default).
 """
 from __future__ import annotations
 
@@ -53,7 +54,6 @@ import shutil
 
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from ringmoe.errors import describe
 from ringmoe.training import distributed
@@ -89,6 +89,8 @@ class Checkpointer:
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         _OneLineOrbaxErrors.install()
         self._saving: int | None = None   # step of the save started last and not yet checked
+        # Orbax's manager waits for every process without a limit: wait with one first.
+        distributed.barrier(f"the opening of {self.directory}")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                                enable_async_checkpointing=True, create=True,
                                                multiprocessing_options=ocp.options.MultiprocessingOptions(
@@ -184,7 +186,8 @@ class Checkpointer:
         aside). It sees the same metadata on every process, so it decides alike.
         """
         probes = {step: self._probe(step) for step in self.manager.all_steps()}
-        seen = distributed.allgather_json({str(step): error for step, (_, error) in probes.items()})
+        seen = distributed.allgather_json({str(step): error for step, (_, error) in probes.items()},
+                                          f"the restore of {self.directory} (which steps each process reads)")
         moved = False
         for step in sorted({int(s) for steps in seen for s in steps}, reverse=True):
             failed = {p: steps.get(str(step), "not found") for p, steps in enumerate(seen)}
@@ -193,7 +196,8 @@ class Checkpointer:
                 if check_meta is not None:
                     check_meta(step, probes[step][0])
                 restored, error = self._restore(step, abstract_state)
-                failed = {p: e for p, e in enumerate(distributed.allgather_json(error)) if e is not None}
+                failed = {p: e for p, e in enumerate(distributed.allgather_json(
+                    error, f"the restore of checkpoint {step} (whether each process read it)")) if e is not None}
                 if not failed:
                     self._after_moving(moved)
                     return step, restored.state, restored.data, restored.meta
@@ -254,7 +258,7 @@ class Checkpointer:
         """After process 0 moved steps aside, every process re-lists the steps (once they are moved)."""
         if moved:
             if jax.process_count() > 1:
-                multihost_utils.sync_global_devices("ringmoe: checkpoints moved aside")
+                distributed.barrier("the checkpoints moved aside")
             self.manager.reload()
 
     def close(self) -> None:
