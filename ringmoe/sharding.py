@@ -31,6 +31,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
     ("expert", "expert"),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),
