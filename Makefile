@@ -20,8 +20,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tools.demo
 
-# Parity with timm's SwinV2 in PyTorch, both ways (tools.parity). PyTorch lives in its own
-# environment, never in requirements.txt; `make test` stays free of it.
+# Parity with timm's SwinV2 in PyTorch, both ways (tools.parity), and of the Llama-layout language
+# model with Hugging Face transformers (tools.parity_lm). PyTorch lives in its own environment,
+# never in requirements.txt; `make test` stays free of it.
 PARITY_VENV := .venv-torch
 PARITY_STAMP := $(PARITY_VENV)/.installed
 
@@ -32,6 +33,7 @@ $(PARITY_STAMP): requirements-parity.txt
 
 parity: $(STAMP) $(PARITY_STAMP)
 	$(PY) -m tools.parity --torch-python $(PARITY_VENV)/bin/python --workdir parity_out
+	$(PY) -m tools.parity_lm --torch-python $(PARITY_VENV)/bin/python --workdir parity_out/lm
 
 # The 14.7B ahead-of-time compile for every pod target (README "Running on a pod"):
 # 20-31 min and up to ~24 GB of host memory (plus swap for v5e-256) per target on 2 cores.

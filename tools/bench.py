@@ -3,6 +3,7 @@
     python -m tools.bench moe --config configs/base.py [--batch 8] [--stage 2]
     python -m tools.bench data --data DIR --config configs/tiny.py
     python -m tools.bench step --data DIR --config configs/tiny.py [--steps 5]
+    python -m tools.bench lm --config configs/lm.py:tiny [--batch 1] [--prompt_length 32] [--new_tokens 64]
 
 `moe`: forward+backward of one MoE FFN layer with each dispatch path, under the
 configured router and under expert choice, and of a dense FFN with the same
@@ -12,6 +13,9 @@ path's experts compute against the rows the routing kept, and useful GFLOP/s.
 `step`: the real train and eval steps on one batch of DIR, blocks unrolled and scanned
 (`model.scan_layers`): first-call (compile) seconds, median step seconds, their ratios,
 and the scanned step's MFU.
+`lm`: greedy decode speed of the language model (configs/lm.py, random weights) with the
+key/value cache against re-running the whole sequence per token, and their ratio
+(ringmoe/text/bench.py).
 """
 import json
 
@@ -21,13 +25,16 @@ from ml_collections import config_flags
 from ringmoe import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
-_BATCH = flags.DEFINE_integer("batch", 8, "moe: images per call.")
+_BATCH = flags.DEFINE_integer("batch", None, "moe: images per call (default 8); lm: prompts (default 1).")
 _STAGE = flags.DEFINE_integer("stage", None, "moe: Swin stage whose layer shape to use (default: deepest).")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "moe: timing rounds (the minimum is reported).")
+_ROUNDS = flags.DEFINE_integer("rounds", None, "moe, lm: timing rounds, the minimum is reported "
+                                "(default moe 5, lm 3).")
+_PROMPT = flags.DEFINE_integer("prompt_length", 32, "lm: tokens per prompt.")
+_NEW = flags.DEFINE_integer("new_tokens", 64, "lm: tokens generated per prompt.")
 _DATA = flags.DEFINE_string("data", None, "data: directory of ArrayRecord shards + manifest.json.")
 _BATCHES = flags.DEFINE_integer("batches", 50, "data: batches to time.")
 _STEPS = flags.DEFINE_integer("steps", 5, "step: train steps timed after the first (the median is reported).")
-MODES = ("moe", "data", "step")
+MODES = ("moe", "data", "step", "lm")
 
 
 def main(argv):
@@ -40,12 +47,21 @@ def main(argv):
     validate_config(config)
     if argv[1] == "moe":
         from ringmoe.model import bench
-        result = bench.run(config.model, batch=_BATCH.value, stage=_STAGE.value, rounds=_ROUNDS.value)
+        result = bench.run(config.model, batch=_BATCH.value or 8, stage=_STAGE.value, rounds=_ROUNDS.value or 5)
         for router, paths in result["routers"].items():
             for name, r in paths.items():
                 print(f"{router:>13} {name:>6}: {r['s'] * 1e3:9.2f} ms  ratio {r['ratio']:5.2f}  rows {r['rows']:>7}"
                       f" (kept {r['kept_rows']:>7})  {r['useful_gflops']:7.2f} useful GFLOP/s")
         print(f"{'dense':>20}: {result['dense_s'] * 1e3:9.2f} ms  {result['dense_gflops']:7.2f} GFLOP/s")
+    elif argv[1] == "lm":
+        from ringmoe.text import bench
+        from ringmoe.text.llama import LMSpec
+        result = {"config": config_flags.get_config_filename(flags.FLAGS["config"]), **bench.run(
+            LMSpec.from_config(config.lm), batch=_BATCH.value or 1, prompt_length=_PROMPT.value,
+            new_tokens=_NEW.value, rounds=_ROUNDS.value or 3, seed=config.seed)}
+        print(f"cached {result['cached_tokens_per_s']:.1f} tok/s, full forward "
+              f"{result['full_forward_tokens_per_s']:.1f} tok/s: speedup {result['speedup']:.1f}x, "
+              f"same tokens: {result['same_tokens']}")
     elif argv[1] == "data":
         from ringmoe.data import bench
         if not _DATA.value:

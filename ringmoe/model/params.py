@@ -78,7 +78,7 @@ def count(model, top_k: int = 1) -> dict:
 def table(counts: dict) -> str:
     rows = [("component", "parameters")] + [(k, f"{v:,}") for k, v in counts["components"].items()]
     rows += [("", ""), ("TOTAL", f"{counts['total']:,}")]
-    rows += [(f"sub-model {m}", f"{v:,}") for m, v in counts["per_modality"].items()]
-    rows += [(f"active per token ({m})", f"{v:,}") for m, v in counts["active_per_token"].items()]
+    rows += [(f"sub-model {m}", f"{v:,}") for m, v in counts.get("per_modality", {}).items()]
+    rows += [(f"active per token ({m})", f"{v:,}") for m, v in counts.get("active_per_token", {}).items()]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{width}}  {b:>16}" for a, b in rows)

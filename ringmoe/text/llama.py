@@ -18,7 +18,7 @@ The key/value cache (`init_cache`) is a plain pytree of fixed size (B, S_max): a
 call writes its T tokens at `cache["index"]` and attends over every slot the
 cache holds, masked, so one compiled decode step serves every token
 (`ringmoe/text/generate.py`). Called without a cache the model attends over its
-own T tokens: the same numbers (tests/test_text.py).
+own T tokens: the same numbers (tests/test_text_generate.py).
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`,
 `kv_heads`, `mlp`) that the project's one rules table (`ringmoe.sharding`) maps
@@ -121,7 +121,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x.astype(jnp.float32)
         y = y * jax.lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + self.eps)
-        return self.scale.value * y.astype(x.dtype)
+        return self.scale[...] * y.astype(x.dtype)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple, names: tuple, init=INIT) -> nnx.Param:
@@ -143,16 +143,17 @@ class Attention(nnx.Module):
             self.q_bias = _param(rngs, (h, d), ("heads", None), zeros)
             self.k_bias = _param(rngs, (k, d), ("kv_heads", None), zeros)
             self.v_bias = _param(rngs, (k, d), ("kv_heads", None), zeros)
-        self.inv_freq = rope_frequencies(spec)
 
     def __call__(self, x, positions, valid, cache: dict | None):
         spec, dtype = self.spec, x.dtype
-        q = jnp.einsum("bte,ehd->bthd", x, self.q.value.astype(dtype))
-        k = jnp.einsum("bte,ehd->bthd", x, self.k.value.astype(dtype))
-        v = jnp.einsum("bte,ehd->bthd", x, self.v.value.astype(dtype))
+        q = jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dtype))
+        k = jnp.einsum("bte,ehd->bthd", x, self.k[...].astype(dtype))
+        v = jnp.einsum("bte,ehd->bthd", x, self.v[...].astype(dtype))
         if spec.attention_bias:
-            q, k, v = q + self.q_bias.value, k + self.k_bias.value, v + self.v_bias.value
-        q, k = apply_rope(q, positions, self.inv_freq), apply_rope(k, positions, self.inv_freq)
+            q, k, v = (q + self.q_bias[...].astype(dtype), k + self.k_bias[...].astype(dtype),
+                       v + self.v_bias[...].astype(dtype))
+        inv_freq = rope_frequencies(spec)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         t = x.shape[1]
         if cache is None:
             keys, values, key_valid = k, v, valid
@@ -173,7 +174,7 @@ class Attention(nnx.Module):
         weights = jax.nn.softmax(scores, -1).astype(dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(dtype))
         out = out.reshape(*out.shape[:2], spec.num_heads, spec.head_size)
-        return jnp.einsum("bthd,hde->bte", out, self.o.value.astype(dtype)), cache
+        return jnp.einsum("bthd,hde->bte", out, self.o[...].astype(dtype)), cache
 
 
 class MLP(nnx.Module):
@@ -187,8 +188,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dtype = x.dtype
-        hidden = jax.nn.silu(x @ self.gate.value.astype(dtype)) * (x @ self.up.value.astype(dtype))
-        return hidden @ self.down.value.astype(dtype)
+        hidden = jax.nn.silu(x @ self.gate[...].astype(dtype)) * (x @ self.up[...].astype(dtype))
+        return hidden @ self.down[...].astype(dtype)
 
 
 class DecoderLayer(nnx.Module):
@@ -222,7 +223,7 @@ class LanguageModel(nnx.Module):
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(valid, -1) - 1, 0)
         dtype = jnp.dtype(self.spec.dtype)
-        x = self.embed.value.astype(dtype)[tokens]
+        x = self.embed[...].astype(dtype)[tokens]
         layer_caches = None if cache is None else cache["layers"]
         new_layers = []
         for i, layer in enumerate(self.layers):
@@ -230,7 +231,7 @@ class LanguageModel(nnx.Module):
                                    {**layer_caches[i], "index": cache["index"]})
             new_layers.append(layer_cache)
         x = self.norm(x)
-        head = self.embed.value.T if self.spec.tie_embeddings else self.lm_head.value
+        head = self.embed[...].T if self.spec.tie_embeddings else self.lm_head[...]
         logits = (x @ head.astype(dtype)).astype(jnp.float32)
         if cache is None:
             return logits
@@ -251,3 +252,16 @@ def init_cache(spec: LMSpec, batch: int, length: int, dtype=None) -> dict:
 
 def build(spec: LMSpec, seed: int = 0) -> LanguageModel:
     return LanguageModel(spec, rngs=nnx.Rngs(seed))
+
+
+def parameter_counts(spec: LMSpec) -> dict:
+    """{"total", "components": {embedding, attention, mlp, norms, lm_head}} from the abstract model's
+    shapes (jax.eval_shape: nothing allocated)."""
+    model = nnx.eval_shape(lambda: build(spec))
+    components = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = [str(k) for k in path]
+        row = next((c for c, key in (("attention", "attention"), ("mlp", "mlp"), ("lm_head", "lm_head"),
+                                      ("embedding", "embed")) if key in names), "norms")
+        components[row] += int(np.prod(var.shape))
+    return {"total": sum(components.values()), "components": components}

@@ -16,7 +16,6 @@ features (N, h, w, D) our JAX encoder computed. For each case this script
       its features on the same inputs, for the JAX side to import and compare.
 Writes WORKDIR/timm_results.json. Nothing here imports JAX.
 """
-import importlib
 import json
 import os
 import sys
@@ -24,30 +23,9 @@ import sys
 import numpy as np
 import safetensors.torch
 import torch
+from torch_env import torchvision_without_its_kernels
 
-
-def _torchvision_without_its_kernels() -> None:
-    """timm imports torchvision, and the only torchvision wheels this machine's package index
-    holds are CUDA builds: their compiled operators cannot load beside the CPU torch, and
-    torchvision 0.28 then fails on import, registering fake (meta) kernels for two of them.
-    Declaring those two operators' schemas lets it import. Nothing here runs them: SwinV2
-    uses no torchvision operator. Where torchvision imports as it is, this does nothing."""
-    try:
-        importlib.import_module("torchvision")
-        return
-    except RuntimeError as e:
-        if "torchvision::nms does not exist" not in str(e):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    library = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-        library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _torchvision_without_its_kernels.library = library   # keep the definitions alive
-    importlib.import_module("torchvision")
-
-
-_torchvision_without_its_kernels()
+torchvision_without_its_kernels()
 import timm  # noqa: E402
 from timm.models.swin_transformer_v2 import checkpoint_filter_fn  # noqa: E402
 
