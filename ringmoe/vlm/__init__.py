@@ -1,0 +1,1 @@
+"""RS-MoE: the vision-language model over lightweight LM experts (grounded text so far)."""

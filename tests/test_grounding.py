@@ -1,0 +1,77 @@
+"""Grounded captions and questions (ringmoe/vlm/grounding.py): every stated fact checked against
+hand-made label maps whose truth is known by construction."""
+import numpy as np
+import pytest
+
+from ringmoe.data.synthetic import LABEL_NAMES
+from ringmoe.vlm import grounding
+
+WATER, FOREST, CROPLAND, GRASSLAND, URBAN = (LABEL_NAMES.index(n) for n in
+                                             ("water", "forest", "cropland", "grassland", "urban"))
+
+
+def river_through_forest():
+    m = np.full((64, 64), FOREST, np.int32)
+    m[:, 30:34] = WATER                      # 4 of 64 columns, edge to edge
+    return m
+
+
+def town_and_fields():
+    m = np.full((64, 64), GRASSLAND, np.int32)
+    m[:32, :32] = URBAN                      # the north-west quadrant
+    m[40:50, 40:50] = CROPLAND               # two separate fields in the south-east
+    m[52:60, 52:62] = CROPLAND
+    return m
+
+
+def test_facts_measure_composition_layout_and_objects():
+    f = grounding.facts(river_through_forest(), LABEL_NAMES)
+    assert f.shares == {"forest": 60 / 64, "water": 4 / 64} and f.dominant == "forest"
+    assert f.counts == {"water bodies": 1, "fields": 0}
+    assert f.river == "forest" and not f.urban
+    g = grounding.facts(town_and_fields(), LABEL_NAMES)
+    assert g.places["urban"] == "north-west" and g.urban and g.built_share == 0.25
+    assert g.counts == {"water bodies": 0, "fields": 2} and g.river is None
+    assert g.shares["cropland"] == pytest.approx((100 + 80) / 4096)
+    centre = np.full((64, 64), GRASSLAND, np.int32)
+    centre[20:44, 20:44] = FOREST
+    assert grounding.facts(centre, LABEL_NAMES).places["forest"] == "centre"
+    south = np.full((64, 64), GRASSLAND, np.int32)
+    south[40:, :] = FOREST
+    assert grounding.facts(south, LABEL_NAMES).places["forest"] == "south"
+
+
+def test_captions_state_the_measured_facts_in_several_phrasings():
+    f = grounding.facts(town_and_fields(), LABEL_NAMES)
+    seen = set()
+    for seed in range(12):
+        parts = grounding.caption_parts(f, np.random.default_rng(seed))
+        assert set(parts) == set(grounding.ASPECTS)
+        assert "grassland" in parts["composition"].lower()
+        assert "north-west" in parts["layout"]
+        assert "2 fields" in parts["objects"] and "25 %" in parts["objects"]
+        assert "no water bodies" in parts["objects"].lower()
+        seen.add(parts["composition"])
+    assert len(seen) == len(grounding.COMPOSITION)
+    assert grounding.caption(f, np.random.default_rng(0)) == grounding.caption(f, np.random.default_rng(0))
+    river = grounding.caption_parts(grounding.facts(river_through_forest(), LABEL_NAMES), np.random.default_rng(0))
+    assert "river" in river["objects"] and "forest" in river["objects"] and "one water body" in river["objects"].lower()
+
+
+def test_questions_have_exact_answers():
+    qa = {q["question"]: q for q in grounding.questions(grounding.facts(town_and_fields(), LABEL_NAMES), LABEL_NAMES)}
+    assert qa["Is there urban in the image?"]["answer"] == "yes"
+    assert qa["Is there water in the image?"]["answer"] == "no"
+    assert qa["Is there more urban than grassland?"]["answer"] == "no"
+    assert qa["Is there more grassland than urban?"]["answer"] == "yes"
+    assert qa["Is it a rural or an urban area?"]["answer"] == "urban"
+    assert qa["How many fields are there?"]["answer"] == "2"
+    assert qa["What is the most common land cover?"]["answer"] == "grassland"
+    assert {q["type"] for q in qa.values()} == {"presence", "comparison", "rural_urban", "count", "majority"}
+
+
+def test_bad_label_maps_are_refused():
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        grounding.facts(np.zeros((8, 8), np.int32), LABEL_NAMES)
+    with pytest.raises(ValueError, match="class id 12 has no name"):
+        grounding.facts(np.full((8, 8), 12, np.int32), LABEL_NAMES)
