@@ -1,10 +1,10 @@
-"""Grounded captions and questions (ringmoe/vlm/grounding.py): every stated fact checked against
+"""Grounded captions and questions (ringmoe/data/grounding.py): every stated fact checked against
 hand-made label maps whose truth is known by construction."""
 import numpy as np
 import pytest
 
 from ringmoe.data.synthetic import LABEL_NAMES
-from ringmoe.vlm import grounding
+from ringmoe.data import grounding
 
 WATER, FOREST, CROPLAND, GRASSLAND, URBAN = (LABEL_NAMES.index(n) for n in
                                              ("water", "forest", "cropland", "grassland", "urban"))
@@ -75,3 +75,23 @@ def test_bad_label_maps_are_refused():
         grounding.facts(np.zeros((8, 8), np.int32), LABEL_NAMES)
     with pytest.raises(ValueError, match="class id 12 has no name"):
         grounding.facts(np.full((8, 8), 12, np.int32), LABEL_NAMES)
+
+
+def test_records_carry_grounded_text_through_the_shards(tmp_path):
+    """Synthetic records with text: the scene is the same as without, the captions and questions
+    survive encode/decode and the shards, and a malformed question is a RecordError."""
+    from ringmoe.data import schema, synthetic
+    plain = synthetic.make_record(0, 3, 32)
+    with_text = synthetic.make_record(0, 3, 32, captions=3)
+    np.testing.assert_array_equal(plain.label_map, with_text.label_map)
+    assert schema.encode(plain) == schema.encode(synthetic.make_record(0, 3, 32))   # text-free bytes unchanged
+    assert len(with_text.captions) == 3 and len(set(with_text.captions)) == 3
+    truth = grounding.facts(with_text.label_map, LABEL_NAMES)
+    majority = [q for q in with_text.questions if q["type"] == "majority"]
+    assert majority == [{"type": "majority", "question": "What is the most common land cover?",
+                         "answer": truth.dominant}]
+    back = schema.decode(schema.encode(with_text), "test")
+    assert back.captions == with_text.captions and back.questions == with_text.questions
+    bad = schema.Record(**{**with_text.__dict__, "questions": ({"type": "count", "question": "How many?"},)})
+    with pytest.raises(schema.RecordError, match="question 0 must be non-empty strings"):
+        schema.validate(bad, "test")

@@ -73,13 +73,20 @@ def valid_pixels(image: ModalityImage) -> np.ndarray:
     return ~missing
 
 
+QUESTION_KEYS = ("type", "question", "answer")
+
+
 @dataclasses.dataclass
 class Record:
+    """A place on the ground. Text, when the record has any: reference `captions` and
+    visual questions, each {"type", "question", "answer"} (RSVQA-LR's types)."""
     sample_id: str
     modalities: dict[str, ModalityImage]
     label_map: np.ndarray | None = None   # (H, W) int32 class ids, 0 = unlabelled
     scene_label: int | None = None
     source: str = ""
+    captions: tuple[str, ...] = ()
+    questions: tuple[dict, ...] = ()
 
 
 def validate(record: Record, where: str) -> None:
@@ -110,6 +117,14 @@ def validate(record: Record, where: str) -> None:
         shapes.add(lm.shape)
     if len(shapes) > 1:
         raise RecordError(f"{where}: record {record.sample_id!r}: modalities/labels not co-registered, shapes {sorted(shapes)}")
+    for i, text in enumerate(record.captions):
+        if not isinstance(text, str) or not text.strip():
+            raise RecordError(f"{where}: record {record.sample_id!r}: caption {i} is not a non-empty string")
+    for i, qa in enumerate(record.questions):
+        if (not isinstance(qa, dict) or sorted(qa) != sorted(QUESTION_KEYS)
+                or not all(isinstance(qa[k], str) and qa[k].strip() for k in QUESTION_KEYS)):
+            raise RecordError(f"{where}: record {record.sample_id!r}: question {i} must be non-empty strings "
+                              f"{list(QUESTION_KEYS)}, got {qa!r}")
 
 
 def encode(record: Record) -> bytes:
@@ -125,6 +140,10 @@ def encode(record: Record) -> bytes:
         }
     if record.label_map is not None:
         tensors["label_map"] = np.ascontiguousarray(record.label_map, dtype=np.int32)
+    if record.captions:   # only when present: records without text keep their exact bytes
+        meta["captions"] = list(record.captions)
+    if record.questions:
+        meta["questions"] = [dict(qa) for qa in record.questions]
     return safetensors.numpy.save(tensors, metadata={"record": json.dumps(meta)})
 
 
@@ -150,7 +169,8 @@ def decode(data: bytes, where: str) -> Record:
                 modality=name, pixels=tensors[key], bands=tuple(Band(**b) for b in m["bands"]),
                 sensor=m["sensor"], gsd_m=m["gsd_m"], nodata=m["nodata"])
         return Record(sample_id=meta["sample_id"], modalities=modalities,
-                      label_map=tensors.get("label_map"), scene_label=meta["scene_label"], source=meta["source"])
+                      label_map=tensors.get("label_map"), scene_label=meta["scene_label"], source=meta["source"],
+                      captions=tuple(meta.get("captions", ())), questions=tuple(meta.get("questions", ())))
     except (KeyError, TypeError, AttributeError) as e:  # well-formed JSON, wrong content
         raise RecordError(f"{where}: malformed record metadata ({type(e).__name__}: {e})") from None
 

@@ -230,8 +230,11 @@ def span(slc: np.ndarray) -> np.ndarray:
 
 
 def make_record(seed: int, index: int, size: int, *, paired_fraction: float = 1.0,
-                labeled: bool = True, looks: float = DEFAULT_LOOKS) -> Record:
-    """Record `index` of the data set drawn from `seed` (independent of the set's length)."""
+                labeled: bool = True, looks: float = DEFAULT_LOOKS, captions: int = 0) -> Record:
+    """Record `index` of the data set drawn from `seed` (independent of the set's length). With
+    `captions` > 0 (and labels) it also carries that many grounded captions and the visual
+    questions of its label map (`grounding.annotate`, drawn from their own generator: the
+    scene is the same with or without text)."""
     rng = np.random.default_rng([seed, index])
     paired = rng.uniform() < paired_fraction
     only = MODALITIES[rng.integers(len(MODALITIES))]
@@ -250,8 +253,12 @@ def make_record(seed: int, index: int, size: int, *, paired_fraction: float = 1.
     if labeled:
         label_map = (classes + 1).astype(np.int32)
         scene_label = int(np.bincount(label_map.ravel(), minlength=len(CLASSES) + 1)[1:].argmax() + 1)
-    return Record(sample_id=f"synthetic-{seed}-{index:08d}", modalities=modalities,
-                  label_map=label_map, scene_label=scene_label, source="synthetic")
+    record = Record(sample_id=f"synthetic-{seed}-{index:08d}", modalities=modalities,
+                    label_map=label_map, scene_label=scene_label, source="synthetic")
+    if captions and labeled:
+        from ringmoe.data import grounding
+        record = grounding.annotate(record, LABEL_NAMES, np.random.default_rng([seed, index, 1]), captions)
+    return record
 
 
 def generate(num_examples: int, size: int, seed: int, **kwargs) -> Iterator[Record]:

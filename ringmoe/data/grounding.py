@@ -10,8 +10,8 @@ the pixels. `facts` measures:
                (north-west ...), a half (north ...), the centre, or throughout
                (row 0 is north);
   objects      connected water bodies and fields (4-connected components of at
-               least `MIN_OBJECT` of the pixels), a river (a water body touching
-               two opposite edges) and the class it crosses (the most frequent
+               least `MIN_OBJECT` of the pixels), a river (a water body of at most
+               `RIVER_SHARE` touching two opposite edges) and the class it crosses (the most frequent
                class along its banks), the share of built-up land (urban /
                rural: RSVQA-LR's threshold idea, here `URBAN_SHARE` of the pixels).
 
@@ -30,6 +30,7 @@ from scipy import ndimage
 MIN_SHARE = 0.05      # a class below this share of the scene is not placed or compared
 MIN_OBJECT = 0.005    # a connected region below this share of the scene is not counted
 URBAN_SHARE = 0.10    # built-up share from which a scene is "urban"
+RIVER_SHARE = 0.30    # a water body larger than this is a lake or the sea, not a river
 BUILT = ("urban", "built area")
 COUNTED = {"water": "water bodies", "cropland": "fields", "crops": "fields"}
 ASPECTS = ("composition", "layout", "objects")
@@ -98,8 +99,8 @@ def place(mask: np.ndarray) -> str:
 def _river(label_map, regions, sizes, names) -> str | None:
     """The class along the banks of the largest water body that touches two opposite edges."""
     edges = (regions[0], regions[-1], regions[:, 0], regions[:, -1])
-    crossing = [r for r in np.argsort(-sizes) + 1
-                if (r in edges[0] and r in edges[1]) or (r in edges[2] and r in edges[3])]
+    crossing = [r for r in np.argsort(-sizes) + 1 if sizes[r - 1] <= RIVER_SHARE * label_map.size
+                and ((r in edges[0] and r in edges[1]) or (r in edges[2] and r in edges[3]))]
     if not crossing:
         return None
     water = regions == crossing[0]
@@ -176,3 +177,13 @@ def questions(f: Facts, names: tuple[str, ...]) -> list[dict]:
             for what, n in f.counts.items()]
     out.append({"type": "majority", "question": "What is the most common land cover?", "answer": f.dominant})
     return out
+
+
+def annotate(record, names: tuple[str, ...], rng: np.random.Generator, captions: int = 5):
+    """`record` with `captions` grounded captions (distinct phrasings where the templates allow)
+    and every question of its label map; unchanged when it has no labelled pixel."""
+    if record.label_map is None or not (record.label_map > 0).any():
+        return record
+    f = facts(record.label_map, names)
+    texts = list(dict.fromkeys(caption(f, rng) for _ in range(4 * captions)))[:captions]
+    return dataclasses.replace(record, captions=tuple(texts), questions=tuple(questions(f, names)))

@@ -1,1 +1,0 @@
-"""RS-MoE: the vision-language model over lightweight LM experts (grounded text so far)."""
