@@ -319,8 +319,10 @@ def test_data_tools_take_absl_flags_and_refuse_misplaced_ones(tmp_path):
               "--hardness needs --labeled"),
              (("tools.convert", "tfds", "--name", "eurosat/all", "--out", str(tmp_path / "b"), "--tile", "64"),
               "--tile: not a flag of tfds"),
+             (("tools.convert", "rsvqa", "--questions-json", "q", "--answers-json", "a", "--images", "i",
+               "--out", str(tmp_path / "c"), "--split", "train"), "--split: not a flag of rsvqa"),
              (("tools.convert", "--out", str(tmp_path / "b")), "one source kind: python -m tools.convert "
-              "{geotiff|tfds} --out DIR ..."),
+              "{geotiff|tfds|captions|rsvqa} --out DIR ..."),
              (("tools.inspect",), "one argument: the data set directory (python -m tools.inspect DIR)"),
              (("tools.params", "--config", "configs/tiny.py", "stray"), "unexpected arguments: stray"),
              (("tools.demo", "--config.nonexistent=1"), "--config.nonexistent=1: the config has no key 'nonexistent'"),
