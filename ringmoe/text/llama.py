@@ -218,12 +218,21 @@ class LanguageModel(nnx.Module):
             self.lm_head = _param(rngs, (spec.hidden_size, spec.vocab_size), ("embed", "vocab"))
 
     def __call__(self, tokens, positions=None, valid=None, cache: dict | None = None):
+        return self.forward_embeddings(self.embed_tokens(tokens), positions, valid, cache)
+
+    def embed_tokens(self, tokens) -> jax.Array:
+        """(B, T) token ids -> (B, T, E) input embeddings."""
+        return self.embed[...].astype(jnp.dtype(self.spec.dtype))[tokens]
+
+    def forward_embeddings(self, x, positions=None, valid=None, cache: dict | None = None):
+        """The model on input embeddings x (B, T, E): token embeddings, or any mix with vectors
+        from elsewhere (a vision-language model's visual tokens and soft prompts)."""
         if valid is None:
-            valid = jnp.ones(tokens.shape, bool)
+            valid = jnp.ones(x.shape[:2], bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(valid, -1) - 1, 0)
         dtype = jnp.dtype(self.spec.dtype)
-        x = self.embed[...].astype(dtype)[tokens]
+        x = x.astype(dtype)
         layer_caches = None if cache is None else cache["layers"]
         new_layers = []
         for i, layer in enumerate(self.layers):
@@ -235,9 +244,8 @@ class LanguageModel(nnx.Module):
         logits = (x @ head.astype(dtype)).astype(jnp.float32)
         if cache is None:
             return logits
-        t = tokens.shape[1]
         layers = [{k: c[k] for k in ("k", "v", "valid")} for c in new_layers]
-        return logits, {"layers": layers, "index": cache["index"] + t}
+        return logits, {"layers": layers, "index": cache["index"] + x.shape[1]}
 
 
 def init_cache(spec: LMSpec, batch: int, length: int, dtype=None) -> dict:
