@@ -95,3 +95,37 @@ def test_records_carry_grounded_text_through_the_shards(tmp_path):
     bad = schema.Record(**{**with_text.__dict__, "questions": ({"type": "count", "question": "How many?"},)})
     with pytest.raises(schema.RecordError, match="question 0 must be non-empty strings"):
         schema.validate(bad, "test")
+
+
+def test_rsmoe_subtasks_and_their_token_arrays(tmp_path):
+    """A labelled record gives one sub-task per caption aspect (wording redrawn each epoch, facts
+    the same) and its questions; a converted record its stored captions; encoding pads the
+    instruction on the left and ends the answer with the end token, counting what it cuts."""
+    from ringmoe.data import schema, synthetic
+    from ringmoe.text.tokenizer import train_tokenizer
+    from ringmoe.vlm import examples
+    record = synthetic.make_record(0, 5, 32)
+    tasks = examples.subtasks(record, LABEL_NAMES, seed=0, epoch=0, index=5)
+    assert [t.kind for t in tasks[:3]] == list(grounding.ASPECTS)
+    assert {"presence", "rural_urban", "count", "majority"} <= {t.kind for t in tasks[3:]} <= {
+        "presence", "comparison", "rural_urban", "count", "majority"}
+    epochs = [examples.subtasks(record, LABEL_NAMES, seed=0, epoch=e, index=5) for e in range(6)]
+    assert all([t.instruction for t in later] == [t.instruction for t in tasks] for later in epochs)
+    assert len({later[0].answer for later in epochs}) > 1          # other wordings ...
+    assert all("%" in later[0].answer or "dominated" in later[0].answer for later in epochs)   # ... same facts
+    assert examples.subtasks(record, LABEL_NAMES, seed=0, epoch=0, index=5) == tasks
+    converted = schema.Record("rsicd-1", record.modalities, captions=("two planes near a terminal .",),
+                              questions=({"type": "presence", "question": "Is there a plane?", "answer": "yes"},))
+    assert examples.subtasks(converted, LABEL_NAMES, 0, 0, 1) == [
+        examples.SubTask("caption", examples.CAPTION["caption"], "two planes near a terminal ."),
+        examples.SubTask("presence", "Is there a plane?", "yes")]
+    texts = [t.instruction + " " + t.answer for t in tasks] * 5
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    encoded = examples.encode(tasks, tokenizer, instruction_length=24, answer_length=12, pad_id=0, end_id=2)
+    first = tokenizer.encode(tasks[0].instruction).ids
+    assert encoded.instruction[0, -len(first):].tolist() == first[-24:]
+    assert encoded.instruction_valid[0].sum() == min(len(first), 24)
+    answer = tokenizer.encode(tasks[0].answer).ids + [2]
+    assert encoded.answer[0].tolist()[:min(len(answer), 12)] == answer[:12]
+    assert encoded.truncated == sum(len(tokenizer.encode(t.instruction).ids) > 24
+                                    or len(tokenizer.encode(t.answer).ids) + 1 > 12 for t in tasks)
