@@ -11,6 +11,7 @@ missing, unexpected or of another shape is a one-line error naming the key or te
 and the file. Last line: JSON with out, model_type, parameters, spec and tokenizer.
 """
 import json
+import os
 
 from absl import flags
 
@@ -28,7 +29,6 @@ def main(argv) -> None:
     cli.setup_logging()
     from ringmoe.text.hf import load_hf
     from ringmoe.text.saved import save_lm, spec_dict
-    import os
     source = os.path.abspath(_FROM.value)
     model, tokenizer, info = load_hf(source, dtype=_DTYPE.value)
     out = save_lm(_OUT.value, model, info["tokenizer"],
