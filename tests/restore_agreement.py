@@ -9,9 +9,10 @@ set only for the restore phase).
 
     python -m tests.restore_agreement WORKDIR PORT PROCESS_ID
 
-With a fourth argument PROCESS:open or PROCESS:restore (and RINGMOE_TEST_TIMEOUT
-seconds), that process hangs (sleeps) before opening the checkpoints or before
-restoring, and the other prints the error its wait ends with: the collective
+With a fourth argument PROCESS:open, PROCESS:restore or PROCESS:save (and
+RINGMOE_TEST_TIMEOUT seconds), that process hangs (sleeps) before opening the
+checkpoints, before restoring, or before the trainer's gather of the data states
+at a save, and the other prints the error its wait ends with: the collective
 timeout (tests/test_elastic.py).
 """
 import json
@@ -58,15 +59,25 @@ def main(workdir: str, port: str, process_id: str, hung: str | None = None) -> N
 
 
 def wait_for(workdir: str, hung: str, where: str) -> None:
-    """Process `hung` sleeps before `where` (open, restore); the other opens and restores."""
+    """Process `hung` sleeps before `where` (open, restore, save); the other opens and restores,
+    or opens and gathers the data states of checkpoint 7 as the trainer does before a save."""
     start = time.monotonic()
     if jax.process_index() == int(hung):
-        if where == "restore":
+        if where != "open":
             Checkpointer(workdir, keep=1, save_every=1)
         time.sleep(600)
         return
     try:
-        Checkpointer(workdir, keep=1, save_every=1).restore_latest({})
+        checkpointer = Checkpointer(workdir, keep=1, save_every=1)
+        if where == "save":
+            from pretrain.train import gathered_data_state
+
+            class Pipeline:   # the one method the gather calls
+                def get_state(self):
+                    return {}
+            gathered_data_state(Pipeline(), 7)
+        else:
+            checkpointer.restore_latest({})
         error = None
     except distributed.CollectiveTimeoutError as e:
         error = str(e)

@@ -136,14 +136,16 @@ def test_elastic_restore_refuses_another_stream(mixed):
 
 
 WAITS = {"open": "the opening of {}",
-         "restore": "the restore of {} (which steps each process reads)"}
+         "restore": "the restore of {} (which steps each process reads)",
+         "save": "checkpoint 7 (the data states)"}
 
 
 @pytest.mark.parametrize("where", sorted(WAITS))
 def test_elastic_a_hung_process_ends_the_wait_with_an_error_naming_it(tmp_path, where):
     """Process 1 hangs before opening the checkpoints (start-up: process 0 waits before Orbax's
-    own barrier) or before the restore; process 0's wait ends after the configured 5 s with a
-    CollectiveTimeoutError naming process 1 and the wait, instead of hanging."""
+    own barrier), before the restore, or before the trainer's gather of the data states that
+    precedes a save; process 0's wait ends after the configured 5 s with a CollectiveTimeoutError
+    naming process 1 and the wait, instead of hanging."""
     from tests.test_multiprocess import REPO, free_port
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false",
                RINGMOE_TEST_TIMEOUT="5")
