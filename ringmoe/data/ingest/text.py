@@ -98,42 +98,38 @@ def rgb_record(path: str, sample_id: str, gsd_m: float, source: str, **text) -> 
     return Record(sample_id=sample_id, modalities={"optical": image}, source=source, **text)
 
 
-def convert_captions(json_path: str, image_dir: str, out_dir: str, *, split: str | None = None,
-                     gsd_m: float = 1.0, shard_size: int = 1024, max_bad_records: int = 0, source: str = "") -> dict:
-    """A Karpathy-style captions JSON and its image folder -> shards in `out_dir` (the manifest)."""
+def _write(images, out_dir: str, *, gsd_m: float, shard_size: int, max_bad_records: int, source: str) -> dict:
+    """Shards of the optical records of `images`: (path, sample id, text fields) each; an image
+    that cannot be read goes through the bad-record budget. Returns the manifest."""
     stats: dict = {}
     budget = BadRecordBudget(max_bad_records, stats)
-    source = source or f"captions:{os.path.basename(json_path)}"
 
     def records():
-        for name, captions in karpathy_captions(json_path, split):
+        for path, sample_id, text in images:
             try:
-                record = rgb_record(os.path.join(image_dir, name), os.path.splitext(name)[0], gsd_m, source,
-                                    captions=captions)
+                record = rgb_record(path, sample_id, gsd_m, source, **text)
             except RecordError as e:
                 budget.skip(str(e))
                 continue
             budget.good()
             yield record
     return shards.write_shards(records(), out_dir, shard_size=shard_size, source=source, extra=stats)
+
+
+def convert_captions(json_path: str, image_dir: str, out_dir: str, *, split: str | None = None,
+                     gsd_m: float = 1.0, shard_size: int = 1024, max_bad_records: int = 0, source: str = "") -> dict:
+    """A Karpathy-style captions JSON and its image folder -> shards in `out_dir` (the manifest)."""
+    images = ((os.path.join(image_dir, name), os.path.splitext(name)[0], {"captions": captions})
+              for name, captions in karpathy_captions(json_path, split))
+    return _write(images, out_dir, gsd_m=gsd_m, shard_size=shard_size, max_bad_records=max_bad_records,
+                  source=source or f"captions:{os.path.basename(json_path)}")
 
 
 def convert_rsvqa(questions_json: str, answers_json: str, image_dir: str, out_dir: str, *, gsd_m: float = 10.0,
                   shard_size: int = 1024, max_bad_records: int = 0, source: str = "") -> dict:
     """RSVQA questions and answers JSON and the image folder -> shards in `out_dir` (the manifest)."""
-    stats: dict = {}
-    budget = BadRecordBudget(max_bad_records, stats)
-    source = source or f"rsvqa:{os.path.basename(questions_json)}"
     by_image = rsvqa_questions(questions_json, answers_json)
-
-    def records():
-        for image_id in sorted(by_image, key=lambda k: (len(k), k)):
-            try:
-                record = rgb_record(os.path.join(image_dir, f"{image_id}.tif"), image_id, gsd_m, source,
-                                    questions=tuple(by_image[image_id]))
-            except RecordError as e:
-                budget.skip(str(e))
-                continue
-            budget.good()
-            yield record
-    return shards.write_shards(records(), out_dir, shard_size=shard_size, source=source, extra=stats)
+    images = ((os.path.join(image_dir, f"{image_id}.tif"), image_id, {"questions": tuple(by_image[image_id])})
+              for image_id in sorted(by_image, key=lambda k: (len(k), k)))
+    return _write(images, out_dir, gsd_m=gsd_m, shard_size=shard_size, max_bad_records=max_bad_records,
+                  source=source or f"rsvqa:{os.path.basename(questions_json)}")
