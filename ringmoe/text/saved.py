@@ -1,4 +1,4 @@
-"""The project's saved language model: a directory that `load_lm` reads back, no pickle.
+"""The project's saved language model: a directory that `load_lm` reads back, nothing pickled.
 
     DIR/lm.json            {"format": "ringmoe-lm", "version": 1, "spec": {LMSpec fields}, **meta}
     DIR/model.safetensors  every parameter under its flat name ("embed", "layers.0.attention.q", ...)
