@@ -59,7 +59,7 @@ from pretrain.lock import workdir_lock
 from pretrain.validate import validate_config
 from ringmoe import cli, flops, sharding, visualize
 from ringmoe.data.pipeline import Pipeline
-from ringmoe.training import distributed
+from ringmoe.training import distributed, tasks
 from ringmoe.training.checkpoint import FRESH_DATA_STATE, Checkpointer, SaveError, abstract_with_shardings
 from ringmoe.training.metrics import MetricsWriter, flatten_router_stats, json_line, router_load_matrices
 from ringmoe.training.state import abstract_state, create_state
@@ -135,9 +135,9 @@ def initialize_distributed(timeout_s: float) -> bool:
                                   timeout_s)
 
 
-def fixed_eval_batches(config, shardings: dict) -> list[dict]:
+def fixed_eval_batches(task, config, shardings: dict) -> list[dict]:
     """`config.eval_batches` device batches drawn once from the data set with seed + 1."""
-    with Pipeline(config, seed=config.seed + 1, num_workers=0) as pipeline:
+    with task.pipeline(config, seed=config.seed + 1, num_workers=0) as pipeline:
         return [to_device(next(pipeline), shardings) for _ in range(config.eval_batches)]
 
 
@@ -232,7 +232,8 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
     os.makedirs(workdir, exist_ok=True)
     distributed.set_timeout(config.collective_timeout_s)
     mesh = sharding.make_mesh(config.mesh, devices)
-    pipeline = Pipeline(config)
+    task = tasks.for_run(config, workdir)
+    pipeline = task.pipeline(config)
     norm_stats = {m: {"mean": pipeline.specs[m].mean, "std": pipeline.specs[m].std, "bands": pipeline.specs[m].bands}
                   for m in pipeline.modalities}
     graphdef, abstract, shardings = abstract_state(config, mesh)
@@ -241,6 +242,8 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
     # Outside the mesh context: on CPU this times a matmul on one local device.
     peak, peak_source = flops.device_peak_flops(jax.local_devices()[0], config.model.dtype)
 
+    global_batch = {m: b * jax.process_count() for m, b in pipeline.batch_sizes.items()}
+    step_flops = task.flops_per_step(global_batch)   # outside the mesh: it may build abstract models
     checkpointer.remove_partial_saves()   # what a failed or killed save left behind
     with jax.set_mesh(mesh):
         restored = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings),
@@ -252,18 +255,17 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
         else:
             start = 0
             graphdef, state, _ = create_state(config, mesh)
-        in_batch = batch_shardings(pipeline.batch_spec(), mesh)
+            state = task.start(state, mesh)
+        in_batch = batch_shardings(pipeline.batch_spec(), mesh, task.inputs)
         step_fn = jit_train_step(graphdef, config, norm_stats, shardings, in_batch)
 
         writer = MetricsWriter(workdir, total_steps=config.total_steps, enabled=lead)
         writer.truncate_after(start)
-        eval_batches = fixed_eval_batches(config, in_batch) if config.eval_every else []
+        eval_batches = fixed_eval_batches(task, config, in_batch) if config.eval_every else []
         eval_fn = jax.jit(make_eval_step(graphdef, config, norm_stats), in_shardings=(shardings, in_batch),
                           out_shardings=shardings.step)  # replicated: every process can read the losses
         if eval_batches and start == 0:
             writer.write(0, evaluate(eval_fn, state, eval_batches))
-        global_batch = {m: b * jax.process_count() for m, b in pipeline.batch_sizes.items()}
-        step_flops = flops.model_flops_per_step(config.model, global_batch, training=True)
         meta = {"config": json.loads(config.to_json()), "mesh": dict(mesh.shape), "peak_flops_source": peak_source}
 
         stop = {"signal": None}
@@ -298,9 +300,8 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                     scalars = {k: float(v) for k, v in host.items() if k != "router"}
                     scalars.update(flatten_router_stats(host["router"]))
                     scalars.update({"step_s": seconds, "samples_per_s": sum(global_batch.values()) / seconds,
-                                    "tokens_per_s": sum(global_batch.values()) * (config.model.image_size
-                                                                                 // config.model.patch_size) ** 2
-                                    / seconds, "model_tflops_per_step": step_flops / 1e12,
+                                    "tokens_per_s": task.tokens_per_step(global_batch) / seconds,
+                                    "model_tflops_per_step": step_flops / 1e12,
                                     "nonfinite_total": float(state.nonfinite),
                                     "bad_records": bad_records(pipeline)})
                     if peak:
@@ -311,7 +312,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                     window_start, window_steps = time.perf_counter(), 0
                 elif scores:
                     writer.write(done, scores)
-                if config.image_every and done % config.image_every == 0:
+                if task.pictures and config.image_every and done % config.image_every == 0:
                     save_pictures(workdir, done, graphdef, state, device_batch, metrics, norm_stats, lead)
                 preempted = stop["signal"] is not None or checkpointer.reached_preemption(done)
                 save = checkpointer.should_save(done) or preempted or done == config.total_steps
@@ -325,7 +326,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                     break
             guard.check()  # (every step was checked above: a no-op, kept as the guarantee)
             checkpointer.wait()  # the last save: its failure is this run's error
-            if batch is not None and not preempted:
+            if task.pictures and batch is not None and not preempted:
                 save_pictures(workdir, "final", graphdef, state, device_batch, metrics, norm_stats, lead)
         finally:
             if single:

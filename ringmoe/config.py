@@ -39,6 +39,8 @@ def modality(channels: int, embed: str = "patch", bands=(), power_head: int = 0,
 def base_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
+    c.task = "pretrain"               # ringmoe.training.tasks.TASKS: pretrain (masked-image pretraining of
+                                      # RingMoE) | rsmoe (vision-language tuning of RS-MoE on its encoder)
 
     c.model = ConfigDict()
     c.model.image_size = 192          # (ref) crop size
@@ -196,5 +198,33 @@ def base_config() -> ConfigDict:
         "kmeans_iterations": 25,          # kmeans: Lloyd iterations (spherical k-means)
         "source_key": "",                 # set by tools.ablate: the config key of the dense run upcycled, so
                                           # that a changed first stage retrains the second (provenance only)
+    })
+
+    # RS-MoE vision-language tuning (task "rsmoe"; ringmoe/vlm, configs/rsmoe_tiny.py). `model` above
+    # is then the vision encoder, read from `vlm.encoder` (a pretraining run or saved model).
+    c.vlm = ConfigDict({
+        "encoder": "",                    # RingMoE checkpoint (training run or saved model); "" = random
+                                          # init (tests only: a warning says so)
+        "freeze_encoder": True,           # no gradient or update reaches the encoder
+        "init_from": "",                  # stage 2: the stage-1 (dense, num_experts 1) run whose state this
+                                          # run starts from, its LM copied into every expert (ringmoe.vlm.upcycle)
+        "tokenizer": "",                  # tokenizer.json of an imported LM; "" = byte-level BPE of lm.vocab_size
+                                          # trained on the data set's text (saved in the workdir)
+        "lm": ConfigDict({"vocab_size": 512, "hidden_size": 64, "intermediate_size": 176, "num_layers": 2,
+                          "num_heads": 4, "num_kv_heads": 2, "head_dim": None, "rope_theta": 10000.0,
+                          "rope_scaling": None, "rms_norm_eps": 1e-6, "tie_embeddings": False,
+                          "attention_bias": True, "max_positions": 512, "dtype": "float32"}),
+        "num_experts": 3,                 # K lightweight LMs; 1 = the dense stage-1 model
+        "top_k": 1,                       # experts per sub-task
+        "capacity_factor": 1.5,           # rows per expert: ceil(factor * rows * top_k / K) (overflow dropped, counted)
+        "num_queries": 16,                # query-transformer queries (InstructBLIP: 32)
+        "query_layers": 2,
+        "query_heads": 4,
+        "prompt_length": 4,               # soft-prompt vectors the router writes for each expert
+        "subtasks_per_image": 4,          # (instruction, answer) pairs drawn per image and step
+        "instruction_length": 24,         # tokens (left-padded; longer are cut and counted)
+        "answer_length": 48,              # tokens incl. the end token (right-padded; longer cut and counted)
+        "load_balance_weight": 1e-2,      # router losses, as the vision MoE's (model/router.py)
+        "z_loss_weight": 1e-3,
     })
     return c

@@ -34,6 +34,7 @@ RIVER_SHARE = 0.30    # a water body larger than this is a lake or the sea, not 
 BUILT = ("urban", "built area")
 COUNTED = {"water": "water bodies", "cropland": "fields", "crops": "fields"}
 ASPECTS = ("composition", "layout", "objects")
+QUESTION_TYPES = ("presence", "comparison", "rural_urban", "count", "majority")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,24 +45,27 @@ class ModalityPackIterDataset(grain.IterDataset):
 
     def __init__(self, parent: grain.IterDataset, batch_sizes: dict[str, int], *, image_size: int,
                  patch_size: int, channels: dict[str, int], max_records_per_batch: int,
-                 max_bad_records: int = 0):
+                 max_bad_records: int = 0, text_shapes: dict | None = None):
         super().__init__(parent)
+        self._text = dict(text_shapes or {})   # key -> (per-row shape, dtype name) of the elements' "text"
         self._sizes = dict(batch_sizes)
         self._shape = (image_size, image_size // patch_size, channels)
         self._max_records = int(max_records_per_batch)
         self._max_bad = int(max_bad_records)
 
     def __iter__(self):
-        return _PackIterator(self._parent.__iter__(), self._sizes, self._shape, self._max_records, self._max_bad)
+        return _PackIterator(self._parent.__iter__(), self._sizes, self._shape, self._max_records, self._max_bad,
+                             self._text)
 
     def __str__(self) -> str:
         return f"ModalityPackIterDataset(batch_sizes={self._sizes})"
 
 
 class _PackIterator(grain.DatasetIterator):
-    def __init__(self, parent, sizes, shape, max_records, max_bad):
+    def __init__(self, parent, sizes, shape, max_records, max_bad, text):
         super().__init__(parent)
         self._sizes, self._shape, self._max_records, self._max_bad = sizes, shape, max_records, max_bad
+        self._text = text
 
     def _empty(self) -> dict:
         size, grid, channels = self._shape
@@ -71,14 +74,17 @@ class _PackIterator(grain.DatasetIterator):
                     "valid": np.zeros((b, size, size), bool),
                     "label_map": np.zeros((b, size, size), np.int32),
                     "scene_label": np.zeros((b,), np.int32),
-                    "record_index": np.full((b,), -1, np.int64)} for m, b in self._sizes.items()}
+                    "record_index": np.full((b,), -1, np.int64),
+                    **{k: np.zeros((b, *shape), dtype) for k, (shape, dtype) in self._text.items()}}
+                for m, b in self._sizes.items()}
 
     def __next__(self) -> dict:
         batch = self._empty()
         lo = {m: 0 for m in self._sizes}
         hi = dict(self._sizes)
         stats = {"records_read": 0, "records_used": 0, "records_skipped": 0, "bad_records": 0,
-                 "images_served": 0, "images_dropped": 0, "paired_rows": 0, "errors": [], "consumed": []}
+                 "images_served": 0, "images_dropped": 0, "paired_rows": 0, "text_truncated": 0, "errors": [],
+                 "consumed": []}
         while any(lo[m] < hi[m] for m in self._sizes):
             if stats["records_read"] >= self._max_records:
                 raise self._starved(stats, [m for m in self._sizes if lo[m] < hi[m]])
@@ -115,6 +121,10 @@ class _PackIterator(grain.DatasetIterator):
                 out["label_map"][r] = np.where(valid, element["label_map"], 0)   # no data, no label
                 out["scene_label"][r] = element["scene_label"]
                 out["record_index"][r] = element["record_index"]
+                for k in self._text:
+                    out[k][r] = element["text"][k]
+            if self._text:
+                stats["text_truncated"] += element["text"]["truncated"]
             stats["records_used"] += 1
             stats["images_served"] += len(rows)
         batch["_stats"] = stats

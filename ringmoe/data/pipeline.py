@@ -72,7 +72,7 @@ log = logging.getLogger("ringmoe.data.pipeline")
 STATE_FORMAT = "ringmoe-pipeline-state"
 STATE_VERSION = 2
 _COUNTERS = ("records_read", "records_used", "records_skipped", "bad_records", "images_served",
-             "images_dropped", "paired_rows")
+             "images_dropped", "paired_rows", "text_truncated")
 
 
 class _ProcessShard(grain.MapDataset):
@@ -139,14 +139,17 @@ def served_modalities(config) -> tuple[str, ...]:
     return tuple(m for m in MODALITIES if m in config.model.modalities and weights.get(m, 1.0) > 0)
 
 
-def batch_spec(config, batch_sizes: dict[str, int]) -> dict:
+def batch_spec(config, batch_sizes: dict[str, int], text_shapes: dict | None = None) -> dict:
     """{modality: {key: (shape, dtype name)}} of a batch with `batch_sizes[m]` rows of modality m
-    (the module docstring's format; channels from the model config, which the data must match)."""
+    (the module docstring's format; channels from the model config, which the data must match),
+    with the text arrays (`text_shapes`: key -> per-row shape and dtype) when the pipeline serves them."""
     s = config.model.image_size
     g = s // config.model.patch_size
+    text = text_shapes or {}
     return {m: {"pixels": ((b, s, s, config.model.modalities[m].channels), "float32"),
-                "mask": ((b, g, g), "bool"), "valid": ((b, s, s), "bool"), "label_map": ((b, s, s), "int32"), "scene_label": ((b,), "int32"),
-                "record_index": ((b,), "int64")} for m, b in batch_sizes.items()}
+                "mask": ((b, g, g), "bool"), "valid": ((b, s, s), "bool"), "label_map": ((b, s, s), "int32"),
+                "scene_label": ((b,), "int32"), "record_index": ((b,), "int64"),
+                **{k: ((b, *shape), dtype) for k, (shape, dtype) in text.items()}} for m, b in batch_sizes.items()}
 
 
 def modality_specs(manifest: dict, config, data_dir: str) -> dict[str, ModalitySpec]:
@@ -186,11 +189,13 @@ class Pipeline:
     Arguments default to the config: data_dir (c.data_dir), process_index/count
     (jax), num_epochs (c.data.num_epochs, 0 = forever), num_workers (c.data.num_workers),
     seed (c.seed; another seed draws another stream from the same records).
-    train=False gives whole-image resizes without flips (evaluation); masks are still drawn."""
+    train=False gives whole-image resizes without flips (evaluation); masks are still drawn.
+    text: a callable adding text arrays to each row (`ringmoe.vlm.examples.TextTasks`, whose
+    `shapes()` they follow; its sub-tasks are drawn from the record as cropped and flipped)."""
 
     def __init__(self, config, data_dir: str | None = None, *, process_index: int | None = None,
                  process_count: int | None = None, num_epochs: int | None = None,
-                 num_workers: int | None = None, train: bool = True, seed: int | None = None):
+                 num_workers: int | None = None, train: bool = True, seed: int | None = None, text=None):
         d = config.data
         seed = config.seed if seed is None else seed
         self.config = config
@@ -229,7 +234,8 @@ class Pipeline:
             crop_ratio=tuple(d.crop_ratio), flip=d.flip and train, random_crop=train,
             mask_block_size=d.mask_block_size, mask_ratio=d.mask_ratio, shared_mask=d.shared_mask)
         self.transform = RecordTransform(paths, [s["records"] for s in self.manifest["shards"]],
-                                         {k: self.specs[k] for k in self.modalities}, options, seed)
+                                         {k: self.specs[k] for k in self.modalities}, options, seed, text)
+        self.text_shapes = text.shapes() if text is not None else {}
         self._read_options = grain.ReadOptions(num_threads=d.read_threads,
                                                prefetch_buffer_size=max(2 * sum(self.batch_sizes.values()), 8))
         self._prefetch = d.prefetch
@@ -254,7 +260,7 @@ class Pipeline:
             ds, self.batch_sizes, image_size=self.image_size, patch_size=self.patch_size,
             channels={k: s.channels for k, s in self.specs.items()},
             max_records_per_batch=max(1000, 100 * sum(self.batch_sizes.values())),
-            max_bad_records=self.max_bad_records)
+            max_bad_records=self.max_bad_records, text_shapes=self.text_shapes)
         if self.num_workers > 0:
             _absl_flags_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,
@@ -364,7 +370,7 @@ class Pipeline:
         self._stats["batches"] = max(int(state["stats"]["batches"]) for state in states)
         if index == 0:
             for k in _COUNTERS:
-                self._stats[k] = sum(int(state["stats"][k]) for state in states)
+                self._stats[k] = sum(int(state["stats"].get(k, 0)) for state in states)
             self._bad = {int(i): str(m) for state in states for i, m in state.get("bad", [])}
         log.info("data stream of %d processes continues on %d (elastic resume): epoch %d, %s", len(states), count,
                  cursor.epoch, ", ".join(f"epoch {cursor.epoch + i}: {s.watermark} + {len(s.consumed)} of "
@@ -388,7 +394,7 @@ class Pipeline:
 
     def batch_spec(self) -> dict:
         """{modality: {key: (shape, dtype name)}} of every batch, for abstract model init."""
-        return batch_spec(self.config, self.batch_sizes)
+        return batch_spec(self.config, self.batch_sizes, self.text_shapes)
 
     def close(self) -> None:
         """Stops worker processes / threads (also done on garbage collection)."""

@@ -61,6 +61,7 @@ class RecordTransform:
 
     Element: {"record_index": int, "epoch": int, "stream": int, "bad": "" or message, "scene_label": int (0 = none),
               "label_map": int32 (S, S) (zeros = unlabelled),
+              ["text": the `text` callable's arrays of the record as cropped, when given],
               "images": {modality: {"pixels": float32 (S, S, C), "mask": bool (S/P, S/P),
                                     "valid": bool (S, S)}}}
     with only the served modalities the record holds. Pixels without data
@@ -68,12 +69,13 @@ class RecordTransform:
     "pixels" (the band mean); every loss term and probe label ignores them."""
 
     def __init__(self, paths: list[str], counts: list[int], specs: dict[str, ModalitySpec],
-                 options: TransformOptions, seed: int):
+                 options: TransformOptions, seed: int, text=None):
         self.paths = list(paths)
         self._starts = np.cumsum([0] + list(counts))[:-1].tolist()
         self._specs = dict(specs)
         self._opt = options
         self._seed = int(seed)
+        self.text = text      # None, or a callable adding "text" arrays (ringmoe.vlm.examples.TextTasks)
         self._source = None   # opened lazily, in the process that uses it
 
     def _read(self, index: int) -> bytes:
@@ -103,7 +105,14 @@ class RecordTransform:
         try:
             record = schema.decode(data, where)
             schema.validate(record, where)
-            return self.apply(record, index, np.random.default_rng([self._seed, 1, epoch, index]))
+            element = self.apply(record, index, np.random.default_rng([self._seed, 1, epoch, index]))
+            if self.text is not None and element["images"]:
+                seen = element["label_map"] if record.label_map is not None else None
+                try:
+                    element["text"] = self.text(record, seen, epoch, index)
+                except ValueError as e:
+                    raise schema.RecordError(f"{where}: no text sub-task ({e})") from None
+            return element
         except schema.RecordError as e:
             return _bad(index, str(e))
 

@@ -40,3 +40,16 @@ def load_tokenizer(path: str) -> Tokenizer:
         return Tokenizer.from_file(path)
     except Exception as e:  # noqa: BLE001 -- the library raises a bare Exception for a malformed file
         raise ValueError(f"{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
+END_TOKENS = ("<eos>", "<|endoftext|>", "</s>", "<|im_end|>")   # ours, GPT-2 / SmolLM / Qwen2, Llama
+
+
+def special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
+    """(pad id, end id) of `tokenizer`: ours ("<pad>", "<eos>"), or a public LM's end-of-text token
+    (also used to pad, as those models do); ValueError when it has none of them."""
+    end = next((tokenizer.token_to_id(t) for t in END_TOKENS if tokenizer.token_to_id(t) is not None), None)
+    if end is None:
+        raise ValueError(f"the tokenizer has no end-of-text token (looked for {list(END_TOKENS)})")
+    pad = tokenizer.token_to_id("<pad>")
+    return (end if pad is None else pad), end

@@ -13,7 +13,8 @@ import optax
 from flax import nnx
 
 from ringmoe import sharding
-from ringmoe.model.ringmoe import ParamKeys, RingMoE
+from ringmoe.model.ringmoe import ParamKeys
+from ringmoe.training.tasks import build_model, task_class
 
 
 class TrainState(NamedTuple):
@@ -61,16 +62,25 @@ def decay_mask(params):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    """(ref) Global-norm clipping then AdamW; no weight decay on vectors (norms, biases, scales)."""
+    """(ref) Global-norm clipping then AdamW; no weight decay on vectors (norms, biases, scales).
+    The task's frozen parameters (`tasks`: RS-MoE's encoder) get no update and no optimiser state."""
     o = config.optimizer
-    return optax.chain(
+    tx = optax.chain(
         optax.clip_by_global_norm(o.grad_clip),
         optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                     mask=decay_mask))
+    frozen = task_class(config)(config).frozen
+    if not frozen:
+        return tx
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if getattr(path[0], "key", None) in frozen else "trained", params)
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def _init(config, tx):
-    return start_state(config, nnx.state(RingMoE(config.model, rngs=ParamKeys(config.seed)), nnx.Param), tx)
+    return start_state(config, nnx.state(build_model(config, ParamKeys(config.seed)), nnx.Param), tx)
 
 
 def start_state(config, params, tx) -> TrainState:
@@ -83,7 +93,7 @@ def start_state(config, params, tx) -> TrainState:
 def abstract_state(config, mesh):
     """(graphdef, abstract TrainState, its NamedShardings): shapes only, nothing allocated."""
     tx = make_optimizer(config)
-    graphdef, _ = jax.eval_shape(lambda: nnx.split(RingMoE(config.model, rngs=ParamKeys(config.seed))))
+    graphdef, _ = jax.eval_shape(lambda: nnx.split(build_model(config, ParamKeys(config.seed))))
     abstract = jax.eval_shape(lambda: _init(config, tx))
     return graphdef, abstract, state_shardings(abstract, mesh)
 
@@ -93,14 +103,23 @@ def state_shardings(abstract: TrainState, mesh) -> TrainState:
     param_shardings = sharding.state_shardings(abstract.params, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    def like_params(subtree):
-        # optax keeps one params-shaped tree per moment (mu, nu); everything else is small.
+    def as_params(subtree):
+        """The params' shardings for a params-shaped subtree (optax keeps one per moment: mu, nu),
+        also one of `optax.multi_transform`'s partitions (the params' tree with `MaskedNode`s where
+        the other partition's leaves are); None for anything else."""
         if jax.tree.structure(subtree) == jax.tree.structure(abstract.params):
             return param_shardings
-        return jax.tree.map(lambda _: replicated, subtree)
+        masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+        try:
+            return jax.tree.map(lambda s, x: x if masked(x) else s, param_shardings, subtree, is_leaf=masked)
+        except ValueError:
+            return None
 
-    opt_shardings = jax.tree.map(like_params, abstract.opt_state,
-                                 is_leaf=lambda x: jax.tree.structure(x) == jax.tree.structure(abstract.params))
+    def like_params(subtree):
+        laid_out = as_params(subtree)
+        return laid_out if laid_out is not None else jax.tree.map(lambda _: replicated, subtree)
+
+    opt_shardings = jax.tree.map(like_params, abstract.opt_state, is_leaf=lambda x: as_params(x) is not None)
     return TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated, rng=replicated,
                       nonfinite=replicated)
 

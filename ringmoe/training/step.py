@@ -12,27 +12,21 @@ from flax import nnx
 
 from ringmoe import sharding
 from ringmoe.model.balance import balance_routers
-from ringmoe.model.router import policy
-from ringmoe.objectives.loss import pretraining_loss
+from ringmoe.training import tasks
 from ringmoe.training.state import TrainState, learning_rate, make_optimizer, schedule_count
 
-MODEL_INPUTS = ("pixels", "mask", "valid", "record_index")
+MODEL_INPUTS = tasks.Pretraining.inputs   # the device-side keys of a pretraining batch
 
 
-def model_inputs(batch: dict) -> dict:
+def model_inputs(batch: dict, inputs: tuple[str, ...] = MODEL_INPUTS) -> dict:
     """The device-side part of a pipeline batch (labels stay on the host)."""
-    return {m: {k: b[k] for k in MODEL_INPUTS if k in b} for m, b in batch.items()}
+    return {m: {k: b[k] for k in inputs if k in b} for m, b in batch.items()}
 
 
 def make_loss_fn(graphdef, config, norm_stats: dict):
-    """loss_fn(params, batch) -> (total, (terms, router statistics)): the pretraining objective."""
-    def loss_fn(params, batch):
-        model = nnx.merge(graphdef, params)
-        outputs = model(batch)
-        total, terms = pretraining_loss(model, outputs, batch, config.objectives, config.model.moe, norm_stats)
-        router = {m: o["encoded"].router_stats for m, o in outputs.items()}
-        return total, (terms, router)
-    return loss_fn
+    """loss_fn(params, batch) -> (total, (scalar terms, router statistics)): the objective of
+    `config.task` (`ringmoe.training.tasks`)."""
+    return tasks.for_run(config).loss_fn(graphdef, norm_stats)
 
 
 def make_eval_step(graphdef, config, norm_stats: dict):
@@ -70,7 +64,7 @@ def make_train_step(graphdef, config, norm_stats: dict, loss_fn=None):
     schedule = learning_rate(config)
     accum = int(config.grad_accum_steps)
     moe = config.model.moe
-    biased = moe.enabled and policy(moe.router).selection_bias   # loss-free balancing after each update
+    biased = tasks.for_run(config).balances_routers   # loss-free balancing after each update
 
     def balanced(params, router, batch):
         """`params` with every router's selection bias moved by this step's load (`balance_routers`)."""
@@ -130,11 +124,11 @@ def jit_train_step(graphdef, config, norm_stats: dict, state_shardings: TrainSta
                    out_shardings=(state_shardings, state_shardings.step))
 
 
-def batch_shardings(spec: dict, mesh) -> dict:
-    """Every model-input array of a batch spec (`Pipeline.batch_spec()`) split over the data-like
-    mesh axes along its first dim."""
+def batch_shardings(spec: dict, mesh, inputs: tuple[str, ...] = MODEL_INPUTS) -> dict:
+    """Every model-input array (`inputs`: the task's) of a batch spec (`Pipeline.batch_spec()`)
+    split over the data-like mesh axes along its first dim."""
     return {m: {k: jax.sharding.NamedSharding(mesh, sharding.logical_to_mesh(("batch",) + (None,) * (len(s) - 1)))
-                for k, (s, _) in spec[m].items() if k in MODEL_INPUTS}
+                for k, (s, _) in spec[m].items() if k in inputs}
             for m in spec}
 
 
@@ -145,9 +139,10 @@ def device_dtype(dtype) -> np.dtype:
 
 
 def to_device(batch: dict, shardings: dict) -> dict:
-    """Process-local numpy rows -> global arrays (each process holds its own rows)."""
+    """Process-local numpy rows -> global arrays (each process holds its own rows): the arrays
+    `shardings` lays out (`batch_shardings`), the rest stays on the host."""
     out = {}
-    for m, arrays in model_inputs(batch).items():
+    for m, arrays in model_inputs(batch, tuple(next(iter(shardings.values())))).items():
         out[m] = {}
         for k, x in arrays.items():
             x = x.astype(device_dtype(x.dtype), copy=False)

@@ -78,3 +78,70 @@ def encode(tasks: list[SubTask], tokenizer, instruction_length: int, answer_leng
         out.answer[i, :len(answer)] = answer
         out.answer_valid[i, :len(answer)] = True
     return out
+
+
+# A sub-task's kind, by id: a caption (stored), an aspect, a question type; a converted set's own
+# question types beyond these count as "other".
+KINDS = ("caption", *grounding.ASPECTS, *grounding.QUESTION_TYPES, "other")
+
+
+def kind_id(kind: str) -> int:
+    return KINDS.index(kind) if kind in KINDS else KINDS.index("other")
+
+
+def text_shapes(count: int, instruction_length: int, answer_length: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Per-row shapes and dtypes of the text arrays a batch row carries (`TextTasks`); from a config:
+    text_shapes(v.subtasks_per_image, v.instruction_length, v.answer_length) with v = config.vlm."""
+    n, i, a = count, instruction_length, answer_length
+    return {"instruction": ((n, i), "int32"), "instruction_valid": ((n, i), "bool"),
+            "answer": ((n, a), "int32"), "answer_valid": ((n, a), "bool"), "kind": ((n,), "int32")}
+
+
+class TextTasks:
+    """The text part of a training element (called by the pipeline's `RecordTransform` on each
+    decoded, cropped record): `count` sub-tasks drawn without replacement (repeated when the
+    record has fewer) from `subtasks` of the record as the model sees it, i.e. from the label map
+    after the crop and flips, so every sentence is true of the pixels served. Holds only
+    picklable state (the tokenizer as its JSON text, built lazily in the worker that uses it).
+
+    Out: {"instruction": int32 (N, I), "instruction_valid": bool (N, I), "answer": int32 (N, A),
+          "answer_valid": bool (N, A), "kind": int32 (N,) (index into `KINDS`), "truncated": int}.
+    """
+
+    def __init__(self, tokenizer_json: str, names: tuple[str, ...], count: int, instruction_length: int,
+                 answer_length: int, seed: int, *, pad_id: int, end_id: int):
+        if count < 1:
+            raise ValueError(f"vlm.subtasks_per_image must be >= 1, got {count}")
+        self.tokenizer_json, self.names, self.count = tokenizer_json, tuple(names), int(count)
+        self.lengths, self.seed = (int(instruction_length), int(answer_length)), int(seed)
+        self.pad_id, self.end_id = int(pad_id), int(end_id)
+        self._tokenizer = None
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return text_shapes(self.count, *self.lengths)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+            self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        return self._tokenizer
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokenizer": None}
+
+    def __call__(self, record, label_map, epoch: int, index: int) -> dict:
+        """`record`'s sub-tasks with `label_map` (the served crop's) in place of its own."""
+        seen = dataclasses.replace(record, label_map=label_map if record.label_map is not None else None)
+        tasks = subtasks(seen, self.names, self.seed, epoch, index)
+        if not tasks:
+            raise ValueError("the record has neither a labelled pixel nor stored text")
+        rng = np.random.default_rng([self.seed, 3, epoch, index])
+        picked = rng.permutation(len(tasks))
+        picked = np.resize(picked, self.count)          # repeats when fewer than `count`
+        encoded = encode([tasks[i] for i in picked], self.tokenizer, *self.lengths, pad_id=self.pad_id,
+                         end_id=self.end_id)
+        return {"instruction": encoded.instruction, "instruction_valid": encoded.instruction_valid,
+                "answer": encoded.answer, "answer_valid": encoded.answer_valid,
+                "kind": np.array([kind_id(tasks[i].kind) for i in picked], np.int32),
+                "truncated": encoded.truncated}

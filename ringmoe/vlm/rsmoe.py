@@ -12,12 +12,14 @@ A task is split into sub-tasks, one instruction each (for a caption: its aspects
 the router can hand different aspects to different experts; a caption is the
 sub-tasks' answers in order, each written by its top expert.
 
-Training (`loss`): every expert is run on every row and its answer's cross-entropy
-weighted by the router's top-k gate (0 for the experts not chosen), plus the
-router's load-balance and z-losses (the vision MoE's, `model/router.py`).
-Running all K experts is K times the compute of the chosen ones: fine at the tiny
-scale this module is exercised at, and the thing to replace by capacity-based
-dispatch (`model/dispatch.py`) before the 1B config trains.
+Training (`loss`): each sub-task (a row) goes to its top-k experts, each expert
+taking at most `capacity` = ceil(capacity_factor * rows * top_k / K) rows in row
+order (the vision MoE's token-choice rule, `model/router.py`; a row over an expert's
+capacity is dropped for that expert and counted in `dropped`). The experts run only
+on the rows they hold, stacked (K, capacity, ...) and vmapped over the expert axis:
+top_k * capacity_factor times one LM's compute, not K times. A row's loss is its
+chosen experts' answer cross-entropies weighted by their gates, plus the router's
+load-balance and z-losses.
 
 The experts are one `LanguageModel` vmapped over a leading `expert` axis (logical
 name "expert", which the rules table maps to the `expert` mesh axis).
@@ -25,6 +27,7 @@ name "expert", which the rules table maps to the `expert` mesh axis).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +49,7 @@ class RSMoESpec:
     query_layers: int = 2
     query_heads: int = 4
     prompt_length: int = 4       # soft-prompt vectors per expert
+    capacity_factor: float = 1.5 # rows per expert: ceil(factor * rows * top_k / K)
 
 
 class QueryTransformer(nnx.Module):
@@ -133,44 +137,80 @@ class RSMoE(nnx.Module):
             return LanguageModel(spec.lm, rngs=rngs)
         self.experts = experts(rngs)
 
-    def logits(self, vision_tokens, instruction, instruction_valid, answer, answer_valid):
-        """Every expert's next-token logits over the answer (B, K, A, V), and the routing.
+    def embed_instruction(self, instruction):
+        """Instruction tokens in expert 0's table (the upcycled source's): the router's input."""
+        return self.experts.embed[...][0].astype(jnp.dtype(self.spec.lm.dtype))[instruction]
 
-        Expert k reads [visual queries (Q) | its prompt (P) | instruction (T) | answer (A)]; the
-        logits at answer position a predict answer token a + 1 (position a - 1's for token a)."""
-        spec = self.spec
+    def route(self, vision_tokens, instruction, instruction_valid):
+        """Visual queries per image (B, Q, E) and the routing of every sub-task (B*N rows; the
+        instruction (B, N, I) holds N sub-tasks per image)."""
         visual = self.queries(vision_tokens)
-        table = self.experts.embed[...][0]          # the instruction in expert 0's (the upcycled source's) table
-        embedded = table.astype(jnp.dtype(spec.lm.dtype))[instruction]
-        routing = self.router(embedded, instruction_valid, visual)
-        b = answer.shape[0]
-        valid = jnp.concatenate([jnp.ones((b, spec.num_queries + spec.prompt_length), bool), instruction_valid,
-                                 answer_valid], 1)
+        n = instruction.shape[1]
+        rows = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+        visual_rows = jnp.repeat(visual, n, 0)
+        routing = self.router(self.embed_instruction(rows(instruction)), rows(instruction_valid), visual_rows)
+        return visual_rows, routing
 
-        def one(lm, prompt):
-            x = jnp.concatenate([visual.astype(prompt.dtype), prompt, lm.embed_tokens(instruction),
-                                 lm.embed_tokens(answer)], 1)
-            return lm.forward_embeddings(x, valid=valid)[:, -answer.shape[1] - 1:-1]
-        logits = _expert_call(self.experts, one, jnp.moveaxis(routing.prompts, 1, 0))
-        return jnp.moveaxis(logits, 0, 1), routing
+    def expert_inputs(self, lm, visual, prompt, instruction, instruction_valid, answer, answer_valid):
+        """One expert's input embeddings [visual (Q) | its prompt (P) | instruction (I) | answer (A)] and
+        their validity, for rows (R, ...)."""
+        x = jnp.concatenate([visual.astype(prompt.dtype), prompt, lm.embed_tokens(instruction),
+                             lm.embed_tokens(answer)], 1)
+        fixed = jnp.ones((answer.shape[0], visual.shape[1] + prompt.shape[1]), bool)
+        return x, jnp.concatenate([fixed, instruction_valid, answer_valid], 1)
 
-    def loss(self, vision_tokens, instruction, instruction_valid, answer, answer_valid,
+    def loss(self, vision_tokens, instruction, instruction_valid, answer, answer_valid, *,
              balance_weight: float = 1e-2, z_weight: float = 1e-3) -> tuple[jax.Array, dict]:
-        """Gate-weighted answer cross-entropy + router losses; metrics per expert."""
-        logits, routing = self.logits(vision_tokens, instruction, instruction_valid, answer, answer_valid)
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), answer[:, None, :, None], -1)[..., 0]
-        mask = answer_valid[:, None, :].astype(jnp.float32)
-        per_expert = (nll * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)          # (B, K)
-        answer_loss = jnp.mean(jnp.sum(routing.gates * per_expert, -1))
+        """Gate-weighted answer cross-entropy of the dispatched rows + router losses (module doc).
+
+        vision_tokens (B, S, D); instruction, instruction_valid (B, N, I); answer, answer_valid (B, N, A).
+        Metrics: answer_nll, load_balance, z_loss, dropped (share of chosen (row, expert) pairs over
+        capacity), expert_load (K,) (share of rows choosing each expert), expert_prob (K,), and the
+        per-row top expert `top_expert` (B*N,) for statistics by sub-task kind."""
+        spec = self.spec
+        visual, routing = self.route(vision_tokens, instruction, instruction_valid)
+        rows = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+        instruction, instruction_valid, answer, answer_valid = map(
+            rows, (instruction, instruction_valid, answer, answer_valid))
+        r, k = routing.gates.shape
+        capacity = min(r, math.ceil(spec.capacity_factor * r * spec.top_k / k))
+        slots, kept = dispatch(routing.gates, capacity)                    # (R, K, C) one-hot, (R, K)
+        take = jnp.argmax(slots, 0)                                          # (K, C) row of each slot
+        prompts = jnp.take_along_axis(jnp.moveaxis(routing.prompts, 1, 0), take[..., None, None], 1)
+
+        def one(lm, prompt, rows_):
+            x, valid = self.expert_inputs(lm, visual[rows_], prompt, instruction[rows_], instruction_valid[rows_],
+                                          answer[rows_], answer_valid[rows_])
+            logits = lm.forward_embeddings(x, valid=valid)[:, -answer.shape[1] - 1:-1]
+            nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), answer[rows_][..., None], -1)[..., 0]
+            mask = answer_valid[rows_].astype(jnp.float32)
+            return (nll * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)         # (C,)
+        per_slot = _expert_call(self.experts, one, prompts, take)              # (K, C)
+        per_row = jnp.einsum("rkc,kc,rk->r", slots.astype(jnp.float32), per_slot, routing.gates)
+        answer_loss = jnp.mean(per_row)
         total = answer_loss + balance_weight * routing.load_balance + z_weight * routing.z_loss
+        chosen = routing.gates > 0
         metrics = {"answer_nll": answer_loss, "load_balance": routing.load_balance, "z_loss": routing.z_loss,
-                   "expert_load": jnp.mean(routing.gates > 0, 0), "expert_prob": routing.probs.mean(0)}
+                   "dropped": 1.0 - kept.sum() / jnp.maximum(chosen.sum(), 1),
+                   "expert_load": jnp.mean(chosen, 0), "expert_prob": routing.probs.mean(0),
+                   "top_expert": jnp.argmax(routing.probs, -1)}
         return total, metrics
 
 
-def _expert_call(experts, fn, per_expert):
-    """fn(one expert, its slice of `per_expert`) for every expert (vmapped over the stacked axis)."""
-    @nnx.vmap(in_axes=(0, 0), out_axes=0)
-    def call(lm, arg):
-        return fn(lm, arg)
-    return call(experts, per_expert)
+def dispatch(gates: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Token-choice slots of rows over experts: `slots` (R, K, C) bool, True where row r fills slot c
+    of expert k (each expert's chosen rows in row order, the first `capacity` of them), and `kept`
+    (R, K): chosen and within capacity. An unfilled slot reads row 0 and is weighted 0."""
+    chosen = gates > 0
+    position = jnp.cumsum(chosen, 0) - 1
+    kept = chosen & (position < capacity)
+    slots = kept[..., None] & (position[..., None] == jnp.arange(capacity))
+    return slots, kept
+
+
+def _expert_call(experts, fn, *per_expert):
+    """fn(one expert, its slices of `per_expert`) for every expert (vmapped over the stacked axis)."""
+    @nnx.vmap(in_axes=(0,) + (0,) * len(per_expert), out_axes=0)
+    def call(lm, *args):
+        return fn(lm, *args)
+    return call(experts, *per_expert)
