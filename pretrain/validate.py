@@ -130,6 +130,13 @@ RULES: dict[str, Rule] = {
     "upcycle.calibration_images": POSITIVE_INT,
     "upcycle.kmeans_tokens": POSITIVE_INT,
     "upcycle.kmeans_iterations": POSITIVE_INT,
+    # RS-MoE (task rsmoe)
+    **{f"vlm.{k}": POSITIVE_INT for k in ("num_experts", "top_k", "num_queries", "query_layers", "query_heads",
+                                         "prompt_length", "subtasks_per_image", "instruction_length",
+                                         "answer_length")},
+    "vlm.capacity_factor": POSITIVE,
+    "vlm.load_balance_weight": NON_NEGATIVE,
+    "vlm.z_loss_weight": NON_NEGATIVE,
 }
 
 
@@ -176,7 +183,19 @@ def _stage_lists(config) -> list[str]:
     return []
 
 
-CHECKS: tuple[Callable[[Any], list[str]], ...] = (_modality_weights, _stage_lists)
+def _task(config) -> list[str]:
+    """config.task names a registered task; RS-MoE's top_k is at most its expert count."""
+    from ringmoe.training.tasks import TASKS
+    task = lookup(config, "task")
+    if task is not _MISSING and task not in TASKS:
+        return [f"config.task = {task!r}: must be one of {', '.join(TASKS)}"]
+    k, experts = lookup(config, "vlm.top_k"), lookup(config, "vlm.num_experts")
+    if task == "rsmoe" and POSITIVE_INT.ok(k) and POSITIVE_INT.ok(experts) and k > experts:
+        return [f"config.vlm.top_k = {k}: must be at most config.vlm.num_experts = {experts}"]
+    return []
+
+
+CHECKS: tuple[Callable[[Any], list[str]], ...] = (_modality_weights, _stage_lists, _task)
 
 
 def problems(config) -> list[str]:

@@ -8,43 +8,68 @@ from flax import nnx
 from configs import lm
 from ringmoe import sharding
 from ringmoe.text.llama import LMSpec
-from ringmoe.vlm.rsmoe import RSMoE, RSMoESpec
+from ringmoe.text.llama import LanguageModel
+from ringmoe.vlm.rsmoe import RSMoE, RSMoESpec, dispatch
 
 
-def tiny(num_experts=2, top_k=1):
+def tiny(num_experts=2, top_k=1, capacity_factor=2.0):
     spec = RSMoESpec(lm=LMSpec.from_config({**dict(lm.get_config("tiny").lm), "num_layers": 1}), vision_dim=24,
-                     num_experts=num_experts, top_k=top_k, num_queries=4, query_layers=1, prompt_length=2)
+                     num_experts=num_experts, top_k=top_k, num_queries=4, query_layers=1, prompt_length=2,
+                     capacity_factor=capacity_factor)
     return spec, RSMoE(spec, rngs=nnx.Rngs(0))
 
 
-def batch(spec, b=3):
+def batch(spec, b=2, n=3):
+    """b images of n sub-tasks each: left-padded instructions, right-padded answers."""
     keys = jax.random.split(jax.random.key(1), 3)
     vision = jax.random.normal(keys[0], (b, 16, spec.vision_dim))
-    instruction = jax.random.randint(keys[1], (b, 5), 3, spec.lm.vocab_size)
-    answer = jax.random.randint(keys[2], (b, 6), 3, spec.lm.vocab_size)
-    instruction_valid = jnp.arange(5)[None] >= jnp.array([[0], [1], [2]])   # left-padded instructions
-    answer_valid = jnp.arange(6)[None] < jnp.array([[6], [4], [2]])          # right-padded answers
+    instruction = jax.random.randint(keys[1], (b, n, 5), 3, spec.lm.vocab_size)
+    answer = jax.random.randint(keys[2], (b, n, 6), 3, spec.lm.vocab_size)
+    starts = jnp.arange(b * n).reshape(b, n, 1) % 3
+    instruction_valid = jnp.arange(5)[None, None] >= starts
+    answer_valid = jnp.arange(6)[None, None] < 6 - 2 * starts
     return vision, instruction, instruction_valid, answer, answer_valid
 
 
-def test_rsmoe_routes_each_row_to_its_top_experts_and_scores_every_expert():
+def test_dispatch_fills_each_experts_slots_in_row_order_and_drops_over_capacity():
+    # rows 0, 1, 3 choose expert 0 and row 2 expert 1; capacity 2: row 3 is dropped for expert 0.
+    gates = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    slots, kept = dispatch(gates, 2)
+    assert [tuple(i) for i in np.argwhere(np.asarray(slots))] == [(0, 0, 0), (1, 0, 1), (2, 1, 0)]
+    np.testing.assert_array_equal(np.asarray(kept), [[1, 0], [1, 0], [0, 1], [0, 0]])
+
+
+def test_rsmoe_loss_is_each_rows_gate_weighted_top_k_answer_nll():
+    """The dispatched loss equals the loss computed by running every expert on every row and
+    weighting by the gates (capacity large enough that nothing is dropped)."""
     spec, model = tiny(num_experts=3, top_k=2)
-    logits, routing = model.logits(*batch(spec))
-    assert logits.shape == (3, 3, 6, spec.lm.vocab_size)
-    assert routing.prompts.shape == (3, 3, 2, spec.lm.hidden_size)
-    np.testing.assert_allclose(routing.gates.sum(-1), 1.0, rtol=1e-6)
-    assert ((routing.gates > 0).sum(-1) == 2).all()
-    chosen = np.argsort(-np.asarray(routing.probs), -1)[:, :2]
-    assert all(set(np.flatnonzero(g)) == set(c) for g, c in zip(np.asarray(routing.gates), chosen))
-    loss, metrics = model.loss(*batch(spec))
-    assert np.isfinite(loss) and metrics["expert_load"].shape == (3,)
-    np.testing.assert_allclose(metrics["expert_load"].sum(), 2.0)
+    data = batch(spec)
+    loss, metrics = model.loss(*data, balance_weight=0.0, z_weight=0.0)
+    assert float(metrics["dropped"]) == 0.0
+    visual, routing = model.route(*data[:3])
+    rows = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    instruction, instruction_valid, answer, answer_valid = map(rows, data[1:])
+    graphdef, state = nnx.split(model.experts)
+    one = LanguageModel(spec.lm, rngs=nnx.Rngs(0))
+    one_graphdef = nnx.graphdef(one)
+    expected = np.zeros(instruction.shape[0])
+    for k in range(3):
+        lm = nnx.merge(one_graphdef, jax.tree.map(lambda x: x[k], state))
+        x, valid = model.expert_inputs(lm, visual, routing.prompts[:, k], instruction, instruction_valid, answer,
+                                       answer_valid)
+        logits = lm.forward_embeddings(x, valid=valid)[:, -answer.shape[1] - 1:-1]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), answer[..., None], -1)[..., 0]
+        per_row = (nll * answer_valid).sum(-1) / answer_valid.sum(-1)
+        expected += np.asarray(routing.gates[:, k] * per_row)
+    np.testing.assert_allclose(float(loss), expected.mean(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(metrics["expert_load"]).sum(), 2.0)
+    assert ((np.asarray(routing.gates) > 0).sum(-1) == 2).all()
 
 
 def test_rsmoe_gradients_reach_the_router_queries_and_the_chosen_experts_only():
-    spec, model = tiny(num_experts=2, top_k=1)
+    spec, model = tiny(num_experts=3, top_k=1)
     data = batch(spec)
-    _, routing = model.logits(*data)
+    _, routing = model.route(*data[:3])
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(p):
@@ -53,6 +78,7 @@ def test_rsmoe_gradients_reach_the_router_queries_and_the_chosen_experts_only():
     assert float(jnp.abs(grads["router"]["gate"][...]).sum()) > 0
     assert float(jnp.abs(grads["queries"]["queries"][...]).sum()) > 0
     used = np.asarray(routing.gates).sum(0) > 0
+    assert not used.all(), "the test needs an expert no row chose"
     mlp = np.abs(np.asarray(grads["experts"]["layers"][0]["mlp"]["up"][...])).sum((1, 2))
     assert ((mlp > 0) == used).all(), (mlp, used)
 

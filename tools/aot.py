@@ -1,6 +1,11 @@
 """Ahead-of-time compile of the real train step for a target machine: does it fit, how fast could it be.
 
     python -m tools.aot --config configs/ringmoe_14b.py --topology h100-64 [--config.mesh.fsdp=16 ...]
+    python -m tools.aot --config configs/rsmoe_1b.py --topology h100-8
+
+The step is the one of the config's task (`config.task`, `ringmoe.training.tasks`): for
+RS-MoE (`rsmoe`) the batch also carries each image's sub-tasks' text arrays
+(`ringmoe.vlm.examples.text_shapes`) and the device sees the task's own input keys.
 
 Builds the abstract sharded train state (`ringmoe.training.state.abstract_state`: shapes
 only, nothing allocated) on the target's device mesh (`sharding.make_mesh`),
@@ -25,12 +30,13 @@ and held 2.7x the temporaries on a cut of the 14.7B step, while GPU and TPU
 compilers schedule under the device's memory limit. The MoE dispatch `auto` is resolved for the
 target's platform, not for the CPU that compiles.
 
-FLOPs: `model_flops_per_step` is the analytic model count (`ringmoe.flops`:
-active experts only, 3 x forward, the figure MFU is defined on); the step times
-use it. `xla_flops_per_step` is XLA's cost analysis (with recomputation,
-dispatch and padding): of the compiled per-device program times the devices,
-or, when the CPU executable is not built, of the lowered global program. XLA
-counts a loop body once, so with scanned blocks (`model.scan_layers`) it counts
+FLOPs: `model_flops_per_step` is the task's analytic count (`flops_per_step`; for
+pretraining `ringmoe.flops`: active experts only, 3 x forward, the figure MFU is
+defined on; for RS-MoE the frozen encoder's forward plus 6 x the LM parameters per
+expert slot token); the step times use it. `xla_flops_per_step` is XLA's cost
+analysis (with recomputation, dispatch and padding): of the compiled per-device
+program times the devices, or, when the CPU executable is not built, of the
+lowered global program. XLA counts a loop body once, so with scanned blocks (`model.scan_layers`) it counts
 one block per stage, and the figure is a lower bound (the source says so).
 
 Exceeding the device memory exits with status 1 and a message naming the
@@ -52,9 +58,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from pretrain.validate import validate_config
-from ringmoe import cli, compile_memory, flops, sharding, topology
+from ringmoe import cli, compile_memory, sharding, topology
 from ringmoe.data.pipeline import batch_spec, process_batch_sizes, served_modalities
 from ringmoe.model import dispatch
+from ringmoe.training import tasks
 from ringmoe.training.checkpoint import abstract_with_shardings
 from ringmoe.training.state import abstract_state
 from ringmoe.training.step import jit_train_step
@@ -124,6 +131,15 @@ def placeholder_norm_stats(config) -> dict:
     return stats
 
 
+def text_shapes(config) -> dict | None:
+    """The per-row text arrays a batch of the config's task carries (None for pretraining)."""
+    if config.get("task", "pretrain") != "rsmoe":
+        return None
+    from ringmoe.vlm import examples
+    v = config.vlm
+    return examples.text_shapes(v.subtasks_per_image, v.instruction_length, v.answer_length)
+
+
 def per_device_bytes(abstract, shardings) -> list[tuple[str, int]]:
     """(path, bytes on one device) of every array of a tree, from its sharding's shard shape."""
     out = []
@@ -174,8 +190,9 @@ def main(argv):
     graphdef, abstract, shardings = abstract_state(config, mesh)
     rows = process_batch_sizes(config, served_modalities(config), target.processes)
     global_rows = {m: b * target.processes for m, b in rows.items()}
-    spec = batch_spec(config, global_rows)
-    in_batch = batch_shardings(spec, mesh)
+    task = tasks.for_run(config)
+    spec = batch_spec(config, global_rows, text_shapes(config))
+    in_batch = batch_shardings(spec, mesh, task.inputs)
     batch = abstract_batch(spec, in_batch)
     state = abstract_with_shardings(abstract, shardings)
     progress(f"mesh {dict(mesh.shape)}; global batch {global_rows} ({target.processes} processes x {rows}); "
@@ -204,16 +221,18 @@ def main(argv):
     state_buffers = per_device_bytes(abstract, shardings)
     state_bytes = sum(n for _, n in state_buffers)
     batch_bytes = sum(n for _, n in per_device_bytes(batch, jax.tree.map(lambda b: b.sharding, batch)))
-    model_flops = flops.model_flops_per_step(config.model, global_rows, training=True)
+    model_flops = task.flops_per_step(global_rows)   # outside the mesh context (abstract LM counts)
     at_peak = model_flops / (target.devices * target.peak_flops)
     fits = total <= target.memory_bytes
+    flops_note = ("analytic, active experts, 3 x forward" if isinstance(task, tasks.Pretraining) else
+                  f"analytic, the {config.task} task's flops_per_step")
     largest = sorted(state_buffers, key=lambda x: -x[1])[:_TOP.value]
 
     print(f"per device: arguments {gb(args)} (train state {gb(state_bytes)}, batch {gb(batch_bytes)}), "
           f"outputs {gb(outs)}, temporaries {gb(temps)}, aliased (donated) {gb(alias)}")
     print(f"per device total {gb(total)} of {gb(target.memory_bytes)}: "
           f"{'fits' if fits else 'DOES NOT FIT'} ({100 * total / target.memory_bytes:.0f} %)")
-    print(f"model FLOPs per step {model_flops:.4g} (analytic, active experts, 3 x forward); "
+    print(f"model FLOPs per step {model_flops:.4g} ({flops_note}); "
           f"XLA-counted {xla_flops:.4g} ({compiled['xla_flops_source']})" if xla_flops else "XLA cost analysis: none")
     print(f"step time at {target.peak_flops / 1e12:.0f} TFLOP/s peak per device: {at_peak:.3f} s; "
           f"at 50 % MFU: {2 * at_peak:.3f} s")
@@ -221,6 +240,7 @@ def main(argv):
         "topology": target.name, "devices": target.devices, "processes": target.processes,
         "compiled_for": compiled_for, "note": why,
         "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+        "task": config.get("task", "pretrain"),
         "mesh": dict(mesh.shape), "batch_size": config.batch_size, "global_batch": global_rows,
         "grad_accum_steps": config.grad_accum_steps, "remat": config.model.remat, "dtype": config.model.dtype,
         "dispatch": config.model.moe.dispatch,

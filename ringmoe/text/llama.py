@@ -224,9 +224,12 @@ class LanguageModel(nnx.Module):
         """(B, T) token ids -> (B, T, E) input embeddings."""
         return self.embed[...].astype(jnp.dtype(self.spec.dtype))[tokens]
 
-    def forward_embeddings(self, x, positions=None, valid=None, cache: dict | None = None):
+    def forward_embeddings(self, x, positions=None, valid=None, cache: dict | None = None,
+                           logits_for: int | None = None):
         """The model on input embeddings x (B, T, E): token embeddings, or any mix with vectors
-        from elsewhere (a vision-language model's visual tokens and soft prompts)."""
+        from elsewhere (a vision-language model's visual tokens and soft prompts). `logits_for` = n:
+        logits of the last n positions only (B, n, V): a trainer scoring answers needs no others,
+        and over a 49k vocabulary the full (B, T, V) is the largest buffer of the step."""
         if valid is None:
             valid = jnp.ones(x.shape[:2], bool)
         if positions is None:
@@ -239,7 +242,7 @@ class LanguageModel(nnx.Module):
             x, layer_cache = layer(x, positions, valid, None if cache is None else
                                    {**layer_caches[i], "index": cache["index"]})
             new_layers.append(layer_cache)
-        x = self.norm(x)
+        x = self.norm(x if logits_for is None else x[:, -logits_for:])
         head = self.embed[...].T if self.spec.tie_embeddings else self.lm_head[...]
         logits = (x @ head.astype(dtype)).astype(jnp.float32)
         if cache is None:

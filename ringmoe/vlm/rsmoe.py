@@ -181,7 +181,7 @@ class RSMoE(nnx.Module):
         def one(lm, prompt, rows_):
             x, valid = self.expert_inputs(lm, visual[rows_], prompt, instruction[rows_], instruction_valid[rows_],
                                           answer[rows_], answer_valid[rows_])
-            logits = lm.forward_embeddings(x, valid=valid)[:, -answer.shape[1] - 1:-1]
+            logits = lm.forward_embeddings(x, valid=valid, logits_for=answer.shape[1] + 1)[:, :-1]
             nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), answer[rows_][..., None], -1)[..., 0]
             mask = answer_valid[rows_].astype(jnp.float32)
             return (nll * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)         # (C,)
