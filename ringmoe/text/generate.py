@@ -3,6 +3,12 @@
     generate(model, [[1, 2, 3], [4, 5]], 16)                     # new tokens of each prompt
     generate(model, prompts, 16, method="beam", num_beams=4)
     generate(model, prompts, 16, method="sample", temperature=0.7, top_p=0.9, seed=1)
+    generate_from_embeddings(model, embeddings, valid, 16, stop_tokens=(end,))   # (B, T, E) inputs
+
+`generate_from_embeddings` starts from input EMBEDDINGS instead of tokens: a
+vision-language model's prefix of visual queries, soft prompt and instruction
+(`ringmoe/vlm/infer.py`). The prefill feeds them to `forward_embeddings`; the
+decode, which feeds the generated tokens, is the same program as for tokens.
 
 Prompts of different lengths are LEFT-padded into one batch (each row's real tokens
 numbered from position 0, pads masked out), so every row's next token sits in the
@@ -174,10 +180,13 @@ METHODS = {"greedy": Greedy, "sample": Sample, "beam": Beam}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _prefill(graphdef, method, state, cache, carry, tokens, positions, valid):
-    """Runs the padded prompts (writing the cache) and chooses the first new token of each row."""
+def _prefill(graphdef, method, state, cache, carry, inputs, positions, valid):
+    """Runs the padded prompts (writing the cache) and chooses the first new token of each row.
+    `inputs`: token ids (B, T), or input embeddings (B, T, E) (`forward_embeddings`)."""
     TRACES["prefill"] += 1
-    logits, cache = nnx.merge(graphdef, state)(tokens, positions, valid, cache)
+    model = nnx.merge(graphdef, state)
+    forward = model.forward_embeddings if inputs.ndim == 3 else model
+    logits, cache = forward(inputs, positions, valid, cache)
     carry, cache = method.choose(carry, logits[:, -1], cache)
     return {**carry, "t": carry["t"] + 1}, cache
 
@@ -205,6 +214,21 @@ def _decode(graphdef, method, state, carry, cache):
 def check_arguments(prompts, max_new_tokens: int, method: str, num_beams: int, temperature: float,
                     top_p: float, spec) -> None:
     """ValueError naming the first bad argument (and the prompt index for an empty prompt)."""
+    check_settings(max_new_tokens, method, num_beams, temperature, top_p, spec)
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty (generation needs at least one token to start from)")
+    length = max(map(len, prompts)) + max_new_tokens
+    if length > spec.max_positions:
+        raise ValueError(f"longest prompt ({max(map(len, prompts))}) + max_new_tokens ({max_new_tokens}) = "
+                         f"{length} exceeds the model's max_positions {spec.max_positions}")
+
+
+def check_settings(max_new_tokens: int, method: str, num_beams: int, temperature: float, top_p: float,
+                   spec) -> None:
+    """ValueError naming the first bad generation setting (the checks shared by both entry points)."""
     if method not in METHODS:
         raise ValueError(f"unknown generation method {method!r} (known: {sorted(METHODS)})")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -215,15 +239,6 @@ def check_arguments(prompts, max_new_tokens: int, method: str, num_beams: int, t
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 1 <= num_beams <= spec.vocab_size // 2:   # each step ranks 2 x num_beams extensions
         raise ValueError(f"num_beams must be in [1, vocab_size / 2 = {spec.vocab_size // 2}], got {num_beams}")
-    if not prompts:
-        raise ValueError("no prompts given")
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty (generation needs at least one token to start from)")
-    length = max(map(len, prompts)) + max_new_tokens
-    if length > spec.max_positions:
-        raise ValueError(f"longest prompt ({max(map(len, prompts))}) + max_new_tokens ({max_new_tokens}) = "
-                         f"{length} exceeds the model's max_positions {spec.max_positions}")
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, repeat: int = 1):
@@ -245,14 +260,59 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, method: st
     """The new tokens of each prompt (module doc); a row ends after a stop token (kept) or max_new_tokens."""
     spec = model.spec
     check_arguments(prompts, max_new_tokens, method, num_beams, temperature, top_p, spec)
-    searcher = METHODS[method](Settings(max_new_tokens, num_beams if method == "beam" else 1,
-                                        method == "sample" and top_p < 1.0))
+    searcher = _searcher(method, max_new_tokens, num_beams, top_p)
     tokens, positions, valid = left_pad(prompts, pad_id, searcher.beams)
+    knobs = make_knobs(stop_tokens, pad_id, temperature, top_p, length_penalty)
+    return _run(model, searcher, tokens, positions, valid, len(prompts), seed, knobs)
+
+
+def generate_from_embeddings(model, embeddings, valid, max_new_tokens: int, *, method: str = "greedy",
+                             num_beams: int = 4, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                             stop_tokens: tuple[int, ...] = (), pad_id: int = 0,
+                             length_penalty: float = 1.0) -> list[list[int]]:
+    """`generate` from input embeddings (B, T, E) and their validity (B, T) bool instead of token ids.
+
+    Invalid slots may sit anywhere (a prefix [visual | prompt | left-padded instruction] has them
+    in the middle): each row's valid slots are numbered from 0 (positions = cumsum(valid) - 1, the
+    model's own default) and the rest are masked out. The LAST slot of every row must be valid: its
+    logits choose the first new token. `generate_from_embeddings(model, model.embed_tokens(t), v, n)`
+    equals `generate` on the prompts that (t, v) left-pads, token for token."""
+    spec = model.spec
+    check_settings(max_new_tokens, method, num_beams, temperature, top_p, spec)
+    embeddings, valid = jnp.asarray(embeddings), np.asarray(valid, bool)
+    if embeddings.ndim != 3 or embeddings.shape[-1] != spec.hidden_size:
+        raise ValueError(f"embeddings must be (batch, length, {spec.hidden_size}), got {tuple(embeddings.shape)}")
+    if valid.shape != embeddings.shape[:2]:
+        raise ValueError(f"valid {valid.shape} does not match the embeddings' (batch, length) "
+                         f"{tuple(embeddings.shape[:2])}")
+    if embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
+        raise ValueError(f"no inputs to generate from (embeddings {tuple(embeddings.shape)})")
+    if not valid[:, -1].all():
+        raise ValueError(f"row {int(np.flatnonzero(~valid[:, -1])[0])}: its last slot is not valid (pad on the "
+                         "left: the last slot's logits choose the first new token)")
+    length = embeddings.shape[1] + max_new_tokens
+    if length > spec.max_positions:
+        raise ValueError(f"inputs ({embeddings.shape[1]}) + max_new_tokens ({max_new_tokens}) = {length} exceeds "
+                         f"the model's max_positions {spec.max_positions}")
+    searcher = _searcher(method, max_new_tokens, num_beams, top_p)
+    positions = np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32)
+    repeat = lambda a: jnp.repeat(a, searcher.beams, 0) if searcher.beams > 1 else a  # noqa: E731
+    knobs = make_knobs(stop_tokens, pad_id, temperature, top_p, length_penalty)
+    return _run(model, searcher, repeat(embeddings), repeat(jnp.asarray(positions)), repeat(jnp.asarray(valid)),
+                embeddings.shape[0], seed, knobs)
+
+
+def _searcher(method: str, max_new_tokens: int, num_beams: int, top_p: float):
+    return METHODS[method](Settings(max_new_tokens, num_beams if method == "beam" else 1,
+                                    method == "sample" and top_p < 1.0))
+
+
+def _run(model, searcher, inputs, positions, valid, batch: int, seed: int, knobs: dict) -> list[list[int]]:
+    """Prefill `inputs` (tokens or embeddings, rows already repeated per beam), decode, finish."""
     graphdef, state = nnx.split(model)
-    cache = init_cache(spec, tokens.shape[0], tokens.shape[1] + max_new_tokens)
-    carry = {**searcher.start(len(prompts), jax.random.key(seed)), "t": jnp.zeros((), jnp.int32),
-             "position": jnp.asarray(positions[:, -1]),
-             "knobs": make_knobs(stop_tokens, pad_id, temperature, top_p, length_penalty)}
-    carry, cache = _prefill(graphdef, searcher, state, cache, carry, tokens, positions, valid)
+    cache = init_cache(model.spec, inputs.shape[0], inputs.shape[1] + searcher.settings.max_new_tokens)
+    carry = {**searcher.start(batch, jax.random.key(seed)), "t": jnp.zeros((), jnp.int32),
+             "position": jnp.asarray(positions[:, -1]), "knobs": knobs}
+    carry, cache = _prefill(graphdef, searcher, state, cache, carry, inputs, positions, valid)
     carry, _ = _decode(graphdef, searcher, state, carry, cache)
     return searcher.finish(carry)

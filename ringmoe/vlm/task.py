@@ -17,6 +17,7 @@ one file.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -121,8 +122,8 @@ class VisionLanguage:
             source_config, source, step = load_pretrained(v.encoder)
             if source_config.get("task", "pretrain") != "pretrain":
                 raise ValueError(f"vlm.encoder {v.encoder}: not a RingMoE encoder (task {source_config.task!r})")
-            differ = [k for k in sorted(set(source_config.model) | set(self.config.model))
-                      if source_config.model.get(k) != self.config.model.get(k)]
+            saved, wanted = (json.loads(c.model.to_json()) for c in (source_config, self.config))
+            differ = [k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
             if differ:
                 raise ValueError(f"vlm.encoder {v.encoder}: its model differs from config.model in {differ}")
             values = {f"encoder/{k}": x for k, x in named(nnx.state(source, nnx.Param)).items()}
