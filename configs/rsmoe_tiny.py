@@ -34,6 +34,7 @@ def get_config(variant: str = "dense"):
     v = c.vlm
     v.num_experts = VARIANTS[variant]
     v.top_k = 1
+    v.vision_stages = (2, 3)            # 4 x 4 + 2 x 2 tokens: the last stage alone is 2 x 2
     v.num_queries = 8
     v.query_layers = 1
     v.prompt_length = 4

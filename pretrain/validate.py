@@ -190,9 +190,16 @@ def _task(config) -> list[str]:
     if task is not _MISSING and task not in TASKS:
         return [f"config.task = {task!r}: must be one of {', '.join(TASKS)}"]
     k, experts = lookup(config, "vlm.top_k"), lookup(config, "vlm.num_experts")
+    found = []
     if task == "rsmoe" and POSITIVE_INT.ok(k) and POSITIVE_INT.ok(experts) and k > experts:
-        return [f"config.vlm.top_k = {k}: must be at most config.vlm.num_experts = {experts}"]
-    return []
+        found.append(f"config.vlm.top_k = {k}: must be at most config.vlm.num_experts = {experts}")
+    stages, depths = lookup(config, "vlm.vision_stages"), lookup(config, "model.depths")
+    if task == "rsmoe" and stages is not _MISSING and POSITIVE_INTS.ok(depths) and not (
+            isinstance(stages, (tuple, list)) and stages and all(_int(s) and -len(depths) <= s < len(depths)
+                                                                  for s in stages)):
+        found.append(f"config.vlm.vision_stages = {stages!r}: must be a non-empty sequence of encoder stage "
+                     f"indices in [-{len(depths)}, {len(depths)})")
+    return found
 
 
 CHECKS: tuple[Callable[[Any], list[str]], ...] = (_modality_weights, _stage_lists, _task)

@@ -217,6 +217,8 @@ def base_config() -> ConfigDict:
         "num_experts": 3,                 # K lightweight LMs; 1 = the dense stage-1 model
         "top_k": 1,                       # experts per sub-task
         "capacity_factor": 1.5,           # rows per expert: ceil(factor * rows * top_k / K) (overflow dropped, counted)
+        "vision_stages": (-1,),           # encoder stages whose maps the queries read (-1: the last, normed;
+                                          # an earlier one's pre-merge map through an adapter)
         "num_queries": 16,                # query-transformer queries (InstructBLIP: 32)
         "query_layers": 2,
         "query_heads": 4,

@@ -25,7 +25,7 @@ def micro_rsmoe(variant: str, encoder: str, data_dir: str):
     config.data_dir, config.vlm.encoder = data_dir, encoder
     v = config.vlm
     v.lm.num_layers, v.lm.vocab_size = 1, 384
-    v.num_queries, v.prompt_length, v.subtasks_per_image = 4, 2, 2
+    v.num_queries, v.prompt_length, v.subtasks_per_image, v.vision_stages = 4, 2, 2, (0, 1)
     config.batch_size, config.total_steps, config.log_every, config.eval_every = 4, 2, 1, 0
     config.checkpoint_every = 2
     return config

@@ -19,8 +19,13 @@
    (ringmoe.compress: statistics, extraction, pruning, merge, export; the
    distillation that follows the reference's merge with --distill-steps N),
    every stage linear-probed on the probe set;
-5. DEMO_OUT/report.md with the figures and the PNGs (reconstructions, expert
-   loads, loss curves, calibration statistics).
+5. RS-MoE on the pretrained encoder (configs/rsmoe_tiny.py, the encoder frozen):
+   stage 1, one dense LM on every sub-task (--rsmoe-steps), then stage 2, upcycled
+   into 3 experts + the instruction router (--rsmoe-steps more); captions and VQA
+   answers for unseen scenes and for the real chips' tiles, scored against their
+   grounded references (ringmoe.vlm.evaluate), with a caption gallery;
+6. DEMO_OUT/report.md with the figures and the PNGs (reconstructions, expert
+   loads, loss curves, calibration statistics, the RS-MoE gallery and router).
 Progress lines while it runs (the last one gives the wall time); the last line
 is a JSON summary of the results alone, the same for every run of one command.
 """
@@ -89,12 +94,66 @@ def _report(path: str, figures: dict, pictures: list[str]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def rsmoe_section(config, encoder_run: str, data_dir: str, unseen: str, real: str, out: str) -> dict:
+    """The two RS-MoE stages on the demo's encoder and their evaluation (module doc, step 5)."""
+    from configs import rsmoe_tiny
+    from pretrain.train import train
+    from ringmoe.vlm import evaluate, infer
+    runs = {}
+    for stage, variant in (("stage1", "dense"), ("stage2", "upcycled")):
+        c = rsmoe_tiny.get_config(variant)
+        c.model = config.model
+        c.data_dir, c.vlm.encoder, c.total_steps = data_dir, encoder_run, _RSMOE_STEPS.value
+        c.checkpoint_every = c.total_steps
+        if stage == "stage2":
+            c.vlm.init_from = runs["stage1"]
+        runs[stage] = os.path.join(out, f"rsmoe_{stage}")
+        train(c, runs[stage])
+    run = infer.load_run(runs["stage2"])
+    figures = {"steps_per_stage": _RSMOE_STEPS.value, "files": {}}
+    for name, data, records in (("unseen", unseen, _RSMOE_RECORDS.value), ("real_chips", real, None)):
+        caption = evaluate.caption_dataset(run, data, "multispectral", os.path.join(out, "rsmoe_eval", name, "caption"),
+                                           batch_size=32, max_records=records, max_new_tokens=None,
+                                           gallery=16 if name == "real_chips" else 8)
+        vqa = evaluate.answer_dataset(run, data, "multispectral", os.path.join(out, "rsmoe_eval", name, "vqa"),
+                                      batch_size=32, max_records=records, max_new_tokens=8)
+        figures[name] = {"records": caption["records"], "bleu_4": caption["bleu_4"], "rouge_l": caption["rouge_l"],
+                         "cider": caption["cider"], "vqa": vqa["accuracy"]["value"], "vqa_ci": vqa["accuracy"]["ci"],
+                         "vqa_by_type": {t: r["value"] for t, r in vqa["by_type"].items()},
+                         "experts_by_aspect": caption["experts_by_kind"]}
+        figures["files"][name] = {**caption["files"], "vqa_answers": vqa["files"]["answers"]}
+    return figures
+
+
+def rsmoe_report(rsmoe: dict, root: str) -> str:
+    """The report's RS-MoE section (multispectral encoder input)."""
+    lines = ["", "## RS-MoE (captioning and VQA on the frozen encoder)", "",
+             f"configs/rsmoe_tiny.py: stage 1 (one dense LM) then stage 2 (3 experts upcycled from it + the "
+             f"instruction router), {rsmoe['steps_per_stage']} steps each. References are grounded in the label "
+             "maps (ringmoe/data/grounding.py); multispectral input.", "",
+             "| data | records | BLEU-4 | ROUGE-L | CIDEr | VQA accuracy [95 %] |", "|---|---|---|---|---|---|"]
+    for name in ("unseen", "real_chips"):
+        r = rsmoe[name]
+        lines.append(f"| {name} | {r['records']} | {r['bleu_4']:.3f} | {r['rouge_l']:.3f} | {r['cider']:.3f} | "
+                     f"{r['vqa']:.3f} [{r['vqa_ci'][0]:.3f}, {r['vqa_ci'][1]:.3f}] |")
+    files = rsmoe["files"]["real_chips"]
+    lines += ["", "Which expert wrote each caption aspect (share of rows, unseen scenes): "
+              + "; ".join(f"{a} {[round(x, 2) for x in v]}" for a, v in rsmoe["unseen"]["experts_by_aspect"].items()),
+              "", f"Real chips, generated and reference captions: {os.path.relpath(files['gallery_md'], root)}", "",
+              f"![gallery]({os.path.relpath(files['gallery'], root)})",
+              f"![experts]({os.path.relpath(files['experts'], root)})", ""]
+    return "\n".join(lines)
+
+
 _OUT = flags.DEFINE_string("out", "demo_out", "Output directory (replaced).")
 _CONFIG = cli.define_config_file("tools.demo", "config", os.path.join(REPO, "configs", "demo.py"),
                                  "Pretraining config (configs/demo.py: configs/tiny.py, 150 steps).")
 _EXAMPLES = flags.DEFINE_integer("examples", 256, "Synthetic scenes to pretrain on.", lower_bound=1)
 _PROBE_EXAMPLES = flags.DEFINE_integer("probe-examples", 2000, "Synthetic scenes to probe on "
                                        "(2000: 400 test records, 0.25 points each).", lower_bound=10)
+_RSMOE_STEPS = flags.DEFINE_integer("rsmoe-steps", 150, "Updates of each RS-MoE stage (0: no RS-MoE section).",
+                                    lower_bound=0)
+_RSMOE_RECORDS = flags.DEFINE_integer("rsmoe-records", 200, "Unseen scenes captioned and questioned.", lower_bound=1)
 _DISTILL_STEPS = flags.DEFINE_integer("distill-steps", 0, "Distillation steps of the compressed model (0: stop "
                                       "after the merge, as the reference does).", lower_bound=0)
 
@@ -105,7 +164,7 @@ def main(argv) -> None:
     config, out = _CONFIG.value, _OUT.value
     from pretrain.validate import validate_config
     validate_config(config)   # before minutes of data making
-    start, n = time.perf_counter(), 6
+    start, n = time.perf_counter(), 7
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     synthetic_dir, probe_set, real, run = (os.path.join(out, d) for d in ("synthetic", "probe_set", "real_chips",
@@ -149,7 +208,13 @@ def main(argv) -> None:
                            keep=trained.compress.keep_collaborative, distill_steps=_DISTILL_STEPS.value,
                            data_dir=synthetic_dir, probe_data_dir=probe_set)
 
-    _step(5, n, "writing the report", start)
+    rsmoe = None
+    if _RSMOE_STEPS.value:
+        _step(5, n, f"RS-MoE: stage 1 (dense LM) and stage 2 (3 upcycled experts), {_RSMOE_STEPS.value} steps each, "
+              "then captions and VQA", start)
+        rsmoe = rsmoe_section(config, run, synthetic_dir, probe_set, real, out)
+
+    _step(6, n, "writing the report", start)
     records = read_jsonl(os.path.join(run, "metrics.jsonl"))
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     eval_terms = {k[len("eval/"):]: (evals[0][k], evals[-1][k]) for k in sorted(evals[0])
@@ -189,7 +254,11 @@ def main(argv) -> None:
                "final_loss": last.get("loss"), "real_chip_tiles": chips["records"], "report": report}
     # The wall time is on the progress line, not in the JSON: the JSON holds results only, so two
     # runs of one command print the same last line (README, "determinism").
-    _step(6, n, f"done in {time.perf_counter() - start:.0f} s: {report}", start)
+    if rsmoe is not None:
+        summary["rsmoe"] = {k: v for k, v in rsmoe.items() if k != "files"}
+        with open(report, "a", encoding="utf-8") as f:
+            f.write(rsmoe_report(rsmoe, os.path.dirname(report)))
+    _step(7, n, f"done in {time.perf_counter() - start:.0f} s: {report}", start)
     print(json.dumps(summary))
 
 
