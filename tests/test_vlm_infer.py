@@ -166,3 +166,14 @@ def test_vqa_tool_end_to_end(run_dir):
     assert set(result["experts_by_kind"]) == set(result["by_type"])
     for name in ("experts_vqa.png", "experts_vqa.md", "answers.jsonl"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
+
+
+def test_image_reliance_compares_own_and_other_scenes(run_dir):
+    """Teacher-forced NLL with each row's own image vs another scene's: at initialisation the
+    answers' logits already depend on the image, so the two differ (a pipeline that dropped the
+    pixels, or rolled nothing, would make them equal)."""
+    from ringmoe.vlm.evaluate import image_reliance
+    _, data, workdir = run_dir
+    result = image_reliance(workdir, data, batches=1)
+    assert np.isfinite(result["nll"]) and np.isfinite(result["nll_other_images"])
+    assert result["nll"] != result["nll_other_images"]

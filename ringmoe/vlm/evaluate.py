@@ -37,7 +37,36 @@ def evaluate_run(checkpoint: str, data_dir: str, *, modality: str | None = None,
     figures = {k: captions[k] for k in ("bleu_1", "bleu_4", "rouge_l", "cider", "meteor") if captions[k] is not None}
     figures["vqa"] = answers["accuracy"]["value"]
     figures.update({f"vqa_{t}": r["value"] for t, r in answers["by_type"].items()})
+    figures.update(image_reliance(checkpoint, data_dir))
     return figures
+
+
+def image_reliance(checkpoint: str, data_dir: str, *, batches: int = 4) -> dict:
+    """Does the model read the image? The teacher-forced answer NLL of `batches` evaluation batches
+    of `data_dir` (whole scenes, the run's sub-task draw), with each row's own image and with
+    the images rolled by one row within each modality (every answer then paired with another
+    scene): {"nll", "nll_other_images"}. Equal values: the answers come from the text alone."""
+    import jax
+    from flax import nnx
+
+    from ringmoe.model.checkpoint import load_pretrained
+    from ringmoe.training import tasks
+    config, model, _ = load_pretrained(checkpoint)
+    task = tasks.for_run(config, checkpoint)
+
+    @nnx.jit
+    def nll(model, batch):
+        return model.loss(batch, balance_weight=0.0, z_weight=0.0)[1]["answer_nll"]
+    keys = ("pixels", "valid", "instruction", "instruction_valid", "answer", "answer_valid")
+    own, other = [], []
+    with task.pipeline(config, data_dir=data_dir, train=False, num_workers=0) as pipeline:
+        for _ in range(batches):
+            batch = {m: {k: b[k] for k in keys} for m, b in next(pipeline).items()}
+            rolled = {m: {**b, "pixels": np.roll(b["pixels"], 1, 0), "valid": np.roll(b["valid"], 1, 0)}
+                      for m, b in batch.items()}
+            own.append(float(nll(model, jax.tree.map(np.asarray, batch))))
+            other.append(float(nll(model, rolled)))
+    return {"nll": float(np.mean(own)), "nll_other_images": float(np.mean(other))}
 
 
 def caption_dataset(run, data_dir: str, modality: str, out: str, *, batch_size: int, max_records: int | None,
