@@ -26,13 +26,14 @@ the `expert` mesh axis: one LM expert (and one of each group of the encoder's 4 
 4 collaborative experts) per device of an expert-parallel group.
 
 Expected (tools.aot on h100-8: the CPU compiler for 8 fake devices, tools/aot.py's doc;
-49 s and 1.9 GB of host memory on this 2-core machine (9 s lowering + 31 s compile; 102 s when
-other work shared it)):
-per device 47.81 GB of 80 GB, fits (60 %): train state 1.22 GB (parameters, and AdamW moments
-for RS-MoE only), temporaries 46.57 GB, most of them float32 logits over the 49152-word
-vocabulary (192 expert rows x 108 positions x 49152 x 4 bytes = 4.08 GB each). Model FLOPs
-6.89e13 per step (8.7 ms at peak, 17 ms at 50 % MFU). `--config.batch_size=256` does not fit
-(94.5 GB per device; with `--config.grad_accum_steps=2` each micro-batch is 128 images again).
+47 s and 1.9 GB of host memory on this 2-core machine (9 s lowering + 29 s compile)):
+per device 43.44 GB of 80 GB, fits (54 %): train state 1.22 GB (parameters, and AdamW moments
+for RS-MoE only), temporaries 42.2 GB, the largest of them float32 logits over the 49152-word
+vocabulary at the 49 answer positions the loss reads (192 expert rows x 49 x 49152 x 4
+bytes = 1.85 GB each). Model FLOPs 6.89e13 per step (8.7 ms at peak, 17 ms at 50 % MFU).
+`--config.batch_size=256` did not fit (94.5 GB per device, measured before the logits were
+cut to the answer positions; with `--config.grad_accum_steps=2` each micro-batch is 128
+images again).
 
 The mesh: `expert` 4, `fsdp` the rest (2 on 8 GPUs): parameters and AdamW state are sharded
 over both, a batch's rows over all 8 devices. Batch: 128 images per step (32 per modality, 4
