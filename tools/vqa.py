@@ -24,7 +24,6 @@ files; with `--modality all`: modality "all" and by_modality {modality: those ke
 from __future__ import annotations
 
 import logging
-import os
 
 from absl import flags
 
@@ -48,29 +47,16 @@ def main(argv) -> None:
     missing = [f"--{f.name}" for f in (_CHECKPOINT, _DATA) if not f.value]
     if missing:
         raise cli.UsageError(f"{', '.join(missing)} required")
-    if not os.path.isdir(_DATA.value):
-        raise FileNotFoundError(2, "no such data set directory", _DATA.value)
     cli.setup_logging(logging.WARNING, absl_level=logging.ERROR)   # Orbax notes a directory opened read-only
 
     from ringmoe.training.metrics import json_line
-    from ringmoe.vlm import evaluate, infer
-    run = infer.load_run(_CHECKPOINT.value)
-    config, model = run[0], run[1]
-    available = infer.served_modalities(config, model, _DATA.value)
-    modalities = infer.pick_modalities(available, _MODALITY.value, _DATA.value)
-    results = {}
-    for modality in modalities:
-        out = _OUT.value or infer.default_out(_CHECKPOINT.value, "vqa", _DATA.value, modality)
-        if _OUT.value and len(modalities) > 1:
-            out = os.path.join(_OUT.value, modality)
-        results[modality] = evaluate.answer_dataset(run, _DATA.value, modality, out, batch_size=_BATCH.value,
-                                           max_records=_MAX_RECORDS.value, max_new_tokens=_MAX_NEW.value)
-        print(f"VQA on {results[modality]['records']} {modality} images\n" + evaluate.accuracy_table(results[modality]))
-    head = {"checkpoint": os.path.abspath(_CHECKPOINT.value), "step": run[2], "data": os.path.abspath(_DATA.value)}
-    if _MODALITY.value == "all":
-        print(json_line({**head, "modality": "all", "by_modality": results}))
-    else:
-        print(json_line({**head, "modality": modalities[0], **results[modalities[0]]}))
+    from ringmoe.vlm import evaluate
+    print(json_line(evaluate.per_modality(
+        "vqa", _CHECKPOINT.value, _DATA.value, _MODALITY.value, _OUT.value,
+        lambda run, modality, out: evaluate.answer_dataset(run, _DATA.value, modality, out, batch_size=_BATCH.value,
+                                                           max_records=_MAX_RECORDS.value,
+                                                           max_new_tokens=_MAX_NEW.value),
+        lambda m, r: f"VQA on {r['records']} {m} images\n" + evaluate.accuracy_table(r))))
 
 
 if __name__ == "__main__":

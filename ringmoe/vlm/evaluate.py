@@ -41,6 +41,29 @@ def evaluate_run(checkpoint: str, data_dir: str, *, modality: str | None = None,
     return figures
 
 
+def per_modality(tool: str, checkpoint: str, data_dir: str, modality: str | None, out: str | None, evaluate_one,
+                 describe) -> dict:
+    """A tool's run over the modalities asked for (one, the default one, or `all`): loads the run,
+    calls evaluate_one(run, modality, out_dir) for each, prints describe(modality, result), and
+    returns the JSON of the tool's last line (`all`: by_modality)."""
+    from ringmoe.vlm import infer
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(2, "no such data set directory", data_dir)
+    run = infer.load_run(checkpoint)
+    modalities = infer.pick_modalities(infer.served_modalities(run[0], run[1], data_dir), modality, data_dir)
+    results = {}
+    for m in modalities:
+        where = out or infer.default_out(checkpoint, tool, data_dir, m)
+        if out and len(modalities) > 1:
+            where = os.path.join(out, m)
+        results[m] = evaluate_one(run, m, where)
+        print(describe(m, results[m]))
+    head = {"checkpoint": os.path.abspath(checkpoint), "step": run[2], "data": os.path.abspath(data_dir)}
+    if modality == "all":
+        return {**head, "modality": "all", "by_modality": results}
+    return {**head, "modality": modalities[0], **results[modalities[0]]}
+
+
 def image_reliance(checkpoint: str, data_dir: str, *, batches: int = 4) -> dict:
     """Does the model read the image? The teacher-forced answer NLL of `batches` evaluation batches
     of `data_dir` (whole scenes, the run's sub-task draw), with each row's own image and with
