@@ -219,6 +219,8 @@ def base_config() -> ConfigDict:
         "capacity_factor": 1.5,           # rows per expert: ceil(factor * rows * top_k / K) (overflow dropped, counted)
         "vision_stages": (-1,),           # encoder stages whose maps the queries read (-1: the last, normed;
                                           # an earlier one's pre-merge map through an adapter)
+        "projector": "qformer",           # ringmoe.vlm.rsmoe.PROJECTORS: qformer (learned queries cross-attending
+                                          # to the vision tokens) | linear (every vision token projected, as LLaVA)
         "num_queries": 16,                # query-transformer queries (InstructBLIP: 32)
         "query_layers": 2,
         "query_heads": 4,

@@ -3,6 +3,7 @@ experts stacked on the `expert` axis, and gradients reaching what they should.""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from configs import lm
@@ -91,3 +92,16 @@ def test_rsmoe_experts_shard_over_the_expert_axis():
     q = shardings["experts"]["layers"][0]["attention"]["q"].get_value()
     assert q.spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor", None)
     assert shardings["router"]["base"].get_value().spec[0] == "expert"
+
+
+def test_linear_projector_gives_the_experts_every_vision_token():
+    spec = RSMoESpec(lm=LMSpec.from_config({**dict(lm.get_config("tiny").lm), "num_layers": 1}), vision_dim=24,
+                     num_experts=2, num_queries=4, query_layers=1, prompt_length=2, projector="linear")
+    model = RSMoE(spec, rngs=nnx.Rngs(0))
+    data = batch(spec)
+    visual, routing = model.route(*data[:3])
+    assert visual.shape == (6, 16, spec.lm.hidden_size)     # 2 images x 3 sub-tasks, all 16 vision tokens
+    loss, _ = model.loss(*data)
+    assert np.isfinite(float(loss))
+    with pytest.raises(ValueError, match="unknown vlm.projector 'mlp'"):
+        RSMoE(RSMoESpec(lm=spec.lm, vision_dim=24, projector="mlp"), rngs=nnx.Rngs(0))

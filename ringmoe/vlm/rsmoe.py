@@ -50,6 +50,7 @@ class RSMoESpec:
     query_heads: int = 4
     prompt_length: int = 4       # soft-prompt vectors per expert
     capacity_factor: float = 1.5 # rows per expert: ceil(factor * rows * top_k / K)
+    projector: str = "qformer"   # PROJECTORS: qformer (num_queries learned queries) | linear (every token)
 
 
 class QueryTransformer(nnx.Module):
@@ -83,6 +84,22 @@ class _QueryLayer(nnx.Module):
         y = self.self_norm(x)
         x = x + self.attend(y, y)
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x)), approximate=False))
+
+
+class LinearProjector(nnx.Module):
+    """Every vision token mapped into the language model's width (a linear map, then LayerNorm), as
+    LLaVA's projector: the LM reads all S tokens instead of Q queries; out (B, S, E)."""
+
+    def __init__(self, spec: RSMoESpec, *, rngs: nnx.Rngs):
+        self.vision = nnx.Linear(spec.vision_dim, spec.lm.hidden_size, rngs=rngs)
+        self.norm = nnx.LayerNorm(spec.lm.hidden_size, rngs=rngs)
+
+    def __call__(self, vision_tokens: jax.Array) -> jax.Array:
+        return self.norm(self.vision(vision_tokens))
+
+
+# How the vision tokens reach the language model (`vlm.projector`).
+PROJECTORS = {"qformer": QueryTransformer, "linear": LinearProjector}
 
 
 @dataclasses.dataclass
@@ -128,7 +145,9 @@ class InstructionRouter(nnx.Module):
 class RSMoE(nnx.Module):
     def __init__(self, spec: RSMoESpec, *, rngs: nnx.Rngs):
         self.spec = spec
-        self.queries = QueryTransformer(spec, rngs=rngs)
+        if spec.projector not in PROJECTORS:
+            raise ValueError(f"unknown vlm.projector {spec.projector!r} (known: {', '.join(PROJECTORS)})")
+        self.queries = PROJECTORS[spec.projector](spec, rngs=rngs)
         self.router = InstructionRouter(spec, rngs=rngs)
 
         @nnx.split_rngs(splits=spec.num_experts)

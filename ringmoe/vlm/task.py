@@ -147,8 +147,14 @@ class VisionLanguage:
         return encoder + 6.0 * lm * slots * self.sequence_length()
 
     def sequence_length(self) -> int:
-        v = self.config.vlm
-        return v.num_queries + v.prompt_length + v.instruction_length + v.answer_length
+        """Tokens an expert reads per sub-task: the visual prefix (queries, or every vision token),
+        the prompt, the instruction and the answer."""
+        v, m = self.config.vlm, self.config.model
+        grid, depth = m.image_size // m.patch_size, len(m.depths)
+        stages = {stage % depth for stage in v.vision_stages}
+        tokens = sum((grid // 2 ** stage) ** 2 for stage in stages)
+        visual = v.num_queries if v.projector == "qformer" else tokens
+        return visual + v.prompt_length + v.instruction_length + v.answer_length
 
     def tokens_per_step(self, global_batch: dict) -> int:
         return sum(global_batch.values()) * self.config.vlm.subtasks_per_image * self.sequence_length()
