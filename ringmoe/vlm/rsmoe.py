@@ -126,8 +126,11 @@ class InstructionRouter(nnx.Module):
 
     def __call__(self, instruction: jax.Array, valid: jax.Array, visual: jax.Array) -> Routing:
         weights = valid[..., None].astype(instruction.dtype)
-        pooled = jnp.concatenate([(instruction * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0),
-                                  visual.mean(1)], -1)                                   # (B, 2E)
+        # Each half on one scale (unit RMS): token embeddings start at 0.02 and the visual queries
+        # leave a LayerNorm at ~1, so unnormalised the image would outvote the instruction 50:1
+        # and the router would split rows by scene, not by what they ask.
+        pooled = jnp.concatenate([_unit_rms((instruction * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)),
+                                  _unit_rms(visual.mean(1))], -1)                        # (B, 2E)
         logits = pooled @ self.gate[...]
         probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
         top, chosen = jax.lax.top_k(probs, self.top_k)
@@ -140,6 +143,11 @@ class InstructionRouter(nnx.Module):
         load_balance = k * jnp.sum(load * probs.mean(0)) / self.top_k
         z_loss = jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), -1) ** 2)
         return Routing(probs, gates, prompts, load_balance, z_loss)
+
+
+def _unit_rms(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
 
 
 class RSMoE(nnx.Module):
