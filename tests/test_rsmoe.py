@@ -105,3 +105,20 @@ def test_linear_projector_gives_the_experts_every_vision_token():
     assert np.isfinite(float(loss))
     with pytest.raises(ValueError, match="unknown vlm.projector 'mlp'"):
         RSMoE(RSMoESpec(lm=spec.lm, vision_dim=24, projector="mlp"), rngs=nnx.Rngs(0))
+
+
+def test_router_weighs_instruction_and_image_alike_whatever_their_scale():
+    """Each pooled input is brought to unit RMS: scaling the instruction embeddings (0.02 at
+    initialisation) or the visual queries (~1 after their LayerNorm) changes no routing."""
+    spec, model = tiny(num_experts=3)
+    router = model.router
+    keys = jax.random.split(jax.random.key(2), 2)
+    instruction = 0.02 * jax.random.normal(keys[0], (4, 5, spec.lm.hidden_size))
+    visual = jax.random.normal(keys[1], (4, 4, spec.lm.hidden_size))
+    valid = jnp.ones((4, 5), bool)
+    base = router(instruction, valid, visual).probs
+    # Equal up to the normaliser's eps (1e-6 against a mean square of ~4e-4: 0.4 % at most).
+    np.testing.assert_allclose(router(100.0 * instruction, valid, visual).probs, base, rtol=1e-2)
+    np.testing.assert_allclose(router(instruction, valid, 0.01 * visual).probs, base, rtol=1e-2)
+    unnormalised = jax.nn.softmax(jnp.concatenate([instruction.mean(1), visual.mean(1)], -1) @ router.gate[...], -1)
+    assert not np.allclose(unnormalised, base, rtol=1e-2)   # what the normalisation changes
