@@ -37,7 +37,7 @@ def evaluate_run(checkpoint: str, data_dir: str, *, modality: str | None = None,
     figures = {k: captions[k] for k in ("bleu_1", "bleu_4", "rouge_l", "cider", "meteor") if captions[k] is not None}
     figures["vqa"] = answers["accuracy"]["value"]
     figures.update({f"vqa_{t}": r["value"] for t, r in answers["by_type"].items()})
-    figures.update(image_reliance(checkpoint, data_dir))
+    figures.update(image_reliance(checkpoint, data_dir, loaded=(run[0], run[1])))
     return figures
 
 
@@ -64,17 +64,18 @@ def per_modality(tool: str, checkpoint: str, data_dir: str, modality: str | None
     return {**head, "modality": modalities[0], **results[modalities[0]]}
 
 
-def image_reliance(checkpoint: str, data_dir: str, *, batches: int = 4) -> dict:
+def image_reliance(checkpoint: str, data_dir: str, *, batches: int = 4, loaded: tuple | None = None) -> dict:
     """Does the model read the image? The teacher-forced answer NLL of `batches` evaluation batches
     of `data_dir` (whole scenes, the run's sub-task draw), with each row's own image and with
     the images rolled by one row within each modality (every answer then paired with another
-    scene): {"nll", "nll_other_images"}. Equal values: the answers come from the text alone."""
+    scene): {"nll", "nll_other_images"}. Equal values: the answers come from the text alone.
+    `loaded`: the run's (config, model) when the caller has read them already."""
     import jax
     from flax import nnx
 
     from ringmoe.model.checkpoint import load_pretrained
     from ringmoe.training import tasks
-    config, model, _ = load_pretrained(checkpoint)
+    config, model = loaded if loaded is not None else load_pretrained(checkpoint)[:2]
     task = tasks.for_run(config, checkpoint)
 
     @nnx.jit

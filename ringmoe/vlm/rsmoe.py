@@ -173,9 +173,8 @@ class RSMoE(nnx.Module):
         instruction (B, N, I) holds N sub-tasks per image)."""
         visual = self.queries(vision_tokens)
         n = instruction.shape[1]
-        rows = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
         visual_rows = jnp.repeat(visual, n, 0)
-        routing = self.router(self.embed_instruction(rows(instruction)), rows(instruction_valid), visual_rows)
+        routing = self.router(self.embed_instruction(_rows(instruction)), _rows(instruction_valid), visual_rows)
         return visual_rows, routing
 
     def expert_inputs(self, lm, visual, prompt, instruction, instruction_valid, answer, answer_valid):
@@ -196,9 +195,8 @@ class RSMoE(nnx.Module):
         per-row top expert `top_expert` (B*N,) for statistics by sub-task kind."""
         spec = self.spec
         visual, routing = self.route(vision_tokens, instruction, instruction_valid)
-        rows = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
         instruction, instruction_valid, answer, answer_valid = map(
-            rows, (instruction, instruction_valid, answer, answer_valid))
+            _rows, (instruction, instruction_valid, answer, answer_valid))
         r, k = routing.gates.shape
         capacity = min(r, math.ceil(spec.capacity_factor * r * spec.top_k / k))
         slots, kept = dispatch(routing.gates, capacity)                    # (R, K, C) one-hot, (R, K)
@@ -222,6 +220,11 @@ class RSMoE(nnx.Module):
                    "expert_load": jnp.mean(chosen, 0), "expert_prob": routing.probs.mean(0),
                    "top_expert": jnp.argmax(routing.probs, -1)}
         return total, metrics
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    """(B, N, ...) sub-tasks per image -> (B*N, ...) rows, image-major."""
+    return x.reshape(-1, *x.shape[2:])
 
 
 def dispatch(gates: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
