@@ -1,24 +1,30 @@
 """Benchmarks; each prints one JSON object as its last line.
 
-    python -m tools.bench moe --config configs/base.py [--batch 8] [--stage 2]
+    python -m tools.bench moe --config configs/base.py [--batch 8] [--stage 2] [--paths sort,tokamax]
     python -m tools.bench data --data DIR --config configs/tiny.py
-    python -m tools.bench step --data DIR --config configs/tiny.py [--steps 5]
+    python -m tools.bench step --data DIR --config configs/tiny.py [--steps 5] [--layouts scanned]
+        [--profile_dir DIR --profile_steps 3]
     python -m tools.bench lm --config configs/lm.py:tiny [--batch 1] [--prompt_length 32] [--new_tokens 64]
 
 `moe`: forward+backward of one MoE FFN layer with each dispatch path, under the
 configured router and under expert choice, and of a dense FFN with the same
 active FLOPs (token choice), as ratios to the dense time; with the rows each
-path's experts compute against the rows the routing kept, and useful GFLOP/s.
+path's experts compute against the rows the routing kept, and useful GFLOP/s; paths
+whose library does not import are listed under `skipped` with the reason.
 `data`: the full input pipeline against a raw ArrayRecord read of the same records.
 `step`: the real train and eval steps on one batch of DIR, blocks unrolled and scanned
-(`model.scan_layers`): first-call (compile) seconds, median step seconds, their ratios,
-and the scanned step's MFU.
+(`model.scan_layers`, or the `--layouts` named): first-call (compile) seconds, median
+step seconds, samples/s, MFU, peak device memory, and the scanned / unrolled ratios; with
+`--profile_dir`, the top 10 operations of `--profile_steps` profiled steps, also written
+as text to DIR/top_ops.txt.
 `lm`: greedy decode speed of the language model (configs/lm.py, random weights) with the
 key/value cache against re-running the whole sequence per token, and their ratio
 (ringmoe/text/bench.py).
 """
 import json
+import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -34,6 +40,10 @@ _NEW = flags.DEFINE_integer("new_tokens", 64, "lm: tokens generated per prompt."
 _DATA = flags.DEFINE_string("data", None, "data: directory of ArrayRecord shards + manifest.json.")
 _BATCHES = flags.DEFINE_integer("batches", 50, "data: batches to time.")
 _STEPS = flags.DEFINE_integer("steps", 5, "step: train steps timed after the first (the median is reported).")
+_PATHS = flags.DEFINE_list("paths", None, "moe: dispatch paths to time (default: every registered path).")
+_LAYOUTS = flags.DEFINE_list("layouts", ["unrolled", "scanned"], "step: block layouts to time.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "step: profile the last layout's steps into DIR.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "step: steps under the profiler.", lower_bound=1)
 MODES = ("moe", "data", "step", "lm")
 
 
@@ -47,12 +57,15 @@ def main(argv):
     validate_config(config)
     if argv[1] == "moe":
         from ringmoe.model import bench
-        result = bench.run(config.model, batch=_BATCH.value or 8, stage=_STAGE.value, rounds=_ROUNDS.value or 5)
+        result = bench.run(config.model, batch=_BATCH.value or 8, stage=_STAGE.value, rounds=_ROUNDS.value or 5,
+                           paths=_PATHS.value)
         for router, paths in result["routers"].items():
             for name, r in paths.items():
                 print(f"{router:>13} {name:>6}: {r['s'] * 1e3:9.2f} ms  ratio {r['ratio']:5.2f}  rows {r['rows']:>7}"
                       f" (kept {r['kept_rows']:>7})  {r['useful_gflops']:7.2f} useful GFLOP/s")
         print(f"{'dense':>20}: {result['dense_s'] * 1e3:9.2f} ms  {result['dense_gflops']:7.2f} GFLOP/s")
+        for name, why in result["skipped"].items():
+            print(f"skipped {name}: {why}")
     elif argv[1] == "lm":
         from ringmoe.text import bench
         from ringmoe.text.llama import LMSpec
@@ -73,11 +86,24 @@ def main(argv):
             raise app.UsageError("bench step needs --data DIR")
         config = config.copy_and_resolve_references()
         config.data_dir = _DATA.value
-        result = bench.run(config, steps=_STEPS.value)
+        result = bench.run(config, steps=_STEPS.value, layouts=tuple(_LAYOUTS.value),
+                           profile_dir=_PROFILE_DIR.value, profile_steps=_PROFILE_STEPS.value)
         for name, r in result["layouts"].items():
+            mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
             print(f"{name:>9}: train first call {r['train_first_s']:7.1f} s  eval first call "
-                  f"{r['eval_first_s']:6.1f} s  step {r['step_s']:7.3f} s")
-        print("scanned / unrolled: " + "  ".join(f"{k} {v:.2f}" for k, v in result["scanned_over_unrolled"].items()))
+                  f"{r['eval_first_s']:6.1f} s  step {r['step_s']:7.3f} s  {r['samples_per_s']:8.1f} samples/s"
+                  f"  MFU {mfu}")
+            if "profile" in r:
+                from ringmoe.training import profile
+                text = profile.as_text(r["profile"], f"{name} layout, {_PROFILE_STEPS.value} steps")
+                with open(f"{_PROFILE_DIR.value}/top_ops.txt", "w") as f:
+                    f.write(text)
+                print(text, end="")
+        if "scanned_over_unrolled" in result:
+            print("scanned / unrolled: " + "  ".join(f"{k} {v:.2f}" for k, v in result["scanned_over_unrolled"].items()))
+    result.setdefault("jax_version", jax.__version__)
+    result.setdefault("device_kind", jax.devices()[0].device_kind)
+    result["command"] = " ".join(["python -m tools.bench"] + sys.argv[1:])
     print(json.dumps(result))
 
 

@@ -94,12 +94,17 @@ def _computed_rows(layer, x, modality) -> int:
 
 
 def run(model_config, *, batch: int, stage: int | None = None, rounds: int = 5, iters: int = 3,
-        paths=dispatch.PATHS, routers=None, seed: int = 0) -> dict:
-    """Times every (router, path); routers default to the configured one and `expert_choice`.
+        paths=None, routers=None, seed: int = 0) -> dict:
+    """Times every (router, path); routers default to the configured one and `expert_choice`,
+    paths to every registered path that can run here (the others are listed under `skipped`
+    with the reason).
 
     Returns dense_s, routers {router: {path: {s, ratio, rows, kept_rows, useful_gflops}}},
     and for the configured router `paths` (the same entries), best_path and best_ratio.
     """
+    paths = list(paths or dispatch.PATHS)
+    skipped = {p: why for p in paths if (why := dispatch.unavailable(p))}
+    paths = [p for p in paths if p not in skipped]
     shape = layer_shape(model_config, stage)
     moe_cfg = model_config.moe
     dtype = jnp.dtype(model_config.dtype)
@@ -147,4 +152,5 @@ def run(model_config, *, batch: int, stage: int | None = None, rounds: int = 5, 
                       "backend": jax.default_backend(), "router": routers[0]},
             "dense_s": dense_s, "dense_gflops": row_flops * active * tokens / dense_s / 1e9,
             "routers": results, "paths": configured, "best_path": best_path,
-            "best_ratio": configured[best_path]["ratio"], "auto_path": dispatch.default_path()}
+            "best_ratio": configured[best_path]["ratio"], "auto_path": dispatch.default_path(),
+            "skipped": skipped}

@@ -1,4 +1,4 @@
-"""Three ways to send routed tokens through their experts, one switch between them.
+"""Ways to send routed tokens through their experts (`PATHS`), one switch between them.
 
 All take tokens x (G, S, D), stacked expert weights and a `RoutingPlan`, and
 return sum_k gate_k * expert_{e_k}(x) per token (G, S, D). With no token
@@ -13,12 +13,18 @@ every path zeroes the same dropped assignments.
   FLOPs besides the capacity padding; the fastest path on CPU.
 * `ragged`: sort the kept assignments by expert and run `jax.lax.ragged_dot`
   grouped matmuls over at most min(S*K, E*C) rows per group (dropless by
-  nature; dropped and unchosen pairs are never rows). Grouped GEMM is the
-  GPU/TPU path; on the CPU it ran ~16x slower than a dense matmul (DESIGN.md s.3).
+  nature; dropped and unchosen pairs are never rows). On the CPU it ran ~16x
+  slower than a dense matmul (DESIGN.md s.3), and its GPU lowering in jax 0.10
+  is reported to be a padded dense matmul (tools/gpu_check.sh measures it).
+* `tokamax`: the same rows through `tokamax.ragged_dot`, DeepMind's grouped-matmul
+  kernels (Pallas Mosaic on sm90 / sm100 GPUs and TPUs, Triton elsewhere on GPU,
+  XLA's `ragged_dot` as its fallback on every backend, the CPU included). A
+  Pallas call has no partitioning rule: under a mesh that splits the rows, GSPMD
+  gathers its operands, so it is a single-device path for now.
 
 Expert FFN rows per group: E*C on `einsum` and `sort` (the padded buffer), at
-most min(S*K, E*C) on `ragged`. Under expert choice every slot is a chosen
-token, so all three compute exactly E*C rows even though the plan lists all E
+most min(S*K, E*C) on `ragged` and `tokamax`. Under expert choice every slot is
+a chosen token, so all paths compute exactly E*C rows even though the plan lists all E
 experts per token (`tools.bench moe` reports the rows of each path).
 
 Under a mesh the (E, G, C, D) buffers of `einsum` and `sort` are constrained
@@ -29,6 +35,11 @@ partitioner keeps each group's tokens on the devices that hold the group.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
+import logging
+
 import jax
 import jax.numpy as jnp
 
@@ -36,20 +47,65 @@ from ringmoe.model.ffn import gelu
 from ringmoe.model.router import RoutingPlan
 from ringmoe.sharding import constrain
 
-PATHS = ("einsum", "sort", "ragged")
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """`tools.bench moe` on one backend: forward + backward of the base config's deepest MoE
+    layer per path, as a ratio to a dense FFN of the same active FLOPs (lower is faster)."""
+    ratios: dict[str, float]
+    source: str                 # the command, the device, the dtype, the JAX version and the date
+
+    @property
+    def fastest(self) -> str:
+        return min(self.ratios, key=self.ratios.get)
+
+
+# What `auto` picks, per backend, from measurements: tools/gpu_check.sh prints the row to add
+# for an accelerator. A backend without a row gets UNMEASURED_PATH and a logged warning.
+MEASURED: dict[str, Measurement] = {
+    "cpu": Measurement(
+        ratios={"einsum": 1.15, "sort": 1.05, "ragged": 2.59, "tokamax": 2.62},
+        source="python -m tools.bench moe --config configs/base.py (float32, batch 8, token choice "
+               "top-1); 2-core x86-64 host, jax 0.10.2, tokamax 0.0.12 (its XLA fallback), 2026-12-04"),
+}
+# Batched dense matmuls over a padded buffer: no grouped-GEMM lowering to trust, and the
+# fastest path wherever it was measured.
+UNMEASURED_PATH = "sort"
 
 
 def default_path(backend: str | None = None) -> str:
-    """The `auto` choice: `sort` on CPU (measured: tools.bench moe), grouped GEMM elsewhere."""
+    """The `auto` choice for `backend` (default: JAX's): the fastest path measured there."""
     backend = backend or jax.default_backend()
-    return "sort" if backend == "cpu" else "ragged"
+    if backend in MEASURED:
+        return MEASURED[backend].fastest
+    _warn_unmeasured(backend)
+    return UNMEASURED_PATH
+
+
+@functools.cache
+def _warn_unmeasured(backend: str) -> None:
+    logging.warning("MoE dispatch auto: no measurement for backend %r in ringmoe/model/dispatch.py "
+                    "MEASURED; using %r. Run tools/gpu_check.sh there and add its row.", backend, UNMEASURED_PATH)
 
 
 def run(path: str, weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
     path = default_path() if path == "auto" else path
     if path not in PATHS:
-        raise ValueError(f"unknown MoE dispatch {path!r}; choose auto or one of {PATHS}")
-    return {"einsum": einsum, "sort": sort, "ragged": ragged}[path](weights, x, plan)
+        raise ValueError(f"unknown MoE dispatch {path!r}; choose auto or one of {tuple(PATHS)}")
+    missing = unavailable(path)
+    if missing:
+        raise ValueError(f"MoE dispatch {path!r} cannot run here: {missing}")
+    return PATHS[path](weights, x, plan)
+
+
+def unavailable(path: str) -> str | None:
+    """Why `path` cannot run in this environment (a library it needs does not import), or None."""
+    for module in _NEEDS.get(path, ()):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            return f"{module} does not import ({type(e).__name__}: {e}); pip install -r requirements.txt"
+    return None
 
 
 def _expert_ffn(weights, xe: jax.Array) -> jax.Array:
@@ -101,7 +157,7 @@ def sort(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
     return jax.vmap(collect)(out, plan.expert_index, plan.slot, plan.gate)
 
 
-def ragged(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
+def ragged(weights, x: jax.Array, plan: RoutingPlan, grouped_matmul=jax.lax.ragged_dot) -> jax.Array:
     """Kept assignments sorted by expert through two grouped matmuls, combined token-major.
 
     Only kept assignments (slot < capacity) are rows: per group at most S*K (one
@@ -124,10 +180,26 @@ def ragged(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
     sizes = sizes.at[-1].add(rows - jnp.sum(sizes))                    # padding rows: last expert, discarded
     sorted_experts = jnp.minimum(key[order], num_experts - 1)
     inputs = jnp.take(x.reshape(groups * tokens, dim), order // top_k, axis=0)
-    h = gelu(jax.lax.ragged_dot(inputs, w_in, sizes) + b_in[sorted_experts])
-    y = jax.lax.ragged_dot(h, w_out, sizes) + b_out[sorted_experts]
+    h = gelu(grouped_matmul(inputs, w_in, sizes) + b_in[sorted_experts])
+    y = grouped_matmul(h, w_out, sizes) + b_out[sorted_experts]
     # Back to (token, k) order; padding rows get distinct out-of-range targets and are dropped.
     target = jnp.where(key[order] < num_experts, order, listed + jnp.arange(rows))
     y = jnp.zeros((listed, dim), y.dtype).at[target].set(y, mode="drop", unique_indices=True)
     y = y.reshape(groups, tokens, top_k, dim)
     return jnp.einsum("gskd,gsk->gsd", y, plan.gate.astype(x.dtype))
+
+
+def tokamax(weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
+    """`ragged` with tokamax's grouped-matmul kernels (it picks the best one for the backend)."""
+    import tokamax as tk
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        # tokamax reads its absl flags and, when no absl app parsed them, parses sys.argv
+        # itself, which fails under any other entry point (pytest, a notebook). Its defaults.
+        flags.FLAGS.mark_as_parsed()
+    return ragged(weights, x, plan, grouped_matmul=tk.ragged_dot)
+
+
+# The dispatch registry: name -> function(weights, x, plan), and the modules a path imports.
+PATHS = {"einsum": einsum, "sort": sort, "ragged": ragged, "tokamax": tokamax}
+_NEEDS = {"tokamax": ("tokamax",)}

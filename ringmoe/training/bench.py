@@ -3,6 +3,9 @@
 `tools.bench step` runs it for each block layout (`model.scan_layers` False and True)
 on the same batch of the same data set, so the two are compared in one run: what
 scanning the blocks saves in compile time and what, if anything, it costs per step.
+Each layout also reports samples/s, MFU, the device's peak memory (where the backend
+keeps the statistic; it counts from the start of the process) and, on request, the
+top operations of a few profiled steps (`profile.py`).
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import numpy as np
 
 from ringmoe import flops, sharding
 from ringmoe.data.pipeline import Pipeline
+from ringmoe.model import dispatch
+from ringmoe.training import profile
 from ringmoe.training.state import create_state
 from ringmoe.training.step import batch_shardings, jit_train_step, make_eval_step, to_device
 
@@ -23,9 +28,20 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def step_times(config, *, steps: int) -> dict:
+LAYOUTS = {"unrolled": False, "scanned": True}   # layout name -> model.scan_layers
+
+
+def _peak_bytes() -> int | None:
+    """The first device's peak bytes in use since the process started (None where the backend
+    keeps no memory statistics, as on the CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def step_times(config, *, steps: int, profile_dir: str | None = None, profile_steps: int = 3) -> dict:
     """First-call (compile + one step) seconds of the train and eval steps, and the median
-    of `steps` further train steps, all on one batch of `config.data_dir`."""
+    of `steps` further train steps, all on one batch of `config.data_dir`; with `profile_dir`,
+    `profile_steps` more steps under the profiler and their top operations."""
     mesh = sharding.make_mesh(config.mesh)
     with Pipeline(config, num_workers=0) as pipeline:
         norm_stats = {m: {"mean": s.mean, "std": s.std, "bands": s.bands} for m, s in pipeline.specs.items()}
@@ -41,23 +57,47 @@ def step_times(config, *, steps: int) -> dict:
         for _ in range(steps):
             (state, _), seconds = _timed(train_step, state, batch)
             times.append(seconds)
-    return {"train_first_s": train_first, "eval_first_s": eval_first, "step_s": float(np.median(times)),
-            "batch_sizes": dict(pipeline.batch_sizes)}
+        result = {"train_first_s": train_first, "eval_first_s": eval_first, "step_s": float(np.median(times)),
+                  "step_s_min": float(np.min(times)), "step_s_max": float(np.max(times)),
+                  "batch_sizes": dict(pipeline.batch_sizes), "peak_bytes_in_use": _peak_bytes()}
+        if profile_dir:
+            def run_steps():
+                nonlocal state
+                for _ in range(profile_steps):
+                    state, _ = train_step(state, batch)
+                jax.block_until_ready(state)
+            result["profile"] = profile.top_operations(profile.trace(run_steps, profile_dir))
+    return result
 
 
-def run(config, *, steps: int = 5) -> dict:
-    """`step_times` with the blocks unrolled and scanned; ratios scanned / unrolled, and the
-    scanned step's MFU against the device's peak (`ringmoe.flops`: 3 x forward, active experts
-    only; on CPU the peak is a measured float32 matmul)."""
-    layouts = {}
-    for name, scanned in (("unrolled", False), ("scanned", True)):
-        c = config.copy_and_resolve_references()
-        c.model.scan_layers = scanned
-        layouts[name] = step_times(c, steps=steps)
-    scanned = layouts["scanned"]
-    ratios = {k: scanned[k] / layouts["unrolled"][k] for k in ("train_first_s", "eval_first_s", "step_s")}
-    model_flops = flops.model_flops_per_step(config.model, scanned["batch_sizes"], training=True)
+def run(config, *, steps: int = 5, layouts=tuple(LAYOUTS), profile_dir: str | None = None,
+        profile_steps: int = 3) -> dict:
+    """`step_times` for each block layout; per layout samples/s and MFU against the device's
+    peak (`ringmoe.flops`: 3 x forward, active experts only; on CPU the peak is a measured
+    matmul), and with both layouts the ratios scanned / unrolled and `mfu` of the scanned one.
+    `profile_dir`: the last layout's profile goes there."""
+    unknown = set(layouts) - set(LAYOUTS)
+    if unknown:
+        raise ValueError(f"unknown layouts {sorted(unknown)}; choose from {list(LAYOUTS)}")
     peak, peak_source = flops.device_peak_flops(jax.devices()[0], config.model.dtype)
-    return {"layouts": layouts, "scanned_over_unrolled": ratios, "model_flops_per_step": model_flops,
-            "mfu": flops.mfu(model_flops, scanned["step_s"], jax.device_count(), peak), "peak_flops": peak,
-            "peak_flops_source": peak_source, "backend": jax.default_backend(), "devices": jax.device_count()}
+    results, model_flops = {}, None
+    for name in layouts:
+        c = config.copy_and_resolve_references()
+        c.model.scan_layers = LAYOUTS[name]
+        r = step_times(c, steps=steps, profile_dir=profile_dir if name == layouts[-1] else None,
+                       profile_steps=profile_steps)
+        model_flops = flops.model_flops_per_step(config.model, r["batch_sizes"], training=True)
+        r["samples_per_s"] = sum(r["batch_sizes"].values()) / r["step_s"]
+        r["mfu"] = flops.mfu(model_flops, r["step_s"], jax.device_count(), peak)
+        results[name] = r
+    out = {"layouts": results, "model_flops_per_step": model_flops, "peak_flops": peak,
+           "peak_flops_source": peak_source, "dtype": config.model.dtype,
+           "dispatch": dispatch.default_path() if config.model.moe.dispatch == "auto" else config.model.moe.dispatch,
+           "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+           "devices": jax.device_count(), "jax_version": jax.__version__}
+    if set(results) == set(LAYOUTS):
+        scanned = results["scanned"]
+        out["scanned_over_unrolled"] = {k: scanned[k] / results["unrolled"][k]
+                                        for k in ("train_first_s", "eval_first_s", "step_s")}
+        out["mfu"] = scanned["mfu"]
+    return out
