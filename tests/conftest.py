@@ -1,13 +1,14 @@
-"""Test session setup: 8 fake CPU devices, so sharding tests need no accelerator.
+"""Test session setup: 8 fake CPU devices, so sharding tests need no accelerator, and XLA's
+fast-compile flag (tests/xla.py).
 
 XLA reads the flag when JAX initialises its backend, so it is set here, before
 any test module imports JAX.
 """
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from tests.xla import xla_flags
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Identical programs compiled by several tests (the same model initialiser, the

@@ -20,6 +20,7 @@ from ringmoe.model.checkpoint import load_pretrained
 from ringmoe.model.ffn import gelu
 from ringmoe.model.ringmoe import create_model
 from tests.small import initial_run, micro_config
+from tests.xla import FAST_COMPILE
 
 
 def test_dry_run_of_the_14b_model_matches_the_reference_chain():
@@ -210,7 +211,7 @@ def test_export_names_shapes_layouts_and_a_fresh_process_reload(tmp_path):
               "config, model, _ = load_pretrained(sys.argv[1])\n"
               "np.save(sys.argv[3], np.asarray(model.encode(np.load(sys.argv[2]), 'optical').features))\n")
     subprocess.run([sys.executable, "-c", script, paths["checkpoint"], str(tmp_path / "x.npy"),
-                    str(tmp_path / "y.npy")], check=True, cwd=REPO, env={**os.environ, "XLA_FLAGS": ""})
+                    str(tmp_path / "y.npy")], check=True, cwd=REPO, env={**os.environ, "XLA_FLAGS": FAST_COMPILE})
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), in_memory)
     reloaded_config, _, _ = load_pretrained(paths["checkpoint"])
     assert reloaded_config.model.to_dict() == config.model.to_dict()

@@ -22,6 +22,7 @@ from ringmoe import cli
 from ringmoe.cli import ConfigError
 from ringmoe.data import synthetic
 from tests.small import micro_config
+from tests.xla import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +64,7 @@ def setup(tmp_path_factory):
 
 def env():
     e = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
-    e.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device
+    e.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)  # one CPU device
     return e
 
 

@@ -23,6 +23,7 @@ import pytest
 from pretrain.ablate import load_config_file
 from pretrain.train import train
 from ringmoe.data import synthetic
+from tests.xla import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -59,7 +60,7 @@ def trainer(setup, workdir, devices, *extra, env=None):
     # No persistent compilation cache: JAX writes it from process 0 only, so process 0 would start
     # its first step long before process 1 has compiled, and gloo gives up waiting after 30 s.
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+               XLA_FLAGS=xla_flags(devices), **(env or {}))
     args = [sys.executable, "-m", "pretrain.train", f"--config={setup / 'config.py'}", f"--workdir={workdir}",
             f"--config.data_dir={setup / 'data'}", "--log_records", *extra]
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -154,7 +155,7 @@ def test_processes_agree_on_the_restored_step(tmp_path):
     and to restore step 2 (its arrays), through ringmoe/training/checkpoint.py's test hook."""
     coordinator = str(free_port())
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               XLA_FLAGS=xla_flags(2),
                RINGMOE_TEST_UNREADABLE="1:3:probe,1:2:restore")
     procs = [subprocess.Popen([sys.executable, "-m", "tests.restore_agreement", str(tmp_path), coordinator, str(i)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from ringmoe.data import synthetic
+from tests.xla import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +72,7 @@ def final_losses(workdir, key="loss") -> dict[int, float]:
 
 def env():
     e = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    e["XLA_FLAGS"] = ""  # one CPU device per training process
+    e["XLA_FLAGS"] = FAST_COMPILE  # one CPU device per training process
     return e
 
 
