@@ -61,7 +61,7 @@ def main(argv):
                            paths=_PATHS.value)
         for router, paths in result["routers"].items():
             for name, r in paths.items():
-                print(f"{router:>13} {name:>6}: {r['s'] * 1e3:9.2f} ms  ratio {r['ratio']:5.2f}  rows {r['rows']:>7}"
+                print(f"{router:>13} {name:>6}: {r['s'] * 1e3:9.2f} ms  ratio {r['ratio']:5.2f}  rows {r['rows'] or 'n/a':>7}"
                       f" (kept {r['kept_rows']:>7})  {r['useful_gflops']:7.2f} useful GFLOP/s")
         print(f"{'dense':>20}: {result['dense_s'] * 1e3:9.2f} ms  {result['dense_gflops']:7.2f} GFLOP/s")
         for name, why in result["skipped"].items():

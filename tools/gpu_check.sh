@@ -27,10 +27,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # What the device image lacks (its package list: the device tool's KINDS.md), pinned as in
-# requirements.txt or as pip resolved them there. Downloaded --no-deps: every need is named.
+# requirements.txt or as pip resolved them there, and the project's own flax, optax and
+# orbax-checkpoint (pure Python), so that the library runs the versions CI tests; jax and
+# jaxlib (CUDA builds, too big to carry) are the image's. Downloaded --no-deps: every need
+# is named.
 WHEELS=(grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0 portpicker==1.6.0
         tokamax==0.0.12 einshape==1.0 qwix==0.1.8 typeguard==2.13.3 immutabledict==4.3.1
-        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5)
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+        flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8)
 DEVICE_PYTHON_VERSION=${DEVICE_PYTHON_VERSION:-3.12}
 
 if [[ "${1:-}" == "--download-wheels" ]]; then

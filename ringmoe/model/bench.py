@@ -9,7 +9,9 @@ what survives a noisy shared machine. Each (router, path) also reports the rows
 its routed experts compute (read off the traced program: padding and wasted rows
 count) against the rows the routing kept, and its useful GFLOP/s: the FFN
 matmul FLOPs of the kept assignments and the shared expert, forward + backward,
-per second. Wasted rows show up as a low useful rate.
+per second. Wasted rows show up as a low useful rate. Where a custom kernel does the
+expert matmuls (tokamax's Pallas kernels on an accelerator) the program holds no matmul
+to read, and `rows` is null.
 """
 from __future__ import annotations
 
@@ -85,12 +87,14 @@ def _kept_rows(layer, x, modality) -> int:
     return round(sum(float(jnp.sum(group["routed"])) for group in stats[modality].values()))
 
 
-def _computed_rows(layer, x, modality) -> int:
-    """Rows the layer's routed experts compute in one forward pass (see `expert_rows`)."""
+def _computed_rows(layer, x, modality) -> int | None:
+    """Rows the layer's routed experts compute in one forward pass (see `expert_rows`); None
+    when no XLA matmul reads the expert weights: a custom kernel (tokamax's Pallas kernels on
+    GPU / TPU) does the work, and its rows cannot be read off the program."""
     jaxpr = jax.make_jaxpr(lambda x: layer(x, (modality,))[0])(x).jaxpr
     groups = [layer.collaborative_experts] + ([layer.modal_experts[modality]] if layer.modal_experts else [])
     shapes = {g.experts.w_in.shape for g in groups if g is not None}
-    return sum(expert_rows(jaxpr, shape) for shape in shapes)
+    return sum(expert_rows(jaxpr, shape) for shape in shapes) or None
 
 
 def run(model_config, *, batch: int, stage: int | None = None, rounds: int = 5, iters: int = 3,

@@ -84,7 +84,7 @@ def default_path(backend: str | None = None) -> str:
 
 @functools.cache
 def _warn_unmeasured(backend: str) -> None:
-    logging.warning("MoE dispatch auto: no measurement for backend %r in ringmoe/model/dispatch.py "
+    logging.getLogger("ringmoe.dispatch").warning("MoE dispatch auto: no measurement for backend %r in ringmoe/model/dispatch.py "
                     "MEASURED; using %r. Run tools/gpu_check.sh there and add its row.", backend, UNMEASURED_PATH)
 
 
