@@ -115,8 +115,7 @@ def target_devices(target: topology.Topology) -> tuple[list, str, str]:
 def for_target(config, target: topology.Topology):
     """The config as the target runs it: MoE dispatch `auto` resolved for the target's platform."""
     config = config.copy_and_resolve_references()
-    if config.model.moe.dispatch == "auto":
-        config.model.moe.dispatch = dispatch.default_path(target.platform)
+    config.model.moe.dispatch = dispatch.resolve(config.model.moe.dispatch, target.platform)
     return config
 
 

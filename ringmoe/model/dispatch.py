@@ -88,8 +88,13 @@ def _warn_unmeasured(backend: str) -> None:
                     "MEASURED; using %r. Run tools/gpu_check.sh there and add its row.", backend, UNMEASURED_PATH)
 
 
+def resolve(path: str, backend: str | None = None) -> str:
+    """The path a configured `model.moe.dispatch` runs on `backend` (default: JAX's)."""
+    return default_path(backend) if path == "auto" else path
+
+
 def run(path: str, weights, x: jax.Array, plan: RoutingPlan) -> jax.Array:
-    path = default_path() if path == "auto" else path
+    path = resolve(path)
     if path not in PATHS:
         raise ValueError(f"unknown MoE dispatch {path!r}; choose auto or one of {tuple(PATHS)}")
     missing = unavailable(path)

@@ -92,7 +92,7 @@ def run(config, *, steps: int = 5, layouts=tuple(LAYOUTS), profile_dir: str | No
         results[name] = r
     out = {"layouts": results, "model_flops_per_step": model_flops, "peak_flops": peak,
            "peak_flops_source": peak_source, "dtype": config.model.dtype,
-           "dispatch": dispatch.default_path() if config.model.moe.dispatch == "auto" else config.model.moe.dispatch,
+           "dispatch": dispatch.resolve(config.model.moe.dispatch),
            "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
            "devices": jax.device_count(), "jax_version": jax.__version__}
     if set(results) == set(LAYOUTS):

@@ -9,9 +9,10 @@ total self time: an event's duration less that of the events nested in it on the
 same thread, so a wrapper such as the CPU's `ThunkExecutor::Execute` is not
 counted twice. Waits ('... wait for ...') are idle time, not work, and are left out.
 A second ranking groups the operations by kind (the name less its '.N' suffix:
-all `fusion.*`, all `convolution.*`), which is what says where the time goes. The CPU backend has no device process: there the events of XLA's
-own threads are used, or failing those the host's, minus Python frames ('$...'),
-and `source` says which. The trace itself stays in the directory for TensorBoard
+all `fusion.*`, all `convolution.*`), which is what says where the time goes.
+The CPU backend has no device process: there the events of XLA's own threads are
+used, or failing those the host's, minus Python frames ('$...'), and `source`
+says which. The trace itself stays in the directory for TensorBoard
 or Perfetto.
 """
 from __future__ import annotations
@@ -87,8 +88,9 @@ def top_operations(path: str, k: int = 10) -> dict:
             counts[name] += 1
     kinds, kind_counts = collections.Counter(), collections.Counter()
     for name, ms in totals.items():
-        kinds[re.sub(r"\.\d+$", "", name)] += ms
-        kind_counts[re.sub(r"\.\d+$", "", name)] += counts[name]
+        kind = re.sub(r"\.\d+$", "", name)
+        kinds[kind] += ms
+        kind_counts[kind] += counts[name]
     total = sum(totals.values())
 
     def ranked(table, n):
