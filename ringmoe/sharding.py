@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -130,6 +131,14 @@ def cast_sharded(variable: nnx.Variable, dtype) -> jax.Array:
     value = variable[...].astype(dtype)
     names = _variable_names(variable)
     return value if names is None else constrain(value, *names)
+
+
+def stack_sharded(variables: Sequence[nnx.Variable], dtype) -> jax.Array:
+    """`cast_sharded` of variables of one shape and layout, stacked on a new leading axis
+    (unsharded): the cast copies are made and pinned as one array."""
+    value = jnp.stack([v[...].astype(dtype) for v in variables])
+    names = _variable_names(variables[0])
+    return value if names is None else constrain(value, None, *names)
 
 
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:

@@ -55,6 +55,27 @@ def test_modality_reaches_only_its_own_modal_experts():
     np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.parametrize("router", ["dropless", "loss_free_bias"])
+def test_a_mixed_batch_equals_each_modality_alone(router):
+    """Three modalities interleaved in one batch (the modal experts vmapped over the modality
+    axis, `route_by_modality`) give each modality's images the output and statistics they get
+    alone, with every modality's router its own, its selection bias included (set unequal
+    here, so a bias applied to the wrong modality's images would change the routing)."""
+    layer = make_layer(router=router)
+    if router == "loss_free_bias":
+        for i, m in enumerate(MODALITIES):
+            bias = layer.modal_experts[m].router.bias
+            bias[...] = jnp.asarray([0.3, -0.3]) * (i - 1)
+    x = tokens(shape=(6, 4, 4, 16))
+    mixed, stats = layer(x, MODALITIES)
+    for i, m in enumerate(MODALITIES):
+        alone, stats_alone = layer(x[i::3], (m,))
+        np.testing.assert_allclose(mixed[i::3], alone, rtol=1e-6, atol=1e-6)
+        for group in ("modal", "collaborative"):
+            for name, value in stats[m][group].items():
+                np.testing.assert_allclose(value, stats_alone[m][group][name], rtol=1e-6, atol=1e-7)
+
+
 def test_in_a_mixed_batch_each_modality_reaches_only_its_own_modal_experts():
     """One pass of two modalities, images interleaved (optical, sar_l2, optical, ...):
     the sar_l2 images' output depends on no optical modal expert, and matches the

@@ -8,14 +8,17 @@ all modalities (collaborative experts).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ringmoe.model import dispatch
 from ringmoe.model.ffn import DEFAULT_INIT
-from ringmoe.model.router import Router, make_plan, policy, segment, statistics
-from ringmoe.sharding import cast_sharded, partitioned
+from ringmoe.model.router import (Router, RoutingPlan, by_segment, make_plan, policy, router_logits,
+                                  segment_statistics)
+from ringmoe.sharding import cast_sharded, partitioned, stack_sharded
 
 
 class Experts(nnx.Module):
@@ -34,9 +37,11 @@ class Experts(nnx.Module):
     def num_experts(self) -> int:
         return self.w_in.shape[0]
 
+    WEIGHTS = ("w_in", "b_in", "w_out", "b_out")   # the order `dispatch` takes them in
+
     def weights(self) -> tuple[jax.Array, ...]:
         """The four weight arrays in the compute dtype (cast before any FSDP gather)."""
-        return tuple(cast_sharded(p, self.dtype) for p in (self.w_in, self.b_in, self.w_out, self.b_out))
+        return tuple(cast_sharded(getattr(self, name), self.dtype) for name in self.WEIGHTS)
 
 
 class RoutedExperts(nnx.Module):
@@ -60,9 +65,51 @@ class RoutedExperts(nnx.Module):
         routing itself is per group, so it is the same whatever the segments).
         """
         logits = self.router(x)
-        plan = make_plan(logits, router=self.policy, top_k=self.top_k, capacity_factor=self.capacity_factor,
-                         bias=self.router.selection_bias())
-        stats = tuple(statistics(segment(logits, i, segments), segment(plan, i, segments), self.policy)
-                      for i in range(segments))
-        y = dispatch.run(self.dispatch, self.experts.weights(), x.astype(self.experts.dtype), plan)
-        return y, stats
+        plan = self.plan(logits, self.router.selection_bias())
+        return self.apply(x, plan), segment_statistics(logits, plan, self.policy, segments)
+
+    def plan(self, logits: jax.Array, bias: jax.Array | None) -> RoutingPlan:
+        """This group's routing of router logits (G, S, E); `bias` broadcasts against them."""
+        return make_plan(logits, router=self.policy, top_k=self.top_k, capacity_factor=self.capacity_factor,
+                         bias=bias)
+
+    def apply(self, x: jax.Array, plan: RoutingPlan) -> jax.Array:
+        """The experts' gated sum for tokens x (G, S, D) routed by `plan`."""
+        return dispatch.run(self.dispatch, self.experts.weights(), x.astype(self.experts.dtype), plan)
+
+
+def route_by_modality(groups: Sequence[RoutedExperts], x: jax.Array) -> tuple[jax.Array, tuple[dict, ...]]:
+    """Tokens x (G, S, D) interleaving len(groups) modalities image by image, image b of
+    modality i at x[b * len(groups) + i], each routed by its own modality's `groups[i]`
+    (modal-specialised experts) -> (y (G, S, D), statistics per modality).
+
+    Each modality's router sees only its own images and its experts compute only their
+    tokens. The routers run vmapped over the modality axis and the plan and statistics
+    are computed once for all groups; the experts run in a loop over the modality axis
+    (`jax.lax.map`), their weights stacked (cast and pinned to their sharding as one
+    array). The same computation as a Python loop over modalities, with one copy of its
+    program instead of one per modality (without modal experts at all, the tiny train
+    step compiled in 35 % less time). A loop rather than vmap: vmapped, every
+    modality's experts are gathered at once under FSDP (the 14.7B step on h100-64 held
+    9.53 GB of temporaries per device vmapped, 6.14 GB looped, 9.18 GB with one copy
+    per modality; `tools.aot`)."""
+    count, first = len(groups), groups[0]
+    per_modality = by_segment(x, count)                                   # (count, G / count, S, D)
+    kernels = jnp.stack([g.router.kernel[...] for g in groups])
+    logits = jnp.swapaxes(jax.vmap(router_logits)(kernels, per_modality), 0, 1)   # (G / count, count, S, E)
+    logits = logits.reshape(-1, *logits.shape[2:])                        # (G, S, E), interleaved as x
+    bias = None
+    if first.router.bias is not None:   # group b * count + i gets modality i's selection bias
+        biases = jnp.stack([g.router.selection_bias() for g in groups])  # (count, E)
+        bias = jnp.tile(biases, (logits.shape[0] // count, 1))[:, None, :]   # (G, 1, E)
+    plan = first.plan(logits, bias)
+    weights = tuple(stack_sharded([getattr(g.experts, name) for g in groups], first.experts.dtype)
+                    for name in Experts.WEIGHTS)
+
+    def apply(weights, x, expert_index, gate, slot):
+        return dispatch.run(first.dispatch, weights, x.astype(first.experts.dtype),
+                            RoutingPlan(expert_index, gate, slot, plan.capacity))
+
+    own = by_segment(plan, count)
+    y = jax.lax.map(lambda a: apply(*a), (weights, per_modality, own.expert_index, own.gate, own.slot))
+    return jnp.swapaxes(y, 0, 1).reshape(x.shape), segment_statistics(logits, plan, first.policy, count)

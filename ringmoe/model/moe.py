@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ringmoe.model.experts import RoutedExperts
+from ringmoe.model.experts import RoutedExperts, route_by_modality
 from ringmoe.model.ffn import FeedForward
 
 
@@ -29,9 +29,10 @@ class HierarchicalMoE(nnx.Module):
     x holds the images of every modality of one backbone pass, interleaved image by
     image: image b of `modalities[i]` is x[b * len(modalities) + i] (`RingMoE.encode_all`).
     Each image is one routing group. A token of modality m only ever reaches m's modal
-    experts: each modality's images go through their own router and experts (static
-    slices of the batch, so no expert runs on another modality's tokens and no buffer
-    is padded for them); the collaborative and shared experts take the whole batch.
+    experts: each modality's images go through their own router and experts (a loop over
+    the modality axis, `route_by_modality`, so no expert runs on another modality's tokens
+    and no buffer is padded for them); the collaborative and shared experts take the whole
+    batch.
 
     The statistics are per modality, {m: {'modal'|'collaborative': route() statistics
     of m's images}}, one entry per routed group present.
@@ -59,12 +60,10 @@ class HierarchicalMoE(nnx.Module):
         y = jnp.zeros_like(tokens)
         stats = {m: {} for m in modalities}
         if self.modal_experts is not None:
-            by_modality = tokens.reshape(batch // count, count, height * width, dim)
-            outs = []
-            for i, m in enumerate(modalities):
-                out, (stats[m]["modal"],) = self.modal_experts[m](by_modality[:, i])
-                outs.append(out)
-            y = y + jnp.stack(outs, axis=1).reshape(tokens.shape)
+            out, per_modality = route_by_modality([self.modal_experts[m] for m in modalities], tokens)
+            for m, s in zip(modalities, per_modality):
+                stats[m]["modal"] = s
+            y = y + out
         if self.collaborative_experts is not None:
             out, per_modality = self.collaborative_experts(tokens, segments=count)
             for m, s in zip(modalities, per_modality):
