@@ -246,6 +246,8 @@ def test_compress_rejects_bad_arguments_before_any_work(micro_run, tmp_path):
     out = str(tmp_path / "never")
     cases = [("lidar", 0.5, config, "unknown modality 'lidar'"), ("optical", 1.5, config, r"in \(0, 1\]"),
              ("optical", 0.0, config, r"in \(0, 1\]")]
+    with pytest.raises(ValueError, match=r"probed scores given for \['dense'\], not stages of this pass"):
+        compress(checkpoint, config, "optical", out, keep=0.5, distill_steps=0, data_dir=data_dir, probed={"dense": 1})
     other = _micro()
     other.model.embed_dim = 32
     cases.append(("optical", 0.5, other, "another model config: model.embed_dim: checkpoint 16, config 32"))

@@ -73,6 +73,17 @@ def test_stage_one_trains_the_language_side_and_leaves_the_loaded_encoder_exactl
     assert not np.allclose(named(nnx.state(model, nnx.Param))["rsmoe/experts/layers/0/mlp/up"], before)
 
 
+def test_the_initialiser_leaves_the_encoder_it_will_load_undrawn_and_draws_the_rest_as_before(runs):
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    _, loading, _ = create_state(micro_rsmoe("dense", runs["encoder"], runs["data"]), mesh)
+    _, drawn, _ = create_state(micro_rsmoe("dense", "", runs["data"]), mesh)   # no encoder to load
+    loading, drawn = named(loading.params), named(drawn.params)
+    encoder = [k for k in loading if k.startswith("encoder/")]
+    assert encoder and not any(loading[k].any() for k in encoder) and any(drawn[k].any() for k in encoder)
+    for path in set(loading) - set(encoder):
+        np.testing.assert_array_equal(loading[path], drawn[path], err_msg=path)
+
+
 def test_stage_two_starts_from_stage_one_with_its_lm_in_every_expert(runs):
     config = micro_rsmoe("upcycled", runs["encoder"], runs["data"])
     config.vlm.init_from = runs["stage1"]

@@ -105,6 +105,7 @@ def rsmoe_section(config, encoder_run: str, data_dir: str, unseen: str, real: st
         c.model = config.model
         c.data_dir, c.vlm.encoder, c.total_steps = data_dir, encoder_run, _RSMOE_STEPS.value
         c.checkpoint_every = c.total_steps
+        c.eval_every = 0   # the stages are scored below by their captions and answers, not a held-out loss
         if stage == "stage2":
             c.vlm.init_from = runs["stage1"]
         runs[stage] = os.path.join(out, f"rsmoe_{stage}")
@@ -206,7 +207,9 @@ def main(argv) -> None:
           "probing every stage", start)
     compression = compress(run, trained, "multispectral", os.path.join(out, "compressed"),
                            keep=trained.compress.keep_collaborative, distill_steps=_DISTILL_STEPS.value,
-                           data_dir=synthetic_dir, probe_data_dir=probe_set)
+                           data_dir=synthetic_dir, probe_data_dir=probe_set, probed={"full": next(
+                               p["value"] for p in probes if p["probe"] == "linear"
+                               and p["modality"] == "multispectral")})
 
     rsmoe = None
     if _RSMOE_STEPS.value:

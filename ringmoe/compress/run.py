@@ -10,7 +10,8 @@
 
 Every stage's model is saved (`save_model`) and loads with `load_pretrained`. With
 `probe_data_dir`, the linear probe of the evaluation module scores every stage
-and the teacher (the full model). Everything is summed up in `report.json` and
+and the teacher (the full model); `probed` passes in scores a caller already has
+(the demo probes the full model before it compresses), which are not recomputed. Everything is summed up in `report.json` and
 `report.md`.
 """
 from __future__ import annotations
@@ -61,11 +62,15 @@ def _differences(a, b, prefix="model") -> list[str]:
 
 
 def check_arguments(config, modality: str, keep: float, merge: str, distill_steps: int, checkpoint: str,
-                    data_dir: str) -> None:
+                    data_dir: str, probed: dict | None = None) -> None:
     """Every argument error, before any work starts."""
     stages.check_arguments(config, modality, keep)
     if merge not in MERGES:
         raise ValueError(f"unknown --merge {merge!r} (one of {', '.join(MERGES)})")
+    names = ["full", "extracted", "pruned", f"dense_{merge}"] + (["dense"] if distill_steps else [])
+    unknown = sorted(set(probed or ()) - set(names))
+    if unknown:
+        raise ValueError(f"probed scores given for {unknown}, not stages of this pass ({', '.join(names)})")
     if distill_steps < 0:
         raise ValueError(f"--distill-steps must be >= 0, got {distill_steps}")
     if not data_dir:
@@ -77,10 +82,11 @@ def check_arguments(config, modality: str, keep: float, merge: str, distill_step
 
 
 def compress(checkpoint: str, config, modality: str, out: str, *, keep: float, merge: str = "refit",
-             distill_steps: int, data_dir: str | None = None, probe_data_dir: str | None = None) -> dict:
+             distill_steps: int, data_dir: str | None = None, probe_data_dir: str | None = None,
+             probed: dict[str, float] | None = None) -> dict:
     """Runs every stage; returns the report (also written to `out`/report.json)."""
     data_dir = data_dir or config.data_dir
-    check_arguments(config, modality, keep, merge, distill_steps, checkpoint, data_dir)
+    check_arguments(config, modality, keep, merge, distill_steps, checkpoint, data_dir, probed)
     configs = stages.stage_configs(config, modality, keep)
     for c in configs.values():
         c.data_dir = data_dir
@@ -135,7 +141,7 @@ def compress(checkpoint: str, config, modality: str, out: str, *, keep: float, m
     report["export"] = export(os.path.join(out, "export"), dense, configs["dense"], modality, spec,
                               {"stage": report["stages"][-1]["name"]})
     if probe_data_dir:
-        report["linear_probe"] = probe_stages(models, configs, probe_data_dir, modality)
+        report["linear_probe"] = probe_stages(models, configs, probe_data_dir, modality, probed)
     report["seconds"] = time.perf_counter() - started
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
@@ -171,12 +177,18 @@ def write_markdown(report: dict, path: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def probe_stages(models: dict, configs: dict, data_dir: str, modality: str) -> dict[str, float]:
-    """Linear-probe accuracy of every stage's model on `modality` (the full model is the teacher)."""
+def probe_stages(models: dict, configs: dict, data_dir: str, modality: str,
+                 probed: dict[str, float] | None = None) -> dict[str, float]:
+    """Linear-probe accuracy of every stage's model on `modality` (the full model is the teacher);
+    the stages named in `probed` keep the score given there (the same probe on the same data)."""
     from ringmoe.eval.features import evaluate
 
     out = {}
     for name, model in models.items():
+        if name in (probed or {}):
+            out[name] = probed[name]
+            log.info("linear probe %-9s %.3f (given)", name, out[name])
+            continue
         stage_config = configs[name] if name in configs else configs["dense"]   # dense_<merge>: the dense one
         result = evaluate(stage_config, model, data_dir, "linear", modality, baseline=False)
         out[name] = result["value"]

@@ -80,7 +80,11 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def _init(config, tx):
-    return start_state(config, nnx.state(build_model(config, ParamKeys(config.seed)), nnx.Param), tx)
+    params = nnx.state(build_model(config, ParamKeys(config.seed)), nnx.Param)
+    loaded = task_class(config)(config).loaded   # filled by the task's start(): not drawn at all
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if getattr(path[0], "key", None) in loaded else x, params)
+    return start_state(config, params, tx)
 
 
 def start_state(config, params, tx) -> TrainState:

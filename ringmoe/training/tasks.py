@@ -10,6 +10,8 @@ the same for both; a task says only what differs:
   pipeline(config, **kw)          the data stream (the project's one Grain pipeline)
   loss_fn(graphdef, norm_stats)   loss_fn(params, batch) -> (total, (scalar terms, router stats))
   frozen                          top-level parameter names no update touches
+  loaded                          top-level parameter names `start` fills from a checkpoint: the
+                                  initialiser leaves them zero, so XLA drops their random draws
   balances_routers                whether a loss-free-bias router is moved after each update
   start(state, mesh)              the step-0 state of a fresh run (loaded encoder, upcycled stage 1)
   flops_per_step / tokens_per_step  for the throughput and MFU figures
@@ -37,6 +39,7 @@ class Pretraining:
     """Masked-image pretraining: every modality's masked images reconstructed, physics terms."""
     inputs = ("pixels", "mask", "valid", "record_index")     # the batch keys the device sees
     frozen: tuple[str, ...] = ()
+    loaded: tuple[str, ...] = ()
     pictures = True
 
     def __init__(self, config, workdir: str | None = None):

@@ -47,6 +47,7 @@ class VisionLanguage:
     def __init__(self, config, workdir: str | None = None):
         self.config, self.workdir = config, workdir
         self.frozen = ("encoder",) if config.vlm.freeze_encoder else ()
+        self.loaded = ("encoder",) if config.vlm.encoder or config.vlm.init_from else ()   # start() reads it
         self._tokenizer = None
 
     @staticmethod
@@ -131,6 +132,10 @@ class VisionLanguage:
         else:
             log.warning("vlm.encoder is empty: the encoder is RANDOMLY initialised (tests only)")
             return state
+        unfilled = [k for k in named(state.params) if k.split("/")[0] in self.loaded and k not in values]
+        if unfilled:   # left at the initialiser's zeros otherwise
+            raise ValueError(f"{v.init_from or v.encoder}: holds no {', '.join(unfilled[:5])}"
+                             + (f" and {len(unfilled) - 5} more" if len(unfilled) > 5 else ""))
         return state._replace(params=replace(state.params, values))
 
     # ---- figures -----------------------------------------------------------------------------
