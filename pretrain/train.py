@@ -63,7 +63,8 @@ from ringmoe.training import distributed, tasks
 from ringmoe.training.checkpoint import FRESH_DATA_STATE, Checkpointer, SaveError, abstract_with_shardings
 from ringmoe.training.metrics import MetricsWriter, flatten_router_stats, json_line, router_load_matrices
 from ringmoe.training.state import abstract_state, create_state
-from ringmoe.training.step import batch_shardings, jit_train_step, make_eval_step, to_device
+from ringmoe.training.step import (abstract_batch, batch_shardings, compile_ahead, jit_train_step, make_eval_step,
+                                   to_device)
 
 log = logging.getLogger("ringmoe.train")
 
@@ -246,6 +247,11 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
     step_flops = task.flops_per_step(global_batch)   # outside the mesh: it may build abstract models
     checkpointer.remove_partial_saves()   # what a failed or killed save left behind
     with jax.set_mesh(mesh):
+        in_batch = batch_shardings(pipeline.batch_spec(), mesh, task.inputs)
+        global_spec = {m: {k: ((rows * jax.process_count(), *shape), dtype) for k, ((rows, *shape), dtype) in a.items()}
+                       for m, a in pipeline.batch_spec().items()}   # every process's rows
+        compiling = compile_ahead(jit_train_step(graphdef, config, norm_stats, shardings, in_batch), mesh,
+                                  abstract_with_shardings(abstract, shardings), abstract_batch(global_spec, in_batch))
         restored = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings),
                                                check_meta=lambda step, meta: check_saved_config(config, step, meta))
         if restored is not None:
@@ -256,8 +262,6 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
             start = 0
             graphdef, state, _ = create_state(config, mesh)
             state = task.start(state, mesh)
-        in_batch = batch_shardings(pipeline.batch_spec(), mesh, task.inputs)
-        step_fn = jit_train_step(graphdef, config, norm_stats, shardings, in_batch)
 
         writer = MetricsWriter(workdir, total_steps=config.total_steps, enabled=lead)
         writer.truncate_after(start)
@@ -266,6 +270,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                           out_shardings=shardings.step)  # replicated: every process can read the losses
         if eval_batches and start == 0:
             writer.write(0, evaluate(eval_fn, state, eval_batches))
+        step_fn = compiling.result()
         meta = {"config": json.loads(config.to_json()), "mesh": dict(mesh.shape), "peak_flops_source": peak_source}
 
         stop = {"signal": None}

@@ -33,3 +33,25 @@ def initial_run(root, config, examples: int) -> tuple[str, str]:
     checkpointer.save(1, state, {}, {"config": json.loads(config.to_json()), "step": 1}, force=True)
     checkpointer.close()
     return str(root / "run"), data_dir
+
+
+def poison_steps(monkeypatch, trainer, nan_steps) -> None:
+    """`trainer` (the module pretrain.train) runs its steps with NaN input pixels at the (1-based)
+    steps in `nan_steps`: its compiled step is wrapped where the trainer receives it."""
+    from concurrent.futures import Future
+
+    import jax.numpy as jnp
+
+    from ringmoe.training.step import compile_ahead as real   # not the trainer's: it may be poisoned already
+
+    def ahead(*args, **kwargs):
+        step_fn, calls = real(*args, **kwargs).result(), iter(range(1, 1 << 30))
+
+        def run(state, batch):
+            if next(calls) in nan_steps:
+                batch = {m: {**b, "pixels": b["pixels"] * jnp.nan} for m, b in batch.items()}
+            return step_fn(state, batch)
+        poisoned = Future()
+        poisoned.set_result(run)
+        return poisoned
+    monkeypatch.setattr(trainer, "compile_ahead", ahead)

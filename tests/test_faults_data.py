@@ -19,7 +19,6 @@ import shutil
 from types import SimpleNamespace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
@@ -27,7 +26,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from ringmoe.data import schema, shards, synthetic
 from ringmoe.data.pipeline import Pipeline
 from ringmoe.data.schema import RecordError
-from tests.small import micro_config
+from tests.small import micro_config, poison_steps
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
@@ -281,26 +280,10 @@ def test_failed_async_save_stops_once_keeps_the_last_good_checkpoint(trainer, da
 
 # --- non-finite updates and strict JSON ---------------------------------------------------------
 
-def poisoned_steps(monkeypatch, train, nan_steps):
-    """train() runs with NaN input pixels at the (1-based) steps in `nan_steps`."""
-    from ringmoe.training import step
-    real = step.jit_train_step
-
-    def make(*args, **kwargs):
-        step_fn, calls = real(*args, **kwargs), iter(range(1, 1 << 30))
-
-        def run(state, batch):
-            if next(calls) in nan_steps:
-                batch = {m: {**b, "pixels": b["pixels"] * jnp.nan} for m, b in batch.items()}
-            return step_fn(state, batch)
-        return run
-    monkeypatch.setattr(train, "jit_train_step", make)
-
-
 def test_a_run_whose_updates_were_all_skipped_exits_nonzero(trainer, data, tmp_path, monkeypatch):
     """Before: 3 steps, all skipped (fewer than max_nonfinite_steps = 5): exit 0 and a final
     line with bare NaN tokens."""
-    poisoned_steps(monkeypatch, trainer, {1, 2, 3})
+    poison_steps(monkeypatch, trainer, {1, 2, 3})
     workdir = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"^pretrain.train: stopped: the run ended at step 3 with every one of its 3 "
                                          r"updates non-finite \(all skipped; fewer than max_nonfinite_steps = 5 "
@@ -314,14 +297,14 @@ def test_guard_acts_on_the_step_it_reads_and_final_line_is_strict_json(trainer, 
                                                                        capsys):
     # Limit 2, steps 2-3 non-finite, nothing logged: step 3's flag is read one step late, at
     # step 4, before step 4 is saved; the error names step 3 and no later step is saved.
-    poisoned_steps(monkeypatch, trainer, {2, 3})
+    poison_steps(monkeypatch, trainer, {2, 3})
     config = run_config(data, log_every=1000, max_nonfinite_steps=2)
     with pytest.raises(trainer.NonFiniteError, match=r"^2 consecutive non-finite updates up to step 3: "):
         trainer.train(config, tmp_path / "a")
     assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["2"]
 
     # Only the last step non-finite: the run ends normally, its final line is strict JSON.
-    poisoned_steps(monkeypatch, trainer, {3})
+    poison_steps(monkeypatch, trainer, {3})
     trainer.run_main(run_config(data, total_steps=3, log_every=1), tmp_path / "b")
     final = strict(capsys.readouterr().out.strip().splitlines()[-1])
     assert final["step"] == 3 and final["loss"] is None and final["finite"] == 0.0 and final["bad_records"] == 0

@@ -11,7 +11,7 @@ from ringmoe.model.ringmoe import create_model
 from ringmoe.training.state import TrainState, learning_rate, make_optimizer
 from ringmoe.training.step import make_train_step
 from ringmoe.visualize import read_jsonl
-from tests.small import micro_config
+from tests.small import micro_config, poison_steps
 
 
 def applied_count(opt_state) -> int:
@@ -78,17 +78,7 @@ def small_run_config(data_dir, total_steps):
 def poisoned_steps(monkeypatch, nan_steps):
     """train() runs with NaN input pixels at the (1-based) steps in `nan_steps`; no pictures."""
     from pretrain import train as trainer
-    real = trainer.jit_train_step
-
-    def make(*args, **kwargs):
-        step_fn, calls = real(*args, **kwargs), iter(range(1, 1 << 30))
-
-        def run(state, batch):
-            if next(calls) in nan_steps:
-                batch = {m: {**b, "pixels": b["pixels"] * jnp.nan} for m, b in batch.items()}
-            return step_fn(state, batch)
-        return run
-    monkeypatch.setattr(trainer, "jit_train_step", make)
+    poison_steps(monkeypatch, trainer, nan_steps)
     monkeypatch.setattr(trainer, "save_pictures", lambda *args: None)
     return trainer
 

@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from absl import flags
 from ml_collections import config_flags
@@ -184,15 +185,17 @@ def main(argv) -> None:
     config.data_dir = synthetic_dir
     _step(2, n, f"pretraining {config_flags.get_config_filename(flags.FLAGS['config'])} for "
           f"{config.total_steps} steps (compiles first, ~1-2 min)", start)
+    from ringmoe.eval.features import evaluate_probes, random_init_model
     t = time.perf_counter()
-    last = train(config, run)
+    with ThreadPoolExecutor(1) as pool:   # the baseline's initialiser compiles beside the trainer's compiles
+        baseline = pool.submit(random_init_model, config)
+        last = train(config, run)
     train_seconds = time.perf_counter() - t
 
-    from ringmoe.eval.features import evaluate_probes, random_init_model
     from ringmoe.model.checkpoint import load_pretrained
     from ringmoe.visualize import read_jsonl
     trained, model, _ = load_pretrained(run)
-    random_init = random_init_model(trained)
+    random_init = baseline.result()   # the same config and seed as the run's step 0
     probes = []
     for modality in model.modalities:
         _step(3, n, f"linear and kNN probes of {modality} on the probe set, pretrained and random init", start)

@@ -11,8 +11,8 @@
 Every stage's model is saved (`save_model`) and loads with `load_pretrained`. With
 `probe_data_dir`, the linear probe of the evaluation module scores every stage
 and the teacher (the full model); `probed` passes in scores a caller already has
-(the demo probes the full model before it compresses), which are not recomputed. Everything is summed up in `report.json` and
-`report.md`.
+(the demo probes the full model before it compresses), which are not recomputed.
+Everything is summed up in `report.json` and `report.md`.
 """
 from __future__ import annotations
 

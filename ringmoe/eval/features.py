@@ -147,18 +147,29 @@ def extract(model: RingMoE, config, data_dir: str, modality: str, *, stage: int 
     depends on, while the first stages and the spatial std keep them (README,
     "Probes"); a linear probe on all stages uses whatever each stage holds.
     """
-    if stage is not None and not 0 <= stage < len(model.stages):
-        raise ValueError(f"stage {stage} not in [0, {len(model.stages)})")
+    return extract_models([model], config, data_dir, modality, stage=stage, batch_size=batch_size,
+                          pooling=pooling, raw=raw)[0]
+
+
+def extract_models(models, config, data_dir: str, modality: str, *, stage: int | None = None,
+                   batch_size: int = 32, pooling: str = "stages", raw: bool = False) -> list[dict]:
+    """`extract` for several models of one architecture (a pretrained one and its random
+    initialisation, a compression pass's stages), reading the data once; the raw-input
+    baseline's arrays (`raw`) go with the first model's features."""
+    if stage is not None and not all(0 <= stage < len(m.stages) for m in models):
+        raise ValueError(f"stage {stage} not in [0, {min(len(m.stages) for m in models)})")
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r} (one of {', '.join(POOLINGS)})")
     spec = modality_specs(shards.read_manifest(data_dir), config, data_dir)[modality] if raw else None
-    keys = ("pooled", "patch", "scene_label", "label_map", "record_index", "raw_pooled", "raw_patch")
-    out: dict[str, list] = {k: [] for k in keys}
+    encoded: list[dict[str, list]] = [{"pooled": [], "patch": []} for _ in models]
+    out: dict[str, list] = {k: [] for k in ("scene_label", "label_map", "record_index", "raw_pooled", "raw_patch")}
     for pixels, n, rows in image_batches(config, data_dir, modality, batch_size):
-        pooled, patch = jax.device_get(_encode(model, jnp.asarray(pixels), modality, stage, pooling))
-        out["pooled"].append(pooled[:n])
-        if patch is not None:
-            out["patch"].append(patch[:n])
+        device_pixels = jnp.asarray(pixels)
+        for model, arrays in zip(models, encoded):
+            pooled, patch = jax.device_get(_encode(model, device_pixels, modality, stage, pooling))
+            arrays["pooled"].append(pooled[:n])
+            if patch is not None:
+                arrays["patch"].append(patch[:n])
         if spec is not None:   # undo the normalisation: the baseline sees physical units
             physical = pixels[:n] * spec.std + spec.mean
             out["raw_pooled"].append(band_statistics(physical, modality))
@@ -166,10 +177,15 @@ def extract(model: RingMoE, config, data_dir: str, modality: str, *, stage: int 
                 out["raw_patch"].append(raw_bands(physical, modality))
         for k, v in rows.items():
             out[k].extend(v)
-    arrays = {k: np.concatenate(out[k]) if out[k] else None for k in ("pooled", "patch", "raw_pooled", "raw_patch")}
-    return {**arrays, "pooled_maps": pooled_maps(model) if pooling == "stages" else None, "scene_label": np.asarray(out["scene_label"], np.int64),
-            "label_map": np.stack(out["label_map"]).astype(np.int64),
-            "record_index": np.asarray(out["record_index"], np.int64)}
+    joined = lambda parts: np.concatenate(parts) if parts else None  # noqa: E731
+    shared = {"scene_label": np.asarray(out["scene_label"], np.int64),
+              "label_map": np.stack(out["label_map"]).astype(np.int64),
+              "record_index": np.asarray(out["record_index"], np.int64)}
+    return [{"pooled": joined(arrays["pooled"]), "patch": joined(arrays["patch"]),
+             "raw_pooled": joined(out["raw_pooled"]) if i == 0 else None,
+             "raw_patch": joined(out["raw_patch"]) if i == 0 else None,
+             "pooled_maps": pooled_maps(model) if pooling == "stages" else None, **shared}
+            for i, (model, arrays) in enumerate(zip(models, encoded))]
 
 
 def evaluate(config, model: RingMoE, data_dir: str, probe: str, modality: str | None = None, *,
@@ -207,11 +223,11 @@ def evaluate_probes(config, model: RingMoE, data_dir: str, probes, modality: str
                          f"{', '.join(available) or 'none'})")
     settings = probe_settings(config)
     stage = settings.segmentation_stage if any(PROBES[p].needs_patch for p in probes) else None
-    features = extract(model, config, data_dir, modality, stage=stage, pooling=settings.pooling, raw=baseline)
-    random_features = None
+    models = [model]
     if baseline:
-        baseline_model = baseline_model if baseline_model is not None else random_init_model(config)
-        random_features = extract(baseline_model, config, data_dir, modality, stage=stage, pooling=settings.pooling)
+        models.append(baseline_model if baseline_model is not None else random_init_model(config))
+    features, random_features = (extract_models(models, config, data_dir, modality, stage=stage,
+                                                pooling=settings.pooling, raw=baseline) + [None])[:2]
     names = len(manifest["label_names"])   # label_names[i] names class id i; id 0 = unlabelled / none
     results = []
     for name in probes:

@@ -4,6 +4,8 @@ host rows laid out as global arrays over the mesh. Pretraining and distillation 
 run through these."""
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,3 +157,18 @@ def abstract_batch(spec: dict, shardings: dict) -> dict:
     `spec` holds GLOBAL shapes (every process's rows)."""
     return {m: {k: jax.ShapeDtypeStruct(shape, device_dtype(name), sharding=shardings[m][k])
                 for k, (shape, name) in spec[m].items() if k in shardings[m]} for m in spec}
+
+
+def compile_ahead(step_fn, mesh, abstract_state: TrainState, batch: dict) -> Future:
+    """Compiles `step_fn` (`jit_train_step`'s) for the abstract state and batch (ShapeDtypeStructs
+    with shardings: `abstract_batch`) on a thread of its own; the Future's result is the compiled
+    step, called like `step_fn`. XLA compiles on one core: the trainer restores or initialises
+    the state and compiles its evaluation meanwhile (a compiled step that does not fit the
+    arrays it is later called with is an error, not a second compile)."""
+    def compile_step():
+        with jax.set_mesh(mesh):   # the mesh context is per thread
+            return step_fn.lower(abstract_state, batch).compile()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="compile-step")
+    future = pool.submit(compile_step)
+    pool.shutdown(wait=False)   # the thread ends with its one job
+    return future
