@@ -260,7 +260,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
             log.info("resumed from step %d", start)
         else:
             start = 0
-            graphdef, state, _ = create_state(config, mesh)
+            graphdef, state, _ = create_state(config, mesh, (graphdef, abstract, shardings))
             state = task.start(state, mesh)
 
         writer = MetricsWriter(workdir, total_steps=config.total_steps, enabled=lead)

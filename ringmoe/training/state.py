@@ -128,14 +128,16 @@ def state_shardings(abstract: TrainState, mesh) -> TrainState:
                       nonfinite=replicated)
 
 
-def create_state(config, mesh) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+def create_state(config, mesh, abstract: tuple | None = None) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """Initialises the train state inside `jax.jit` straight into its sharded layout.
 
     Returns (graphdef, state, shardings). The initialiser runs once, so it is
     compiled without backend optimisation (half the compile time on CPU).
+    `abstract`: `abstract_state(config, mesh)` when the caller has it already (it
+    builds the model abstractly, seconds at the tiny size).
     """
     tx = make_optimizer(config)
-    graphdef, abstract, shardings = abstract_state(config, mesh)
+    graphdef, _, shardings = abstract or abstract_state(config, mesh)
     init = jax.jit(lambda: _init(config, tx), out_shardings=shardings)
     state = init.lower().compile({"xla_backend_optimization_level": 0})()
     return graphdef, state, shardings
