@@ -3,9 +3,10 @@
     python -m tools.demo [--out demo_out] [--config.total_steps=150] [--examples 256]
 
 The demo's figures (README, "The commands"): the linear probe (maps chosen on
-validation records) over the four modalities, on the checkpoint this config made:
-pretrained 0.688 [0.664, 0.710], random init 0.659 [0.636, 0.682], raw band
-statistics 0.649 [0.626, 0.672] (95 % intervals; 400 test records per modality).
+validation records), mean over the four modalities, 400 test records each, 95 %
+intervals: pretrained 0.712 [0.689, 0.734], random init 0.659 [0.636, 0.682], raw
+band statistics 0.649 [0.626, 0.672]. Over pretraining seeds 0, 1, 2 the gain over
+random init is +5.3, -0.1, +0.9 points: this budget does not show it (README).
 """
 from configs import tiny
 
