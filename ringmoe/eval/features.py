@@ -153,8 +153,8 @@ def extract(model: RingMoE, config, data_dir: str, modality: str, *, stage: int 
 
 def extract_models(models, config, data_dir: str, modality: str, *, stage: int | None = None,
                    batch_size: int = 32, pooling: str = "stages", raw: bool = False) -> list[dict]:
-    """`extract` for several models of one architecture (a pretrained one and its random
-    initialisation, a compression pass's stages), reading the data once; the raw-input
+    """`extract` for several models of one data layout (a pretrained model and its random
+    initialisation, as `evaluate_probes` asks), reading the data once; the raw-input
     baseline's arrays (`raw`) go with the first model's features."""
     if stage is not None and not all(0 <= stage < len(m.stages) for m in models):
         raise ValueError(f"stage {stage} not in [0, {min(len(m.stages) for m in models)})")
