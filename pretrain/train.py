@@ -247,13 +247,14 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
     step_flops = task.flops_per_step(global_batch)   # outside the mesh: it may build abstract models
     checkpointer.remove_partial_saves()   # what a failed or killed save left behind
     with jax.set_mesh(mesh):
-        in_batch = batch_shardings(pipeline.batch_spec(), mesh, task.inputs)
+        spec, placed = pipeline.batch_spec(), abstract_with_shardings(abstract, shardings)
+        in_batch = batch_shardings(spec, mesh, task.inputs)
         global_spec = {m: {k: ((rows * jax.process_count(), *shape), dtype) for k, ((rows, *shape), dtype) in a.items()}
-                       for m, a in pipeline.batch_spec().items()}   # every process's rows
-        compiling = compile_ahead(jit_train_step(graphdef, config, norm_stats, shardings, in_batch), mesh,
-                                  abstract_with_shardings(abstract, shardings), abstract_batch(global_spec, in_batch))
-        restored = checkpointer.restore_latest(abstract_with_shardings(abstract, shardings),
-                                               check_meta=lambda step, meta: check_saved_config(config, step, meta))
+                       for m, a in spec.items()}   # every process's rows
+        compiling = compile_ahead(jit_train_step(graphdef, config, norm_stats, shardings, in_batch), mesh, placed,
+                                  abstract_batch(global_spec, in_batch))
+        restored = checkpointer.restore_latest(placed, check_meta=lambda step, meta: check_saved_config(config, step,
+                                                                                                      meta))
         if restored is not None:
             start, state, data_state, _ = restored
             restore_data_state(pipeline, data_state)
