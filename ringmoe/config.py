@@ -165,6 +165,7 @@ def base_config() -> ConfigDict:
                                           # chosen on 20 % of the training records) | "adamw" (linear_epochs steps)
         "linear_maps": "validated",       # pooling "stages", L-BFGS: the maps the head reads: "all" | "validated"
                                           # (all, or one stage's map alone: the best on the validation records)
+                                          # | one map by name, "stage0" .. "final" (where the class is)
         "linear_lbfgs_steps": 300,        # L-BFGS iterations per fit (converged by ~300 on the demo's features)
         "linear_epochs": 300,             # full-batch AdamW steps of the scene-label logistic regression
         "linear_lr": 1e-2,

@@ -128,3 +128,34 @@ def test_lbfgs_probe_chooses_feature_maps_on_validation_records_only():
     shuffled = probes.lbfgs_probe(x[:300], y[:300], x[300:], rng.permutation(y[300:]), num_classes=2, steps=200,
                                   seed=0, candidates=maps)
     assert shuffled["features"] == "signal" and shuffled["l2"] == chosen["l2"]
+
+
+def test_linear_maps_can_name_one_pooled_map():
+    """`probe.linear_maps` = a map's name: the head reads that map alone (the class sits in
+    "signal" only, so it scores high there and at chance on "a"); a name the features lack, or
+    a named map of one-map features (pooling "final"), is an error naming the choices."""
+    from ml_collections import ConfigDict
+
+    from ringmoe.eval.registry import Linear
+
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(1, 3, n)
+    x = np.concatenate([rng.normal(size=(n, 6)), (y[:, None] - 1.5) + 0.3 * rng.normal(size=(n, 2))], axis=1)
+    maps = [("a", np.arange(6)), ("signal", np.arange(6, 8))]
+    features = {"pooled": x, "scene_label": y, "record_index": np.arange(n), "pooled_maps": maps}
+    train, test = np.arange(300), np.arange(300, n)
+
+    def score(maps_setting, feats=features):
+        settings = ConfigDict({"linear_solver": "lbfgs", "linear_maps": maps_setting, "linear_lbfgs_steps": 100,
+                               "seed": 0})
+        return Linear().score(feats, train, test, settings, num_classes=3)
+
+    signal, noise = score("signal"), score("a")
+    assert signal["maps"] == "signal" and signal["value"] > 0.95
+    assert noise["maps"] == "a" and abs(noise["value"] - 0.5) < 0.12
+    assert score("all")["maps"] == "all"
+    with pytest.raises(ValueError, match="'stage9'.*validated.*a \\| signal"):
+        score("stage9")
+    with pytest.raises(ValueError, match="one map"):
+        score("signal", {**features, "pooled_maps": None})

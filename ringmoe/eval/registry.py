@@ -56,11 +56,28 @@ LINEAR_SOLVERS = {
 }
 
 # probe.linear_maps -> the feature subsets the linear head may use, given extract()'s pooled_maps
-# (None for the raw baseline and for pooling "final": then every column).
+# (None for the raw baseline and for pooling "final": then every column). Any other value names
+# one map ("stage0" .. "final", `features.pooled_maps`): the head reads that map alone, which shows
+# where in the encoder the class is (README, "Probes").
 LINEAR_MAPS = {
     "all": lambda maps: None,
     "validated": lambda maps: None if not maps else [("all", np.concatenate([c for _, c in maps]))] + list(maps),
 }
+
+
+def linear_candidates(name: str, maps):
+    """The candidates of `probe.linear_maps` = `name` among `maps` ((map name, columns), ...; None when
+    the features are one map: pooling "final")."""
+    if name in LINEAR_MAPS:
+        return LINEAR_MAPS[name](maps)
+    if maps is None:
+        raise ValueError(f"probe.linear_maps {name!r} names a pooled map, but these features are one map "
+                         "(probe.pooling = 'final'); name a map with pooling 'stages'")
+    named = [m for m in maps if m[0] == name]
+    if not named:
+        raise ValueError(f"unknown probe.linear_maps {name!r} (one of {' | '.join(LINEAR_MAPS)}, or a pooled map: "
+                         f"{' | '.join(n for n, _ in maps)})")
+    return named
 
 
 class Linear(SceneProbe):
@@ -71,13 +88,12 @@ class Linear(SceneProbe):
     def score(self, features, train, test, settings, num_classes, inputs=""):
         if settings.linear_solver not in LINEAR_SOLVERS:
             raise ValueError(f"unknown probe.linear_solver {settings.linear_solver!r} ({' | '.join(LINEAR_SOLVERS)})")
-        if settings.linear_maps not in LINEAR_MAPS:
-            raise ValueError(f"unknown probe.linear_maps {settings.linear_maps!r} ({' | '.join(LINEAR_MAPS)})")
         x, y, tr, te = self.split(features, train, test, inputs)
-        candidates = LINEAR_MAPS[settings.linear_maps](None if inputs else features.get("pooled_maps"))
+        # The raw baseline's band statistics are one map: the head reads all of them.
+        candidates = None if inputs else linear_candidates(settings.linear_maps, features.get("pooled_maps"))
         if candidates is not None and settings.linear_solver != "lbfgs":
-            raise ValueError(f"probe.linear_maps {settings.linear_maps!r} chooses maps on validation records, "
-                             "which only the lbfgs solver does: set probe.linear_maps=all for adamw")
+            raise ValueError(f"probe.linear_maps {settings.linear_maps!r} selects pooled maps, which only the "
+                             "lbfgs solver does: set probe.linear_maps=all for adamw")
         fit = LINEAR_SOLVERS[settings.linear_solver](x[tr], y[tr], x[te], y[te], num_classes, settings, candidates)
         return {**accuracy_result(fit["accuracy"], int(te.sum())), "maps": fit["features"]}
 
