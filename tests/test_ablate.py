@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from configs.ablations import moe_vs_dense, physics_terms, upcycling
+from configs.ablations import moe_vs_dense, physics_terms, pretraining_budget, upcycling
 from pretrain import ablate
 from ringmoe import flops
 
@@ -27,6 +27,13 @@ def test_grids_apply_to_the_tiny_config():
     assert len(configs) == 2 + len(physics_terms.TERMS)
     assert configs["no_span"].objectives.span == 0.0 and configs["no_span"].objectives.pauli > 0
     assert all(configs["simmim_only"].objectives[t] == 0.0 for t in physics_terms.TERMS)
+
+    grid = pretraining_budget.get_config()   # the demo's recipe, only its length changes
+    configs = {name: ablate.point_config(grid, dict(o)) for name, o in grid.points}
+    assert [c.total_steps for c in configs.values()] == [150, 600, 2000]
+    demo = ablate.load_config_file("configs/demo.py")
+    assert all(c.optimizer == demo.optimizer and c.model == demo.model and c.batch_size == demo.batch_size
+               for c in configs.values())
 
 
 def test_unknown_override_and_missing_data_are_errors():

@@ -153,6 +153,8 @@ def test_linear_maps_can_name_one_pooled_map():
 
     signal, noise = score("signal"), score("a")
     assert signal["maps"] == "signal" and signal["value"] > 0.95
+    assert [sum(c) for c in zip(*signal["per_class"])] == [round(signal["value"] * 100), 100]   # [correct, records]
+    assert signal["per_class"][0] == [0, 0] and all(t > 30 for _, t in signal["per_class"][1:])
     assert noise["maps"] == "a" and abs(noise["value"] - 0.5) < 0.12
     assert score("all")["maps"] == "all"
     with pytest.raises(ValueError, match="'stage9'.*validated.*a \\| signal"):

@@ -148,7 +148,8 @@ def lbfgs_probe(train_x, train_y, test_x, test_y, *, num_classes: int, steps: in
     on the same validation records, jointly with the penalty (ties: the earlier
     candidate); `ringmoe.eval.registry.Linear` offers all pooled maps and each one
     alone. Returns {"accuracy", "train_accuracy", "l2", "features" (the candidate's
-    name; "all" without candidates)}.
+    name; "all" without candidates), "per_class" ([correct, test records] for each
+    class id 0 .. num_classes - 1: which classes the accuracy comes from)}.
     """
     _check_labels(np.concatenate([np.ravel(train_y), np.ravel(test_y)]), num_classes)
     train_x, test_x = _standardise(train_x, test_x)
@@ -171,8 +172,11 @@ def lbfgs_probe(train_x, train_y, test_x, test_y, *, num_classes: int, steps: in
     (name, columns), l2 = candidates[best // len(l2_grid)], float(l2_grid[best % len(l2_grid)])
     train_x, test_x = train_x[:, columns], test_x[:, columns]
     params = _lbfgs_fit(train_x, train_y, l2, num_classes=num_classes, steps=steps)
+    test_y = np.asarray(test_y)
+    right = np.asarray(jnp.argmax(test_x @ params["w"] + params["b"], -1)) == test_y
+    per_class = [[int(right[test_y == c].sum()), int((test_y == c).sum())] for c in range(num_classes)]
     return {"accuracy": _accuracy(params, test_x, test_y), "train_accuracy": _accuracy(params, train_x, train_y),
-            "l2": l2, "features": name}
+            "l2": l2, "features": name, "per_class": per_class}
 
 
 def _segment_logits(params, feats, size: tuple[int, int]):

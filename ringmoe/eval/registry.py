@@ -82,8 +82,9 @@ def linear_candidates(name: str, maps):
 
 class Linear(SceneProbe):
     """A linear classifier's top-1 accuracy (`probe.linear_solver`: `LINEAR_SOLVERS`), on the pooled
-    maps `probe.linear_maps` allows (`LINEAR_MAPS`); "maps" names those it used."""
-    extras = ("maps",)
+    maps `probe.linear_maps` allows (`LINEAR_MAPS`); "maps" names those it used, "per_class" gives
+    [correct, test records] per class id (None for the adamw solver)."""
+    extras = ("maps", "per_class")
 
     def score(self, features, train, test, settings, num_classes, inputs=""):
         if settings.linear_solver not in LINEAR_SOLVERS:
@@ -95,7 +96,8 @@ class Linear(SceneProbe):
             raise ValueError(f"probe.linear_maps {settings.linear_maps!r} selects pooled maps, which only the "
                              "lbfgs solver does: set probe.linear_maps=all for adamw")
         fit = LINEAR_SOLVERS[settings.linear_solver](x[tr], y[tr], x[te], y[te], num_classes, settings, candidates)
-        return {**accuracy_result(fit["accuracy"], int(te.sum())), "maps": fit["features"]}
+        return {**accuracy_result(fit["accuracy"], int(te.sum())), "maps": fit["features"],
+                "per_class": fit.get("per_class")}
 
 
 class Segmentation:
