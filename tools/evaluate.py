@@ -14,7 +14,9 @@ as its LAST stdout line one JSON object with `probe`, `metric`, `value`, `ci`,
 `random_init_value`, `random_init_ci`, `raw_value`, `raw_ci` (the raw-input
 baseline: band means/stds, or a per-pixel head on the bands), `modality`,
 `pooling`, `train_records`, `test_records`, `step` and `checkpoint`
-(segmentation adds `stage` and the pixel accuracies). Every `ci` is a 95 %
+(segmentation adds `stage` and the pixel accuracies; linear adds `maps`, the pooled
+maps the head read, and `per_class`, [correct, test records] per class id, each also
+with the `random_init_` and `raw_` prefixes). Every `ci` is a 95 %
 interval [low, high] over the test records (Wilson for accuracies, a record
 bootstrap for mIoU). Any usage or data problem exits with a one-line message.
 """
