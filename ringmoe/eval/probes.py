@@ -175,7 +175,7 @@ def lbfgs_probe(train_x, train_y, test_x, test_y, *, num_classes: int, steps: in
     test_y = np.asarray(test_y)
     right = np.asarray(jnp.argmax(test_x @ params["w"] + params["b"], -1)) == test_y
     per_class = [[int(right[test_y == c].sum()), int((test_y == c).sum())] for c in range(num_classes)]
-    return {"accuracy": _accuracy(params, test_x, test_y), "train_accuracy": _accuracy(params, train_x, train_y),
+    return {"accuracy": float(np.mean(right)), "train_accuracy": _accuracy(params, train_x, train_y),
             "l2": l2, "features": name, "per_class": per_class}
 
 
