@@ -9,8 +9,8 @@ linear probe's gain over random init needs (README, "The commands").
 About 2.5, 8 and 25 minutes per run on this 2-core machine. Measured (linear probe,
 mean over the four modalities, 1600 test records; random init of seeds 0, 1, 2: 0.659,
 0.684, 0.678): 150 steps 0.712, 0.683, 0.687 (the demo; gain +2.0 +- 2.8 points);
-600 steps 0.698, 0.699, 0.713 (+2.9 +- 1.3); 2000 steps 0.718 and 0.712 (seeds 0 and
-1: +5.9, +2.8).
+600 steps 0.698, 0.699, 0.713 (+2.9 +- 1.3); 2000 steps 0.718, 0.712, 0.709
+(+3.9 +- 1.7).
 """
 from configs.ablations.common import grid
 
