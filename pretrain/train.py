@@ -41,6 +41,7 @@ preemption sync manager agrees on (`Checkpointer.reached_preemption`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -253,8 +254,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                        for m, a in spec.items()}   # every process's rows
         compiling = compile_ahead(jit_train_step(graphdef, config, norm_stats, shardings, in_batch), mesh, placed,
                                   abstract_batch(global_spec, in_batch))
-        restored = checkpointer.restore_latest(placed, check_meta=lambda step, meta: check_saved_config(config, step,
-                                                                                                      meta))
+        restored = checkpointer.restore_latest(placed, check_meta=functools.partial(check_saved_config, config))
         if restored is not None:
             start, state, data_state, _ = restored
             restore_data_state(pipeline, data_state)

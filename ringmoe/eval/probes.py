@@ -174,7 +174,8 @@ def lbfgs_probe(train_x, train_y, test_x, test_y, *, num_classes: int, steps: in
     params = _lbfgs_fit(train_x, train_y, l2, num_classes=num_classes, steps=steps)
     test_y = np.asarray(test_y)
     right = np.asarray(jnp.argmax(test_x @ params["w"] + params["b"], -1)) == test_y
-    per_class = [[int(right[test_y == c].sum()), int((test_y == c).sum())] for c in range(num_classes)]
+    correct, records = (np.bincount(test_y[m], minlength=num_classes) for m in (right, slice(None)))
+    per_class = [[int(c), int(r)] for c, r in zip(correct, records)]
     return {"accuracy": float(np.mean(right)), "train_accuracy": _accuracy(params, train_x, train_y),
             "l2": l2, "features": name, "per_class": per_class}
 
