@@ -163,7 +163,8 @@ def test_vqa_tool_end_to_end(run_dir):
     low, high = result["accuracy"]["ci"]
     assert 0.0 <= low <= result["accuracy"]["value"] <= high <= 1.0
     assert set(result["by_type"]) <= {"presence", "comparison", "rural_urban", "count", "majority"}
-    assert set(result["experts_by_kind"]) == set(result["by_type"])
+    assert set(result["experts_by_kind"]) == set(result["by_type"]) == set(result["question_only_by_type"])
+    assert 0.0 < result["question_only"] <= 1.0   # some answer is the most frequent for each question
     for name in ("experts_vqa.png", "experts_vqa.md", "answers.jsonl"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
 

@@ -35,3 +35,15 @@ def test_vqa_accuracy_by_type_with_intervals():
     assert scores["by_type"]["presence"]["value"] == 0.5 and scores["by_type"]["majority"]["value"] == 1.0
     low, high = scores["overall"]["ci"]
     assert 0.3 < low < 0.75 < high <= 1.0
+
+
+def test_question_only_bound_answers_each_question_with_its_most_frequent_answer():
+    # "water?" is "no" 2 of 3 times, "forest?" "yes" 1 of 1, "urban?" "rural" 1 of 2 (a tie:
+    # one of them is chosen, right once): 2 + 1 + 1 = 4 of 6; the question's case does not
+    # make it another question.
+    results = [("presence", "Is there water?", "no"), ("presence", "is there water?", "No"),
+               ("presence", "Is there water?", "yes"), ("presence", "Is there forest?", "yes"),
+               ("rural_urban", "Rural or urban?", "rural"), ("rural_urban", "Rural or urban?", "urban")]
+    bound = metrics.question_only_bound(results)
+    assert bound["overall"]["value"] == 4 / 6 and bound["overall"]["n_test"] == 6
+    assert bound["by_type"]["presence"]["value"] == 3 / 4 and bound["by_type"]["rural_urban"]["value"] == 0.5

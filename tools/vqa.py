@@ -18,7 +18,8 @@ Written to --out (default RUN_DIR/vqa/<data set name>/<modality>):
   experts_vqa.png  the router table as a heatmap (question types x experts).
 Progress with rate and ETA on stderr. The LAST stdout line is one JSON object:
 checkpoint, step, data, modality, records, questions, accuracy {value, ci, n_test},
-by_type {type: {value, ci, n_test}}, experts_by_kind {type: [share per expert]}, out,
+by_type {type: {value, ci, n_test}}, question_only and question_only_by_type (what the
+questions' words alone can score on them: ringmoe/vlm/metrics.py `question_only_bound`), experts_by_kind {type: [share per expert]}, out,
 files; with `--modality all`: modality "all" and by_modality {modality: those keys}.
 """
 from __future__ import annotations

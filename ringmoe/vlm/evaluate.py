@@ -36,6 +36,7 @@ def evaluate_run(checkpoint: str, data_dir: str, *, modality: str | None = None,
                              max_records=max_records or None, max_new_tokens=8)
     figures = {k: captions[k] for k in ("bleu_1", "bleu_4", "rouge_l", "cider", "meteor") if captions[k] is not None}
     figures["vqa"] = answers["accuracy"]["value"]
+    figures["vqa_question_only"] = answers["question_only"]
     figures.update({f"vqa_{t}": r["value"] for t, r in answers["by_type"].items()})
     figures.update(image_reliance(checkpoint, data_dir, loaded=(run[0], run[1])))
     return figures
@@ -231,7 +232,7 @@ def answer_dataset(run, data_dir: str, modality: str, out: str, *, batch_size: i
     """Answers, accuracy and router statistics of one modality (module doc); the JSON keys."""
     from ringmoe.data import grounding, shards
     from ringmoe.vlm import infer
-    from ringmoe.vlm.metrics import normalise_answer, vqa_accuracy
+    from ringmoe.vlm.metrics import normalise_answer, question_only_bound, vqa_accuracy
     config, model, _, tokenizer, pad_id, end_id = run
     manifest = shards.read_manifest(data_dir)
     names = tuple(manifest.get("label_names", ()))
@@ -264,13 +265,16 @@ def answer_dataset(run, data_dir: str, modality: str, out: str, *, batch_size: i
     if not rows:
         raise ValueError(f"{data_dir}: no {modality} record has a question (no stored questions, no labelled pixels)")
     scores = vqa_accuracy([(r["type"], r["answer"], r["truth"]) for r in rows])
+    blind = question_only_bound([(r["type"], r["question"], r["truth"]) for r in rows])
     files = {"answers": os.path.join(out, "answers.jsonl"), "table": os.path.join(out, "experts_vqa.md"),
              "experts": os.path.join(out, "experts_vqa.png")}
     with open(files["answers"], "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     router.save_heatmap(files["experts"], f"top expert per question type ({modality}, {len(rows)} questions)")
     result = {"records": records, "questions": len(rows), "accuracy": scores["overall"],
-              "by_type": scores["by_type"], "instructions_truncated": int(truncated),
+              "by_type": scores["by_type"], "question_only": blind["overall"]["value"],
+              "question_only_by_type": {k: v["value"] for k, v in blind["by_type"].items()},
+              "instructions_truncated": int(truncated),
               "experts_by_kind": router.shares()}
     with open(files["table"], "w", encoding="utf-8") as f:
         f.write(f"# VQA on {data_dir} ({modality})\n\nExact-match accuracy [Wilson 95 % interval]:\n\n"
@@ -280,7 +284,12 @@ def answer_dataset(run, data_dir: str, modality: str, out: str, *, batch_size: i
 
 
 def accuracy_table(result: dict) -> str:
+    """Accuracy per question type and overall, with its interval and the question-only bound
+    (`metrics.question_only_bound`: what the question's words alone can score here)."""
+    blind = {**result["question_only_by_type"], "overall": result["question_only"]}
+
     def row(name, r):
-        return f"| {name} | {r['n_test']} | {r['value']:.4f} | [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] |"
-    return "\n".join(["| type | questions | accuracy | 95 % interval |", "|---|---|---|---|"]
+        return (f"| {name} | {r['n_test']} | {r['value']:.4f} | [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] "
+                f"| {blind[name]:.4f} |")
+    return "\n".join(["| type | questions | accuracy | 95 % interval | question only (bound) |", "|---|---|---|---|---|"]
                      + [row(k, v) for k, v in result["by_type"].items()] + [row("overall", result["accuracy"])])

@@ -11,13 +11,14 @@ reported as unavailable, never as a number.
 
 VQA: exact-match accuracy of the normalised answers (lower case, surrounding
 space and a final full stop removed), overall and per question type, each with
-its Wilson 95 % interval.
+its Wilson 95 % interval; beside it the question-only bound (`question_only_bound`),
+what answering from the question's words alone can score on the same questions.
 """
 from __future__ import annotations
 
 import re
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from ringmoe.eval.intervals import accuracy_result
 
@@ -78,3 +79,16 @@ def vqa_accuracy(results: list[tuple[str, str, str]]) -> dict:
     every = [hit for hits in by_type.values() for hit in hits]
     return {"overall": accuracy_result(sum(every) / len(every), len(every)),
             "by_type": {k: accuracy_result(sum(v) / len(v), len(v)) for k, v in sorted(by_type.items())}}
+
+
+def question_only_bound(results: list[tuple[str, str, str]]) -> dict:
+    """results: (question type, question, true answer). `vqa_accuracy` of answering every
+    distinct (normalised) question with its most frequent true answer among these results:
+    the most an answerer that reads only the question, not the image, can score on them.
+    An optimistic bound (it is fitted on the answers it scores); a model below it on a
+    question type has not shown that it reads the image for that type."""
+    answers = defaultdict(Counter)
+    for _, question, truth in results:
+        answers[normalise_answer(question)][normalise_answer(truth)] += 1
+    best = {q: counts.most_common(1)[0][0] for q, counts in answers.items()}
+    return vqa_accuracy([(kind, best[normalise_answer(q)], truth) for kind, q, truth in results])
