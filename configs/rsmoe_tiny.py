@@ -17,14 +17,17 @@ answered each question type's prior (README, RS-MoE, for the figures of both).
 
 Variants (`:NAME`), the three arms of the comparison (tools.rsmoe_compare):
     dense     1 expert (stage 1, and the dense baseline with the same active parameters)
-    sparse    3 experts, top-1, trained from scratch
-    upcycled  3 experts, top-1, started from a dense run (`vlm.init_from`, stage 2)
+    sparse    3 experts, top-2 in training, trained from scratch
+    upcycled  3 experts, top-2 in training, started from a dense run (`vlm.init_from`, stage 2)
+Top-2, because only then do the answers train the gate (at top-1 the renormalised gate is 1:
+`InstructionRouter`); generation uses each row's top expert alone, so every arm answers with
+one LM's parameters. The router reads the instruction alone (`vlm.router_input`).
 The encoder sees whole 64 px scenes (no random crop: captions state proportions of the
 whole scene) with flips (the text is derived after them, so "north-west" stays true).
 """
 from configs import tiny
 
-VARIANTS = {"dense": 1, "sparse": 3, "upcycled": 3}
+VARIANTS = {"dense": (1, 1), "sparse": (3, 2), "upcycled": (3, 2)}   # (experts, top-k in training)
 
 
 def get_config(variant: str = "dense"):
@@ -37,8 +40,7 @@ def get_config(variant: str = "dense"):
     c.data.crop_ratio = (1.0, 1.0)
     c.batch_size = 16                   # images per step (4 per modality) x 4 sub-tasks = 64 rows
     v = c.vlm
-    v.num_experts = VARIANTS[variant]
-    v.top_k = 1
+    v.num_experts, v.top_k = VARIANTS[variant]
     v.vision_stages = (2, 3)            # 4 x 4 + 2 x 2 tokens: the last stage alone is 2 x 2
     v.num_queries = 8
     v.query_layers = 1

@@ -13,10 +13,10 @@ from ringmoe.text.llama import LanguageModel
 from ringmoe.vlm.rsmoe import RSMoE, RSMoESpec, dispatch
 
 
-def tiny(num_experts=2, top_k=1, capacity_factor=2.0):
+def tiny(num_experts=2, top_k=1, capacity_factor=2.0, router_input="instruction"):
     spec = RSMoESpec(lm=LMSpec.from_config({**dict(lm.get_config("tiny").lm), "num_layers": 1}), vision_dim=24,
                      num_experts=num_experts, top_k=top_k, num_queries=4, query_layers=1, prompt_length=2,
-                     capacity_factor=capacity_factor)
+                     capacity_factor=capacity_factor, router_input=router_input)
     return spec, RSMoE(spec, rngs=nnx.Rngs(0))
 
 
@@ -119,7 +119,7 @@ def test_linear_projector_gives_the_experts_every_vision_token():
 def test_router_weighs_instruction_and_image_alike_whatever_their_scale():
     """Each pooled input is brought to unit RMS: scaling the instruction embeddings (0.02 at
     initialisation) or the visual queries (~1 after their LayerNorm) changes no routing."""
-    spec, model = tiny(num_experts=3)
+    spec, model = tiny(num_experts=3, router_input="instruction_and_image")
     router = model.router
     keys = jax.random.split(jax.random.key(2), 2)
     instruction = 0.02 * jax.random.normal(keys[0], (4, 5, spec.lm.hidden_size))
@@ -131,3 +131,36 @@ def test_router_weighs_instruction_and_image_alike_whatever_their_scale():
     np.testing.assert_allclose(router(instruction, valid, 0.01 * visual).probs, base, rtol=1e-2)
     unnormalised = jax.nn.softmax(jnp.concatenate([instruction.mean(1), visual.mean(1)], -1) @ router.gate[...], -1)
     assert not np.allclose(unnormalised, base, rtol=1e-2)   # what the normalisation changes
+
+
+@pytest.mark.parametrize("router_input, reads_image", [("instruction", False), ("instruction_and_image", True)])
+def test_router_reads_the_image_only_when_asked(router_input, reads_image):
+    """`vlm.router_input = "instruction"` (the paper's instruction router): other visual queries
+    change neither the choice nor the prompts; with the image as input they change both."""
+    spec, model = tiny(num_experts=3, router_input=router_input)
+    keys = jax.random.split(jax.random.key(3), 3)
+    instruction = jax.random.normal(keys[0], (4, 5, spec.lm.hidden_size))
+    valid = jnp.ones((4, 5), bool)
+    film = model.router.film
+    film[...] = 0.1 * jax.random.normal(keys[1], film.shape)     # zero at initialisation: make it act
+    one = model.router(instruction, valid, jax.random.normal(keys[1], (4, 4, spec.lm.hidden_size)))
+    other = model.router(instruction, valid, jax.random.normal(keys[2], (4, 4, spec.lm.hidden_size)))
+    for a, b in ((one.probs, other.probs), (one.prompts, other.prompts)):
+        assert np.allclose(a, b) != reads_image
+    with pytest.raises(ValueError, match="unknown vlm.router_input 'scene'"):
+        tiny(router_input="scene")
+
+
+def test_the_answers_train_the_gate_only_when_a_row_has_experts_to_compare():
+    """Without the router losses, the answer loss's gradient on the gate is nothing at top-1 (the
+    renormalised gate of one expert is p / p = 1: only rounding is left, ~1e-5 here) and of order 1
+    at top-2 (sum_k g_k nll_k with sum_k g_k = 1: weight moves to the better expert)."""
+    def gate_gradient(top_k):
+        spec, model = tiny(num_experts=3, top_k=top_k, capacity_factor=3.0)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p):
+            return nnx.merge(graphdef, p, rest).loss(*batch(spec), balance_weight=0.0, z_weight=0.0)[0]
+        return float(np.abs(np.asarray(jax.jit(jax.grad(loss))(params)["router"]["gate"][...])).sum())
+    top1, top2 = gate_gradient(1), gate_gradient(2)
+    assert top2 > 0.1 and top1 < 1e-4 * top2, (top1, top2)

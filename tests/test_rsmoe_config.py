@@ -34,7 +34,7 @@ def test_rsmoe_1b_is_about_1b_parameters():
     params = jax.eval_shape(lambda: nnx.state(build_model(config, ParamKeys(0)), nnx.Param))
     total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     assert 0.9e9 <= total <= 1.0e9, total
-    assert config.vlm.num_experts == 4 and config.vlm.top_k == 1 and config.vlm.lm.vocab_size == 49152
+    assert config.vlm.num_experts == 4 and config.vlm.top_k == 2 and config.vlm.lm.vocab_size == 49152
     assert config.mesh.expert == 4 and config.vlm.tokenizer == ""
 
 
@@ -45,9 +45,10 @@ def test_params_json_breaks_rsmoe_into_components():
     assert result["total"] == encoder["total"] + rsmoe["total"]
     assert rsmoe["total"] == rsmoe["query_transformer"] + rsmoe["router"] + rsmoe["experts"]
     assert rsmoe["per_expert"] == SMOLLM2_135M and rsmoe["experts"] == 4 * SMOLLM2_135M
-    assert rsmoe["num_experts"] == 4 and rsmoe["top_k"] == 1
+    assert rsmoe["num_experts"] == 4 and rsmoe["top_k"] == 2
     assert sum(result["per_expert_components"].values()) == SMOLLM2_135M
-    assert result["active_per_subtask"] == rsmoe["query_transformer"] + rsmoe["router"] + SMOLLM2_135M
+    assert result["active_per_answer"] == rsmoe["query_transformer"] + rsmoe["router"] + SMOLLM2_135M
+    assert result["active_per_subtask"] == result["active_per_answer"] + SMOLLM2_135M   # top-2 in training
     assert result["active_per_subtask_with_encoder"] == result["active_per_subtask"] + encoder["active_per_token"]
     assert set(encoder["per_modality"]) == {"optical", "multispectral", "sar_l2", "sar_l1"}
     assert 0 < encoder["active_per_token"] < encoder["total"] < rsmoe["total"]

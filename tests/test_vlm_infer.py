@@ -132,7 +132,7 @@ def test_caption_tool_end_to_end(run_dir):
     result = run_tool("tools.caption", "--checkpoint", workdir, "--data", data, "--out", out, "--batch_size", "4",
                       "--max_new_tokens", "6", "--gallery", "2", "--modality", "optical")
     for key in ("checkpoint", "step", "data", "modality", "records", "bleu_1", "bleu_2", "bleu_3", "bleu_4",
-                "rouge_l", "cider", "meteor", "note", "experts_by_kind", "out", "files"):
+                "rouge_l", "cider", "meteor", "note", "experts_by_kind", "aspect_information", "out", "files"):
         assert key in result, key
     assert result["step"] == 1 and result["modality"] == "optical" and result["records"] >= 1
     for key in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l"):
@@ -140,6 +140,7 @@ def test_caption_tool_end_to_end(run_dir):
     assert 0.0 <= result["cider"] <= 10.0
     assert result["meteor"] is None or 0.0 <= result["meteor"] <= 1.0
     assert set(result["experts_by_kind"]) == {"composition", "layout", "objects"}
+    assert 0.0 <= result["aspect_information"] <= 1.0
     for shares in result["experts_by_kind"].values():
         assert len(shares) == 3 and abs(sum(shares) - 1.0) < 1e-3
     for name in ("experts.png", "gallery.png", "gallery.md", "captions.jsonl", "experts.md"):
@@ -157,8 +158,9 @@ def test_vqa_tool_end_to_end(run_dir):
     result = run_tool("tools.vqa", "--checkpoint", workdir, "--data", data, "--out", out, "--batch_size", "4",
                       "--max_new_tokens", "3")
     for key in ("checkpoint", "step", "data", "modality", "records", "questions", "accuracy", "by_type",
-                "experts_by_kind", "out", "files"):
+                "experts_by_kind", "type_information", "out", "files"):
         assert key in result, key
+    assert 0.0 <= result["type_information"] <= 1.0
     assert result["questions"] == result["accuracy"]["n_test"] >= result["records"] >= 1
     low, high = result["accuracy"]["ci"]
     assert 0.0 <= low <= result["accuracy"]["value"] <= high <= 1.0
@@ -178,3 +180,21 @@ def test_image_reliance_compares_own_and_other_scenes(run_dir):
     result = image_reliance(workdir, data, batches=1)
     assert np.isfinite(result["nll"]) and np.isfinite(result["nll_other_images"])
     assert result["nll"] != result["nll_other_images"]
+
+
+def test_router_information_is_one_for_experts_of_their_own_and_zero_for_the_same_split():
+    """I(kind; expert) / H(kind), by hand: two kinds on disjoint experts -> 1; both split 50/50
+    over the same two experts -> 0; one kind alone -> 0 (nothing to tell apart); kind a on e0,
+    kind b half e0 half e1 (equal counts): H(kind) = ln 2, I = H(expert) - H(expert | kind)
+    = H(3/4, 1/4) - 0.5 ln 2 = 0.5623 - 0.3466 = 0.2158 nats -> 0.3113."""
+    def information(counts):
+        router = infer.RouterCounts(list(counts), 2)
+        for kind, per_expert in counts.items():
+            for expert, n in enumerate(per_expert):
+                for _ in range(n):
+                    router.add(kind, expert)
+        return router.information()
+    assert information({"a": [4, 0], "b": [0, 4]}) == pytest.approx(1.0)
+    assert information({"a": [2, 2], "b": [3, 3]}) == pytest.approx(0.0, abs=1e-12)
+    assert information({"a": [2, 2]}) == 0.0
+    assert information({"a": [4, 0], "b": [2, 2]}) == pytest.approx(0.3113, abs=1e-4)

@@ -10,8 +10,9 @@ Prints a table, then as its last line JSON with `total`, and for a RingMoE confi
 for an RS-MoE config (`task: rsmoe`) `encoder` (its RingMoE counts, as above), `rsmoe`
 (`query_transformer`, `router`, `experts`, `per_expert`, `num_experts`, `top_k`, `total`),
 `per_expert_components` (the LM's rows) and `active_per_subtask`: the RS-MoE parameters
-one sub-task passes through (query transformer, router, its top_k experts), and with the
-encoder's active parameters per token added (`active_per_subtask_with_encoder`).
+one sub-task passes through in training (query transformer, router, its top_k experts), and with
+the encoder's active parameters per token added (`active_per_subtask_with_encoder`);
+`active_per_answer`: the same in generation, where each row's top expert alone writes.
 """
 import json
 import math
@@ -76,7 +77,8 @@ def rsmoe_counts(config) -> dict:
     if sum(parts.values()) != rsmoe_total or parts["experts"] != spec.num_experts * lm["total"]:
         raise AssertionError(f"RS-MoE parts {parts} do not add up to {rsmoe_total} / {spec.num_experts} x "
                              f"{lm['total']}")
-    active = parts["query_transformer"] + parts["router"] + min(spec.top_k, spec.num_experts) * lm["total"]
+    answer = parts["query_transformer"] + parts["router"] + lm["total"]
+    active = answer + (min(spec.top_k, spec.num_experts) - 1) * lm["total"]
     encoder_active = max(encoder["active_per_token"].values())
     components = {f"encoder/{k}": n for k, n in encoder["components"].items()}
     components.update({"rsmoe/query_transformer": parts["query_transformer"], "rsmoe/router": parts["router"]})
@@ -92,6 +94,7 @@ def rsmoe_counts(config) -> dict:
         "per_expert_components": lm["components"],
         "active_per_subtask": active,
         "active_per_subtask_with_encoder": active + encoder_active,
+        "active_per_answer": answer,
         "components": components,
     }
 
@@ -104,8 +107,10 @@ def print_rsmoe(config) -> None:
             ("encoder active per token (largest modality)", counts["encoder"]["active_per_token"]),
             ("RS-MoE", r["total"]), ("  query transformer", r["query_transformer"]), ("  router", r["router"]),
             (f"  experts ({r['num_experts']} x {r['per_expert']:,})", r["experts"]),
-            (f"active per sub-task (queries, router, top_k {r['top_k']} expert)", counts["active_per_subtask"]),
-            ("  with the encoder's active per token", counts["active_per_subtask_with_encoder"])]
+            (f"active per sub-task in training (queries, router, top_k {r['top_k']} expert)",
+             counts["active_per_subtask"]),
+            ("  with the encoder's active per token", counts["active_per_subtask_with_encoder"]),
+            ("active per answer in generation (queries, router, top expert)", counts["active_per_answer"])]
     width = max(len(a) for a, _ in rows)
     print("\n".join(f"{a:<{width}}  {b:>16,}" for a, b in rows))
     print(json.dumps({"config": config_flags.get_config_filename(flags.FLAGS["config"]),

@@ -35,8 +35,10 @@ def evaluate_run(checkpoint: str, data_dir: str, *, modality: str | None = None,
     answers = answer_dataset(run, data_dir, modality, os.path.join(out, "vqa"), batch_size=32,
                              max_records=max_records or None, max_new_tokens=8)
     figures = {k: captions[k] for k in ("bleu_1", "bleu_4", "rouge_l", "cider", "meteor") if captions[k] is not None}
+    figures["aspect_information"] = captions["aspect_information"]
     figures["vqa"] = answers["accuracy"]["value"]
     figures["vqa_question_only"] = answers["question_only"]
+    figures["type_information"] = answers["type_information"]
     figures.update({f"vqa_{t}": r["value"] for t, r in answers["by_type"].items()})
     figures.update(image_reliance(checkpoint, data_dir, loaded=(run[0], run[1])))
     return figures
@@ -147,10 +149,13 @@ def caption_dataset(run, data_dir: str, modality: str, out: str, *, batch_size: 
     result = {"records": len(rows), "scored_records": len(scored),
               **{k: scores.get(k) for k in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "meteor")},
               "note": note(scores), "unavailable": scores["unavailable"], "tokenizer": scores["tokenizer"],
-              "instructions_truncated": int(truncated), "experts_by_kind": router.shares()}
+              "instructions_truncated": int(truncated), "experts_by_kind": router.shares(),
+              "aspect_information": round(router.information(), 4)}
     with open(files["table"], "w", encoding="utf-8") as f:
         f.write(f"# Captions of {data_dir} ({modality})\n\nShare of each aspect's rows written by each expert "
-                f"(its top expert):\n\n{router.table()}\n\n" + scores_table(result) + "\n")
+                f"(its top expert):\n\n{router.table()}\n\nI(aspect; expert) / H(aspect) = "
+                f"{result['aspect_information']:.3f} (1: each aspect has experts of its own; 0: none)\n\n"
+                + scores_table(result) + "\n")
     if shown:
         files["gallery"] = save_gallery(os.path.join(out, "gallery.png"), shown, modality)
         files["gallery_md"] = write_gallery_md(os.path.join(out, "gallery.md"), shown, files["gallery"])
@@ -275,11 +280,12 @@ def answer_dataset(run, data_dir: str, modality: str, out: str, *, batch_size: i
               "by_type": scores["by_type"], "question_only": blind["overall"]["value"],
               "question_only_by_type": {k: v["value"] for k, v in blind["by_type"].items()},
               "instructions_truncated": int(truncated),
-              "experts_by_kind": router.shares()}
+              "experts_by_kind": router.shares(), "type_information": round(router.information(), 4)}
     with open(files["table"], "w", encoding="utf-8") as f:
         f.write(f"# VQA on {data_dir} ({modality})\n\nExact-match accuracy [Wilson 95 % interval]:\n\n"
                 f"{accuracy_table(result)}\n\nShare of each question type's rows written by each expert "
-                f"(its top expert):\n\n{router.table()}\n")
+                f"(its top expert):\n\n{router.table()}\n\nI(type; expert) / H(type) = "
+                f"{result['type_information']:.3f}\n")
     return {**result, "out": os.path.abspath(out), "files": files}
 
 

@@ -296,6 +296,19 @@ class RouterCounts:
         """{kind: [share of its rows per expert]} for kinds with rows."""
         return {k: (c / c.sum()).round(4).tolist() for k, c in self.counts.items() if c.sum()}
 
+    def information(self) -> float:
+        """How much the expert tells about the kind: I(kind; expert) / H(kind) over the counted rows,
+        1 when each kind has experts of its own (the experts specialise by kind), 0 when every kind
+        is split over the experts in the same proportions (or one expert takes all)."""
+        joint = np.array([c for c in self.counts.values() if c.sum()], np.float64)
+        joint /= joint.sum()
+        kind, expert = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+        entropy = -np.sum(kind * np.log(kind))
+        if entropy <= 0:
+            return 0.0
+        nz = joint > 0
+        return float(np.sum(joint[nz] * np.log(joint[nz] / (kind * expert)[nz])) / entropy)
+
     def table(self) -> str:
         """A markdown table: one row per kind (its row count, then each expert's share)."""
         head = "| kind | rows | " + " | ".join(f"e{j}" for j in range(self.experts)) + " |"

@@ -27,7 +27,8 @@ def spec_of(config) -> RSMoESpec:
     return RSMoESpec(lm=LMSpec.from_config(v.lm), vision_dim=m.embed_dim * 2 ** (len(m.depths) - 1),
                      num_experts=v.num_experts, top_k=v.top_k, num_queries=v.num_queries,
                      query_layers=v.query_layers, query_heads=v.query_heads, prompt_length=v.prompt_length,
-                     capacity_factor=v.capacity_factor, projector=v.projector)
+                     capacity_factor=v.capacity_factor, projector=v.projector,
+                     router_input=v.router_input)
 
 
 class VisionLanguageModel(nnx.Module):

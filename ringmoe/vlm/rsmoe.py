@@ -2,7 +2,7 @@
 
     vision tokens (B, S, C) --QueryTransformer--> visual queries (B, Q, E)
     instruction tokens (B, T) --expert 0's embedding--> (B, T, E)
-    InstructionRouter(instruction, visual queries) -> top-k experts with weights, and for
+    InstructionRouter(instruction [, visual queries]) -> top-k experts with weights, and for
         every expert its own soft prompt (B, K, P, E) conditioned on the instruction
     expert k reads [visual queries | its prompt | instruction | answer so far] and writes
         the answer (caption part or VQA answer)
@@ -51,6 +51,7 @@ class RSMoESpec:
     prompt_length: int = 4       # soft-prompt vectors per expert
     capacity_factor: float = 1.5 # rows per expert: ceil(factor * rows * top_k / K)
     projector: str = "qformer"   # PROJECTORS: qformer (num_queries learned queries) | linear (every token)
+    router_input: str = "instruction"   # ROUTER_INPUTS: instruction | instruction_and_image
 
 
 class QueryTransformer(nnx.Module):
@@ -111,26 +112,53 @@ class Routing:
     z_loss: jax.Array
 
 
+def _pooled_instruction(instruction: jax.Array, valid: jax.Array) -> jax.Array:
+    weights = valid[..., None].astype(instruction.dtype)
+    return _unit_rms((instruction * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0))
+
+
+def instruction_only(instruction: jax.Array, valid: jax.Array, visual: jax.Array) -> jax.Array:
+    """The pooled instruction (B, E): rows asking the same thing are routed alike whatever the
+    scene, so the split the router learns is a split of instructions (the paper's router)."""
+    return _pooled_instruction(instruction, valid)
+
+
+def instruction_and_image(instruction: jax.Array, valid: jax.Array, visual: jax.Array) -> jax.Array:
+    """The pooled instruction and the pooled visual queries (B, 2E). Each half on one scale (unit
+    RMS): token embeddings start at 0.02 and the visual queries leave a LayerNorm at ~1, so
+    unnormalised the image would outvote the instruction 50:1. Once the queries carry the scene,
+    rows may be split by scene rather than by what they ask (README, RS-MoE)."""
+    return jnp.concatenate([_pooled_instruction(instruction, valid), _unit_rms(visual.mean(1))], -1)
+
+
+# What the instruction router reads (`vlm.router_input`): name -> (function, its width in LM widths).
+ROUTER_INPUTS = {"instruction": (instruction_only, 1), "instruction_and_image": (instruction_and_image, 2)}
+
+
 class InstructionRouter(nnx.Module):
-    """Chooses experts from the instruction and the visual queries, and writes each expert's soft
-    prompt: a learned base prompt per expert, modulated by the instruction (FiLM: scale and shift
-    per expert from the pooled instruction and image)."""
+    """Chooses experts from its input (`ROUTER_INPUTS`: the instruction, or the instruction and the
+    visual queries) and writes each expert's soft prompt: a learned base prompt per expert,
+    modulated by the same input (FiLM: scale and shift per expert).
+
+    The gate is trained by the answers only where a row has two or more experts to compare: top-k
+    >= 2 renormalises the chosen gates, so the row's loss sum_k g_k nll_k moves weight to the expert
+    whose answer was better. At top-1 the renormalised gate is exactly 1 and the answers give it no
+    gradient (one expert's loss says nothing about another's); its split of the rows is then set by
+    the load-balance and z-losses alone."""
 
     def __init__(self, spec: RSMoESpec, *, rngs: nnx.Rngs):
+        if spec.router_input not in ROUTER_INPUTS:
+            raise ValueError(f"unknown vlm.router_input {spec.router_input!r} (known: {', '.join(ROUTER_INPUTS)})")
+        self.pool, width = ROUTER_INPUTS[spec.router_input]
         d, k, p = spec.lm.hidden_size, spec.num_experts, spec.prompt_length
         self.top_k = spec.top_k
-        self.gate = nnx.Param(partitioned(INIT, "embed", "expert")(rngs.params(), (2 * d, k)))
+        self.gate = nnx.Param(partitioned(INIT, "embed", "expert")(rngs.params(), (width * d, k)))
         self.base = nnx.Param(partitioned(INIT, "expert", None, "embed")(rngs.params(), (k, p, d)))
         self.film = nnx.Param(partitioned(nnx.initializers.zeros, "expert", None, "embed")(
-            rngs.params(), (k, 2 * d, 2 * d)))
+            rngs.params(), (k, width * d, 2 * d)))
 
     def __call__(self, instruction: jax.Array, valid: jax.Array, visual: jax.Array) -> Routing:
-        weights = valid[..., None].astype(instruction.dtype)
-        # Each half on one scale (unit RMS): token embeddings start at 0.02 and the visual queries
-        # leave a LayerNorm at ~1, so unnormalised the image would outvote the instruction 50:1
-        # and the router would split rows by scene, not by what they ask.
-        pooled = jnp.concatenate([_unit_rms((instruction * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)),
-                                  _unit_rms(visual.mean(1))], -1)                        # (B, 2E)
+        pooled = self.pool(instruction, valid, visual)                                 # (B, C)
         logits = pooled @ self.gate[...]
         probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
         top, chosen = jax.lax.top_k(probs, self.top_k)
