@@ -42,8 +42,8 @@ same 128 images per update).
 The mesh: `expert` 4, `fsdp` the rest (2 on 8 GPUs): parameters and AdamW state are sharded
 over both, a batch's rows over all 8 devices. Batch: 128 images per step (32 per modality, 4
 per device) x 4 sub-tasks = 512 (instruction, answer) rows of 32 + 4 + 24 + 48 = 108 tokens;
-ceil(1.5 x 256 x 2 / 4) = 192 rows per expert and micro-batch. Captioning fine-tunes of this size (InstructBLIP,
-LLaVA's second stage) take 128-256 sequences per step.
+ceil(1.5 x 256 x 2 / 4) = 192 rows per expert and micro-batch. Captioning fine-tunes of this
+size (InstructBLIP, LLaVA's second stage) take 128-256 sequences per step.
 The experts start from random weights: the trainer reads the imported tokenizer
 (`vlm.tokenizer`) but has no option yet to copy the imported LM's weights into them.
 """
