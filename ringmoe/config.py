@@ -222,8 +222,10 @@ def base_config() -> ConfigDict:
                                           # an earlier one's pre-merge map through an adapter)
         "projector": "qformer",           # ringmoe.vlm.rsmoe.PROJECTORS: qformer (learned queries cross-attending
                                           # to the vision tokens) | linear (every vision token projected, as LLaVA)
-        "router_input": "instruction",    # ringmoe.vlm.rsmoe.ROUTER_INPUTS: instruction (the paper's instruction
-                                          # router) | instruction_and_image (also the pooled visual queries)
+        "router_input": "instruction",    # ringmoe.vlm.rsmoe.ROUTER_INPUTS, what the gate reads: instruction (the
+                                          # paper's instruction router) | instruction_and_image (also the pooled
+                                          # visual queries)
+        "prompt_input": "instruction_and_image",   # ROUTER_INPUTS again, what the experts' FiLM prompts read
         "num_queries": 16,                # query-transformer queries (InstructBLIP: 32)
         "query_layers": 2,
         "query_heads": 4,

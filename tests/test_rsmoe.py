@@ -13,10 +13,11 @@ from ringmoe.text.llama import LanguageModel
 from ringmoe.vlm.rsmoe import RSMoE, RSMoESpec, dispatch
 
 
-def tiny(num_experts=2, top_k=1, capacity_factor=2.0, router_input="instruction"):
+def tiny(num_experts=2, top_k=1, capacity_factor=2.0, router_input="instruction",
+         prompt_input="instruction_and_image"):
     spec = RSMoESpec(lm=LMSpec.from_config({**dict(lm.get_config("tiny").lm), "num_layers": 1}), vision_dim=24,
                      num_experts=num_experts, top_k=top_k, num_queries=4, query_layers=1, prompt_length=2,
-                     capacity_factor=capacity_factor, router_input=router_input)
+                     capacity_factor=capacity_factor, router_input=router_input, prompt_input=prompt_input)
     return spec, RSMoE(spec, rngs=nnx.Rngs(0))
 
 
@@ -133,11 +134,13 @@ def test_router_weighs_instruction_and_image_alike_whatever_their_scale():
     assert not np.allclose(unnormalised, base, rtol=1e-2)   # what the normalisation changes
 
 
-@pytest.mark.parametrize("router_input, reads_image", [("instruction", False), ("instruction_and_image", True)])
-def test_router_reads_the_image_only_when_asked(router_input, reads_image):
+@pytest.mark.parametrize("router_input", ["instruction", "instruction_and_image"])
+@pytest.mark.parametrize("prompt_input", ["instruction", "instruction_and_image"])
+def test_the_gate_and_the_prompts_read_the_image_only_when_asked(router_input, prompt_input):
     """`vlm.router_input = "instruction"` (the paper's instruction router): other visual queries
-    change neither the choice nor the prompts; with the image as input they change both."""
-    spec, model = tiny(num_experts=3, router_input=router_input)
+    do not change the choice of experts; `vlm.prompt_input = "instruction"`: nor the prompts. With
+    the image as their input they change."""
+    spec, model = tiny(num_experts=3, router_input=router_input, prompt_input=prompt_input)
     keys = jax.random.split(jax.random.key(3), 3)
     instruction = jax.random.normal(keys[0], (4, 5, spec.lm.hidden_size))
     valid = jnp.ones((4, 5), bool)
@@ -145,10 +148,11 @@ def test_router_reads_the_image_only_when_asked(router_input, reads_image):
     film[...] = 0.1 * jax.random.normal(keys[1], film.shape)     # zero at initialisation: make it act
     one = model.router(instruction, valid, jax.random.normal(keys[1], (4, 4, spec.lm.hidden_size)))
     other = model.router(instruction, valid, jax.random.normal(keys[2], (4, 4, spec.lm.hidden_size)))
-    for a, b in ((one.probs, other.probs), (one.prompts, other.prompts)):
-        assert np.allclose(a, b) != reads_image
-    with pytest.raises(ValueError, match="unknown vlm.router_input 'scene'"):
-        tiny(router_input="scene")
+    assert np.allclose(one.probs, other.probs) == (router_input == "instruction")
+    assert np.allclose(one.prompts, other.prompts) == (prompt_input == "instruction")
+    for key in ("router_input", "prompt_input"):
+        with pytest.raises(ValueError, match=f"unknown vlm.{key} 'scene'"):
+            tiny(**{key: "scene"})
 
 
 def test_the_answers_train_the_gate_only_when_a_row_has_experts_to_compare():

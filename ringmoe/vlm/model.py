@@ -28,7 +28,7 @@ def spec_of(config) -> RSMoESpec:
                      num_experts=v.num_experts, top_k=v.top_k, num_queries=v.num_queries,
                      query_layers=v.query_layers, query_heads=v.query_heads, prompt_length=v.prompt_length,
                      capacity_factor=v.capacity_factor, projector=v.projector,
-                     router_input=v.router_input)
+                     router_input=v.router_input, prompt_input=v.prompt_input)
 
 
 class VisionLanguageModel(nnx.Module):

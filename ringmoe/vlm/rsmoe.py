@@ -51,7 +51,8 @@ class RSMoESpec:
     prompt_length: int = 4       # soft-prompt vectors per expert
     capacity_factor: float = 1.5 # rows per expert: ceil(factor * rows * top_k / K)
     projector: str = "qformer"   # PROJECTORS: qformer (num_queries learned queries) | linear (every token)
-    router_input: str = "instruction"   # ROUTER_INPUTS: instruction | instruction_and_image
+    router_input: str = "instruction"   # ROUTER_INPUTS: what the gate reads
+    prompt_input: str = "instruction_and_image"   # ROUTER_INPUTS: what the FiLM prompts read
 
 
 class QueryTransformer(nnx.Module):
@@ -131,14 +132,18 @@ def instruction_and_image(instruction: jax.Array, valid: jax.Array, visual: jax.
     return jnp.concatenate([_pooled_instruction(instruction, valid), _unit_rms(visual.mean(1))], -1)
 
 
-# What the instruction router reads (`vlm.router_input`): name -> (function, its width in LM widths).
+# What the instruction router's gate (`vlm.router_input`) and its prompts (`vlm.prompt_input`) read:
+# name -> (function, its width in LM widths).
 ROUTER_INPUTS = {"instruction": (instruction_only, 1), "instruction_and_image": (instruction_and_image, 2)}
 
 
 class InstructionRouter(nnx.Module):
-    """Chooses experts from its input (`ROUTER_INPUTS`: the instruction, or the instruction and the
-    visual queries) and writes each expert's soft prompt: a learned base prompt per expert,
-    modulated by the same input (FiLM: scale and shift per expert).
+    """Chooses experts from one input and writes each expert's soft prompt from another (each one
+    of `ROUTER_INPUTS`: the instruction, or the instruction and the visual queries). The gate reads
+    `router_input` (default the instruction alone, the paper's router: rows asking the same thing
+    go to the same experts whatever the scene). The prompts are a learned base prompt per expert
+    modulated by `prompt_input` (FiLM: scale and shift per expert; default the instruction and the
+    image, a path from the scene into every expert that the dense arm used most: README, RS-MoE).
 
     The gate is trained by the answers only where a row has two or more experts to compare: top-k
     >= 2 renormalises the chosen gates, so the row's loss sum_k g_k nll_k moves weight to the expert
@@ -147,24 +152,26 @@ class InstructionRouter(nnx.Module):
     the load-balance and z-losses alone."""
 
     def __init__(self, spec: RSMoESpec, *, rngs: nnx.Rngs):
-        if spec.router_input not in ROUTER_INPUTS:
-            raise ValueError(f"unknown vlm.router_input {spec.router_input!r} (known: {', '.join(ROUTER_INPUTS)})")
-        self.pool, width = ROUTER_INPUTS[spec.router_input]
+        for key in ("router_input", "prompt_input"):
+            if getattr(spec, key) not in ROUTER_INPUTS:
+                raise ValueError(f"unknown vlm.{key} {getattr(spec, key)!r} (known: {', '.join(ROUTER_INPUTS)})")
+        self.gate_input, gate_width = ROUTER_INPUTS[spec.router_input]
+        self.prompt_input, prompt_width = ROUTER_INPUTS[spec.prompt_input]
         d, k, p = spec.lm.hidden_size, spec.num_experts, spec.prompt_length
         self.top_k = spec.top_k
-        self.gate = nnx.Param(partitioned(INIT, "embed", "expert")(rngs.params(), (width * d, k)))
+        self.gate = nnx.Param(partitioned(INIT, "embed", "expert")(rngs.params(), (gate_width * d, k)))
         self.base = nnx.Param(partitioned(INIT, "expert", None, "embed")(rngs.params(), (k, p, d)))
         self.film = nnx.Param(partitioned(nnx.initializers.zeros, "expert", None, "embed")(
-            rngs.params(), (k, width * d, 2 * d)))
+            rngs.params(), (k, prompt_width * d, 2 * d)))
 
     def __call__(self, instruction: jax.Array, valid: jax.Array, visual: jax.Array) -> Routing:
-        pooled = self.pool(instruction, valid, visual)                                 # (B, C)
-        logits = pooled @ self.gate[...]
+        logits = self.gate_input(instruction, valid, visual) @ self.gate[...]          # (B, K)
         probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
         top, chosen = jax.lax.top_k(probs, self.top_k)
         gates = jnp.zeros_like(probs).at[jnp.arange(probs.shape[0])[:, None], chosen].set(
             top / top.sum(-1, keepdims=True))
-        scale, shift = jnp.split(jnp.einsum("bc,kcf->bkf", pooled, self.film[...]), 2, -1)   # (B, K, E) each
+        scale, shift = jnp.split(jnp.einsum("bc,kcf->bkf", self.prompt_input(instruction, valid, visual),
+                                            self.film[...]), 2, -1)                     # (B, K, E) each
         prompts = self.base[...][None] * (1 + scale[:, :, None]) + shift[:, :, None]
         k = probs.shape[-1]
         load = jnp.mean(gates > 0, 0)          # share of rows each expert is chosen for
