@@ -4,6 +4,7 @@
     python -m tools.bench data --data DIR --config configs/tiny.py
     python -m tools.bench step --data DIR --config configs/tiny.py [--steps 5] [--layouts scanned]
         [--profile_dir DIR --profile_steps 3]
+    python -m tools.bench compile --data DIR --config configs/tiny.py
     python -m tools.bench lm --config configs/lm.py:tiny [--batch 1] [--prompt_length 32] [--new_tokens 64]
 
 `moe`: forward+backward of one MoE FFN layer with each dispatch path, under the
@@ -17,6 +18,9 @@ whose library does not import are listed under `skipped` with the reason.
 step seconds, samples/s, MFU, peak device memory, and the scanned / unrolled ratios; with
 `--profile_dir`, the top 10 operations of `--profile_steps` profiled steps, also written
 as text to DIR/top_ops.txt.
+`compile`: where the train step's compile time goes: trace, lower and XLA compile seconds
+and compiled fusions of the loss, the loss with its gradients, the optimiser update and the
+whole step, each compiled on its own (ringmoe/training/bench.py `compile_parts`).
 `lm`: greedy decode speed of the language model (configs/lm.py, random weights) with the
 key/value cache against re-running the whole sequence per token, and their ratio
 (ringmoe/text/bench.py).
@@ -44,7 +48,7 @@ _PATHS = flags.DEFINE_list("paths", None, "moe: dispatch paths to time (default:
 _LAYOUTS = flags.DEFINE_list("layouts", ["unrolled", "scanned"], "step: block layouts to time.")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "step: profile the last layout's steps into DIR.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "step: steps under the profiler.", lower_bound=1)
-MODES = ("moe", "data", "step", "lm")
+MODES = ("moe", "data", "step", "compile", "lm")
 
 
 def main(argv):
@@ -80,6 +84,17 @@ def main(argv):
         if not _DATA.value:
             raise app.UsageError("bench data needs --data DIR")
         result = bench.run(_DATA.value, config, num_batches=_BATCHES.value)
+    elif argv[1] == "compile":
+        from ringmoe.training import bench
+        if not _DATA.value:
+            raise app.UsageError("bench compile needs --data DIR")
+        config = config.copy_and_resolve_references()
+        config.data_dir = _DATA.value
+        result = bench.compile_parts(config)
+        for name, r in result.items():
+            if isinstance(r, dict):
+                print(f"{name:>15}: trace {r['trace_s']:5.1f} s  lower {r['lower_s']:5.1f} s  compile "
+                      f"{r['compile_s']:5.1f} s  {r['fusions']:6d} fusions")
     else:
         from ringmoe.training import bench
         if not _DATA.value:

@@ -19,7 +19,9 @@ from ringmoe.data.pipeline import Pipeline
 from ringmoe.model import dispatch
 from ringmoe.training import profile
 from ringmoe.training.state import create_state
-from ringmoe.training.step import batch_shardings, jit_train_step, make_eval_step, to_device
+from ringmoe.training.state import make_optimizer
+from ringmoe.training.step import (batch_shardings, jit_train_step, make_eval_step, make_loss_fn, make_train_step,
+                                   to_device)
 
 
 def _timed(fn, *args):
@@ -101,3 +103,43 @@ def run(config, *, steps: int = 5, layouts=tuple(LAYOUTS), profile_dir: str | No
                                         for k in ("train_first_s", "eval_first_s", "step_s")}
         out["mfu"] = scanned["mfu"]
     return out
+
+
+def _compile_seconds(fn, *args) -> dict:
+    """Trace, lower and XLA-compile seconds of jax.jit(fn)(*args), and the compiled program's
+    fusion count (the unit of XLA:CPU code generation)."""
+    start = time.perf_counter()
+    traced = jax.jit(fn).trace(*args)
+    traced_at = time.perf_counter()
+    lowered = traced.lower()
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    return {"trace_s": traced_at - start, "lower_s": lowered_at - traced_at, "compile_s": done - lowered_at,
+            "fusions": compiled.as_text().count(" fusion(")}
+
+
+def compile_parts(config) -> dict:
+    """Where the train step's compile time goes: trace, lower and compile seconds of its parts,
+    each compiled on its own on one batch of `config.data_dir`: the loss (forward), the loss
+    with its gradients (`value_and_grad`, as the step takes them), the optimiser update alone
+    (global-norm clipping and AdamW over every parameter leaf) and the whole step. The parts
+    overlap (the step holds the other three), so they do not add up; their differences say what
+    the backward pass and the optimiser cost."""
+    mesh = sharding.make_mesh(config.mesh)
+    with Pipeline(config, num_workers=0) as pipeline:
+        norm_stats = {m: {"mean": s.mean, "std": s.std, "bands": s.bands} for m, s in pipeline.specs.items()}
+        batch = to_device(next(pipeline), batch_shardings(pipeline.batch_spec(), mesh))
+    with jax.set_mesh(mesh):
+        graphdef, state, _ = create_state(config, mesh)
+        loss_fn = make_loss_fn(graphdef, config, norm_stats)
+        tx = make_optimizer(config)
+        parts = {
+            "forward": (lambda params, batch: loss_fn(params, batch)[0], state.params, batch),
+            "value_and_grad": (jax.value_and_grad(loss_fn, has_aux=True), state.params, batch),
+            "optimizer": (lambda state, grads: tx.update(grads, state.opt_state, state.params), state, state.params),
+            "train_step": (make_train_step(graphdef, config, norm_stats), state, batch),
+        }
+        result = {name: _compile_seconds(fn, *args) for name, (fn, *args) in parts.items()}
+    result["parameter_leaves"] = len(jax.tree.leaves(state.params))
+    return result
