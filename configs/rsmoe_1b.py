@@ -10,18 +10,17 @@ gate learns from the answers only at top-k >= 2), each answer written by its top
         --config.data_dir=/data/shards --config.vlm.encoder=/runs/base \\
         --config.vlm.tokenizer=/ckpt/smollm2/tokenizer.json
 
-Expected (tools.params, jax.eval_shape): 950,727,466 parameters in all (tests/test_rsmoe_config.py
+Expected (tools.params, jax.eval_shape): 948,073,258 parameters in all (tests/test_rsmoe_config.py
 holds the total to [0.9e9, 1.0e9]):
     encoder             396,246,250  configs/base.py as is: SwinV2-T (96, 2/2/6/2), 192 px, 4+4+1
                                      experts, all four modalities (0.40B, the README's table); frozen
     query transformer    11,101,248  32 queries, 2 layers, width 576 (reads 768-wide last-stage tokens)
-    router                5,319,936  gate (from the pooled instruction, vlm.router_input), per-expert
-                                     soft prompts and FiLM (4 x 1152 x 1152 of it, from the pooled
-                                     instruction and visual queries, vlm.prompt_input)
+    router                2,665,728  gate, per-expert soft prompts and FiLM (4 x 576 x 1152 of it), all
+                                     from the pooled instruction (vlm.router_input, vlm.prompt_input)
     experts             538,060,032  4 x 134,515,008 (SmolLM2-135M: 576 wide, 30 layers, GQA 9:3,
                                      vocabulary 49152, tied embeddings)
-    active per answer   150,936,192  query transformer + router + its top expert (generation)
-    active per sub-task 285,451,200  in training: its top-2 experts (357,290,954 with the encoder's
+    active per answer   148,281,984  query transformer + router + its top expert (generation)
+    active per sub-task 282,796,992  in training: its top-2 experts (354,636,746 with the encoder's
                                      71.8M active per token, multispectral's)
 The arithmetic that chose the shape: the compression target configs/ringmoe_1b.py is 1.07B
 alone, no room for experts. The base encoder with one dense FFN per block is 51M (with 4
@@ -32,13 +31,13 @@ the `expert` mesh axis: one LM expert (and one of each group of the encoder's 4 
 
 Expected (tools.aot on h100-8: the CPU compiler for 8 fake devices, tools/aot.py's doc;
 47 s and 1.9 GB of host memory on this 2-core machine (14 s lowering + 29 s compile)):
-per device 42.90 GB of 80 GB, fits (54 %): train state 1.22 GB (parameters, and AdamW moments
-for RS-MoE only), temporaries 41.7 GB, the largest of them float32 logits over the 49152-word
+per device 43.08 GB of 80 GB, fits (54 %): train state 1.22 GB (parameters, and AdamW moments
+for RS-MoE only), temporaries 41.8 GB, the largest of them float32 logits over the 49152-word
 vocabulary at the 49 answer positions the loss reads (192 expert rows of a micro-batch x 49 x
 49152 x 4 bytes = 1.85 GB each). Model FLOPs 1.36e14 per step (17 ms at peak, 34 ms at 50 %
-MFU). Top-2 doubles the expert rows: without gradient accumulation the step needed 86.75 GB
-per device (with the instruction-only prompts) and does not fit, hence 2 micro-batches of 64
-images (`grad_accum_steps`; the same 128 images per update).
+MFU). Top-2 doubles the expert rows: without gradient accumulation the step needs 86.75 GB
+per device and does not fit, hence 2 micro-batches of 64 images (`grad_accum_steps`; the
+same 128 images per update).
 
 The mesh: `expert` 4, `fsdp` the rest (2 on 8 GPUs): parameters and AdamW state are sharded
 over both, a batch's rows over all 8 devices. Batch: 128 images per step (32 per modality, 4

@@ -21,8 +21,8 @@ Variants (`:NAME`), the three arms of the comparison (tools.rsmoe_compare):
     upcycled  3 experts, top-2 in training, started from a dense run (`vlm.init_from`, stage 2)
 Top-2, because only then do the answers train the gate (at top-1 the renormalised gate is 1:
 `InstructionRouter`); generation uses each row's top expert alone, so every arm answers with
-one LM's parameters. The gate reads the instruction alone (`vlm.router_input`), the experts'
-prompts the instruction and the image (`vlm.prompt_input`).
+one LM's parameters. The gate and the experts' prompts read the instruction alone
+(`vlm.router_input`, `vlm.prompt_input`).
 The encoder sees whole 64 px scenes (no random crop: captions state proportions of the
 whole scene) with flips (the text is derived after them, so "north-west" stays true).
 """

@@ -225,7 +225,7 @@ def base_config() -> ConfigDict:
         "router_input": "instruction",    # ringmoe.vlm.rsmoe.ROUTER_INPUTS, what the gate reads: instruction (the
                                           # paper's instruction router) | instruction_and_image (also the pooled
                                           # visual queries)
-        "prompt_input": "instruction_and_image",   # ROUTER_INPUTS again, what the experts' FiLM prompts read
+        "prompt_input": "instruction",    # ROUTER_INPUTS again, what the experts' FiLM prompts read
         "num_queries": 16,                # query-transformer queries (InstructBLIP: 32)
         "query_layers": 2,
         "query_heads": 4,

@@ -13,8 +13,7 @@ from ringmoe.text.llama import LanguageModel
 from ringmoe.vlm.rsmoe import RSMoE, RSMoESpec, dispatch
 
 
-def tiny(num_experts=2, top_k=1, capacity_factor=2.0, router_input="instruction",
-         prompt_input="instruction_and_image"):
+def tiny(num_experts=2, top_k=1, capacity_factor=2.0, router_input="instruction", prompt_input="instruction"):
     spec = RSMoESpec(lm=LMSpec.from_config({**dict(lm.get_config("tiny").lm), "num_layers": 1}), vision_dim=24,
                      num_experts=num_experts, top_k=top_k, num_queries=4, query_layers=1, prompt_length=2,
                      capacity_factor=capacity_factor, router_input=router_input, prompt_input=prompt_input)

@@ -52,7 +52,7 @@ class RSMoESpec:
     capacity_factor: float = 1.5 # rows per expert: ceil(factor * rows * top_k / K)
     projector: str = "qformer"   # PROJECTORS: qformer (num_queries learned queries) | linear (every token)
     router_input: str = "instruction"   # ROUTER_INPUTS: what the gate reads
-    prompt_input: str = "instruction_and_image"   # ROUTER_INPUTS: what the FiLM prompts read
+    prompt_input: str = "instruction"   # ROUTER_INPUTS: what the FiLM prompts read
 
 
 class QueryTransformer(nnx.Module):
@@ -140,10 +140,11 @@ ROUTER_INPUTS = {"instruction": (instruction_only, 1), "instruction_and_image": 
 class InstructionRouter(nnx.Module):
     """Chooses experts from one input and writes each expert's soft prompt from another (each one
     of `ROUTER_INPUTS`: the instruction, or the instruction and the visual queries). The gate reads
-    `router_input` (default the instruction alone, the paper's router: rows asking the same thing
-    go to the same experts whatever the scene). The prompts are a learned base prompt per expert
-    modulated by `prompt_input` (FiLM: scale and shift per expert; default the instruction and the
-    image, a path from the scene into every expert that the dense arm used most: README, RS-MoE).
+    `router_input`, the prompts `prompt_input` (both default to the instruction alone, the paper's
+    router: rows asking the same thing go to the same experts with the same prompts whatever the
+    scene). The prompts are a learned base prompt per expert modulated by that input (FiLM: scale
+    and shift per expert). Prompts that also read the image bought nothing over three seeds
+    (README, RS-MoE), so the default stays the paper's.
 
     The gate is trained by the answers only where a row has two or more experts to compare: top-k
     >= 2 renormalises the chosen gates, so the row's loss sum_k g_k nll_k moves weight to the expert
