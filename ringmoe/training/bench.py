@@ -18,8 +18,7 @@ from ringmoe import flops, sharding
 from ringmoe.data.pipeline import Pipeline
 from ringmoe.model import dispatch
 from ringmoe.training import profile
-from ringmoe.training.state import create_state
-from ringmoe.training.state import make_optimizer
+from ringmoe.training.state import create_state, make_optimizer
 from ringmoe.training.step import (batch_shardings, jit_train_step, make_eval_step, make_loss_fn, make_train_step,
                                    to_device)
 
