@@ -39,15 +39,21 @@ def _peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+def _one_batch(config, mesh):
+    """The normalisation statistics, the batch shardings, one batch of `config.data_dir` on the
+    devices and the per-modality batch sizes: what every benchmark here starts from."""
+    with Pipeline(config, num_workers=0) as pipeline:
+        norm_stats = {m: {"mean": s.mean, "std": s.std, "bands": s.bands} for m, s in pipeline.specs.items()}
+        in_batch = batch_shardings(pipeline.batch_spec(), mesh)
+        return norm_stats, in_batch, to_device(next(pipeline), in_batch), dict(pipeline.batch_sizes)
+
+
 def step_times(config, *, steps: int, profile_dir: str | None = None, profile_steps: int = 3) -> dict:
     """First-call (compile + one step) seconds of the train and eval steps, and the median
     of `steps` further train steps, all on one batch of `config.data_dir`; with `profile_dir`,
     `profile_steps` more steps under the profiler and their top operations."""
     mesh = sharding.make_mesh(config.mesh)
-    with Pipeline(config, num_workers=0) as pipeline:
-        norm_stats = {m: {"mean": s.mean, "std": s.std, "bands": s.bands} for m, s in pipeline.specs.items()}
-        in_batch = batch_shardings(pipeline.batch_spec(), mesh)
-        batch = to_device(next(pipeline), in_batch)
+    norm_stats, in_batch, batch, batch_sizes = _one_batch(config, mesh)
     with jax.set_mesh(mesh):
         graphdef, state, shardings = create_state(config, mesh)
         eval_step = jax.jit(make_eval_step(graphdef, config, norm_stats), in_shardings=(shardings, in_batch))
@@ -60,7 +66,7 @@ def step_times(config, *, steps: int, profile_dir: str | None = None, profile_st
             times.append(seconds)
         result = {"train_first_s": train_first, "eval_first_s": eval_first, "step_s": float(np.median(times)),
                   "step_s_min": float(np.min(times)), "step_s_max": float(np.max(times)),
-                  "batch_sizes": dict(pipeline.batch_sizes), "peak_bytes_in_use": _peak_bytes()}
+                  "batch_sizes": batch_sizes, "peak_bytes_in_use": _peak_bytes()}
         if profile_dir:
             def run_steps():
                 nonlocal state
@@ -126,9 +132,7 @@ def compile_parts(config) -> dict:
     overlap (the step holds the other three), so they do not add up; their differences say what
     the backward pass and the optimiser cost."""
     mesh = sharding.make_mesh(config.mesh)
-    with Pipeline(config, num_workers=0) as pipeline:
-        norm_stats = {m: {"mean": s.mean, "std": s.std, "bands": s.bands} for m, s in pipeline.specs.items()}
-        batch = to_device(next(pipeline), batch_shardings(pipeline.batch_spec(), mesh))
+    norm_stats, _, batch, _ = _one_batch(config, mesh)
     with jax.set_mesh(mesh):
         graphdef, state, _ = create_state(config, mesh)
         loss_fn = make_loss_fn(graphdef, config, norm_stats)
