@@ -2,6 +2,7 @@
 the non-finite check of the last steps."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -54,8 +55,12 @@ def test_logged_lr_is_the_applied_rate_after_a_skipped_update():
     schedule = learning_rate(config)
     for i in range(6):
         count = applied_count(state.opt_state)
+        before = jax.tree.map(np.asarray, (state.params, state.opt_state))
         state, metrics = step(state, {"scale": jnp.float32(float("nan") if i == 2 else 1.0)})
         assert float(metrics["finite"]) == (0.0 if i == 2 else 1.0)
+        after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+        kept = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+        assert kept == (i == 2), f"step {i + 1}: a skipped update keeps parameters and moments, an applied one moves them"
         assert float(metrics["lr"]) == pytest.approx(float(schedule(count)), rel=1e-6), f"step {i + 1}"
     assert int(state.step) == 6 and int(state.nonfinite) == 1 and applied_count(state.opt_state) == 5
 
