@@ -112,7 +112,9 @@ def run(config, *, steps: int = 5, layouts=tuple(LAYOUTS), profile_dir: str | No
 
 def _compile_seconds(fn, *args) -> dict:
     """Trace, lower and XLA-compile seconds of jax.jit(fn)(*args), and the compiled program's
-    fusion count (the unit of XLA:CPU code generation)."""
+    fusion count. XLA:CPU compiles a fused computation that repeats once, so the count
+    overstates the kernels it generates, which set the compile time (README, "What XLA:CPU
+    spends that time on")."""
     start = time.perf_counter()
     traced = jax.jit(fn).trace(*args)
     traced_at = time.perf_counter()
