@@ -8,8 +8,9 @@ over 3 seeds (the `hierarchical` point of configs/ablations/moe_vs_dense.py, 100
 steps): masked L1 on the fixed evaluation batches, step 0 -> 100: optical 0.840
 -> 0.550, multispectral 0.813 -> 0.510, SAR-L2 0.731 -> 0.519, SAR-L1 raw Re/Im
 0.705 -> 0.658; SAR-L1 span deviance 2.18 -> 1.44, Pauli 1.89 -> 0.91 (seed
-spread of the step-100 values <= 0.03, span 0.13). About 0.8-1.0 s/step when
-the machine is otherwise idle; the first step compiles for about 1.5-2 minutes.
+spread of the step-100 values <= 0.03, span 0.13). Speed on this 2-core CPU, otherwise
+idle (`python -m tools.bench step --config configs/tiny.py --data /tmp/syn64 --layouts
+scanned`, commit 6c82ce6): 0.65-0.66 s/step; the first step (trace, compile, run) 41-43 s.
 """
 from ringmoe.config import S2_L2A_BANDS, base_config, modality
 

@@ -51,7 +51,7 @@ import time
 from types import SimpleNamespace
 
 import jax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
@@ -375,8 +375,6 @@ def save_pictures(workdir, tag, graphdef, state, device_batch, metrics, norm_sta
 def main(argv):
     cli.no_arguments(argv)
     cli.setup_logging()
-    if _FLAGS.config.value is None or not _FLAGS.workdir.value:
-        raise app.UsageError("--config and --workdir are required")
     initialize_distributed(_FLAGS.config.value.collective_timeout_s)
     try:
         last = train(_FLAGS.config.value, _FLAGS.workdir.value, log_records=_FLAGS.log_records.value)
@@ -391,4 +389,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    cli.run_absl("pretrain.train", main)
+    cli.run_absl("pretrain.train", main, required=("config", "workdir"))

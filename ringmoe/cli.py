@@ -139,9 +139,12 @@ def no_arguments(argv: list[str]) -> None:
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
 
-def run_absl(tool: str, main, *, status: dict[type, int] | None = None) -> None:
+def run_absl(tool: str, main, *, required: tuple[str, ...] = (),
+             status: dict[type, int] | None = None) -> None:
     """`app.run(main)` for an absl tool: flags (and ml_collections config flags) parsed by
-    `parse_flags`, `main` run under `errors(tool)`, and a --debug flag."""
+    `parse_flags`, the `required` ones marked so (absl checks them as it parses: one line
+    '--a, --b required', status 2), `main` run under `errors(tool)`, and a --debug flag."""
+    flags.mark_flags_as_required(list(required))
     if "debug" not in flags.FLAGS:
         flags.DEFINE_bool("debug", False, f"On an error, raise with the full traceback ({DEBUG_ENV}=1 too).")
 
@@ -178,6 +181,9 @@ def _defined_early(tool: str, define, name: str, default, help_text: str):
         fail(tool, 2, problem)
 
 
+_REQUIRED_MISSING = re.compile(r"Flag (--[\w.-]+) must have a value other than None")
+
+
 def parse_flags(tool: str, argv: list[str]) -> list[str]:
     """flags.FLAGS(argv), with every parse problem one line and exit status 2: an unknown or
     malformed flag, an override of a key the config lacks (ml_collections raises AttributeError
@@ -189,7 +195,8 @@ def parse_flags(tool: str, argv: list[str]) -> list[str]:
         rest = flags.FLAGS(argv)
         problem = next(filter(None, (unloadable_config(name, argv) for name in list(flags.FLAGS))), None)
     except flags.Error as e:
-        problem = one_line(str(e))
+        missing = _REQUIRED_MISSING.findall(str(e))
+        problem = f"{', '.join(missing)} required" if missing else one_line(str(e))
     except (AttributeError, KeyError) as e:
         problem = unknown_override(argv, e)
         if problem is None:

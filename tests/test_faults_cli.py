@@ -326,6 +326,8 @@ def test_data_tools_take_absl_flags_and_refuse_misplaced_ones(tmp_path):
               "{geotiff|tfds|captions|rsvqa} --out DIR ..."),
              (("tools.inspect",), "one argument: the data set directory (python -m tools.inspect DIR)"),
              (("tools.params", "--config", "configs/tiny.py", "stray"), "unexpected arguments: stray"),
+             (("tools.caption", "--data", str(tmp_path)), "--checkpoint required"),
+             (("pretrain.train",), "--config, --workdir required"),
              (("tools.demo", "--config.nonexistent=1"), "--config.nonexistent=1: the config has no key 'nonexistent'"),
              (("tools.demo", "--config.total_steps=0"), "config.total_steps = 0: must be a positive integer")]
     for args, message in cases:

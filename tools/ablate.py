@@ -19,7 +19,7 @@ import os
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from pretrain import ablate
@@ -32,8 +32,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the points' runs 
 def main(argv):
     cli.no_arguments(argv)
     cli.setup_logging()
-    if _GRID.value is None or not _WORKDIR.value:
-        raise app.UsageError("--grid and --workdir are required")
     start = time.perf_counter()
     grid = _GRID.value
     # Points share most programs (initialiser, probe encoders): compile each once.
@@ -49,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run_absl("tools.ablate", main)
+    cli.run_absl("tools.ablate", main, required=("grid", "workdir"))

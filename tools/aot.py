@@ -271,5 +271,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "topology"])
-    cli.run_absl("tools.aot", main)
+    cli.run_absl("tools.aot", main, required=("config", "topology"))

@@ -55,8 +55,6 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"usage: python -m tools.bench {{{'|'.join(MODES)}}} --config configs/NAME.py [...]")
     config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required")
     from pretrain.validate import validate_config
     validate_config(config)
     if argv[1] == "moe":
@@ -123,4 +121,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run_absl("tools.bench", main)
+    cli.run_absl("tools.bench", main, required=("config",))

@@ -48,9 +48,6 @@ _GALLERY = flags.DEFINE_integer("gallery", 8, "Records shown in gallery.png / ga
 
 def main(argv) -> None:
     cli.no_arguments(argv)
-    missing = [f"--{f.name}" for f in (_CHECKPOINT, _DATA) if not f.value]
-    if missing:
-        raise cli.UsageError(f"{', '.join(missing)} required")
     cli.setup_logging(logging.WARNING, absl_level=logging.ERROR)   # Orbax notes a directory opened read-only
 
     from ringmoe.training.metrics import json_line
@@ -65,4 +62,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_absl("tools.caption", main)
+    cli.run_absl("tools.caption", main, required=("checkpoint", "data"))

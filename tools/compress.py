@@ -46,8 +46,6 @@ _DRY = flags.DEFINE_boolean("dry-run", False, "Only each stage's parameter count
 def main(argv):
     cli.no_arguments(argv)
     cli.setup_logging(absl_level=logging.ERROR)   # Orbax notes that it opened a directory read-only
-    if _CONFIG.value is None or not _MODALITY.value:
-        raise app.UsageError("--config and --modality are required")
     config = _CONFIG.value
     keep = config.compress.keep_collaborative if _KEEP.value is None else _KEEP.value
     from ringmoe.compress import stages
@@ -74,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run_absl("tools.compress", main)
+    cli.run_absl("tools.compress", main, required=("config", "modality"))

@@ -72,9 +72,6 @@ def probe_overrides() -> dict:
 
 def main(argv) -> None:
     cli.no_arguments(argv)
-    missing = [f"--{f.name}" for f in (_CHECKPOINT, _DATA, _PROBE) if not f.value]
-    if missing:
-        raise cli.UsageError(f"{', '.join(missing)} required")
     if _PROBE.value not in PROBES:
         raise cli.UsageError(f"unknown probe {_PROBE.value!r} (one of {', '.join(PROBES)})")
     overrides = probe_overrides()
@@ -93,4 +90,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_absl("tools.evaluate", main)
+    cli.run_absl("tools.evaluate", main, required=("checkpoint", "data", "probe"))

@@ -19,17 +19,15 @@ from ml_collections import config_flags
 
 from ringmoe import cli
 
-_SAFETENSORS = flags.DEFINE_string("safetensors", None, "timm-layout SwinV2 weights (.safetensors).", required=True)
+_SAFETENSORS = flags.DEFINE_string("safetensors", None, "timm-layout SwinV2 weights (.safetensors).")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Dense config (configs/NAME.py) the weights go into.")
-_OUT = flags.DEFINE_string("out", None, "Directory of the saved model (new or empty).", required=True)
+_OUT = flags.DEFINE_string("out", None, "Directory of the saved model (new or empty).")
 _MODALITY = flags.DEFINE_string("modality", None, "The modality the weights are for (default: the config's "
                                 "only one).")
 
 
 def main(argv) -> None:
     cli.no_arguments(argv)
-    if _CONFIG.value is None:
-        raise cli.UsageError("--config is required")
     cli.setup_logging()
     from pretrain.validate import validate_config
     from ringmoe.compress.timm_layout import import_swinv2
@@ -44,4 +42,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_absl("tools.import_swinv2", main)
+    cli.run_absl("tools.import_swinv2", main, required=("safetensors", "config", "out"))

@@ -118,5 +118,4 @@ def print_rsmoe(config) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    cli.run_absl("tools.params", main)
+    cli.run_absl("tools.params", main, required=("config",))

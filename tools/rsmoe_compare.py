@@ -105,9 +105,6 @@ def write_report(workdir: str, summary: dict, seeds: int, steps: int) -> tuple[s
 def main(argv) -> None:
     cli.no_arguments(argv)
     cli.setup_logging(absl_level=logging.ERROR)
-    for flag in (_WORKDIR, _DATA, _TEST, _ENCODER):
-        if not flag.value:
-            raise cli.UsageError(f"--{flag.name} is required")
     from pretrain.train import train
     from ringmoe.vlm.evaluate import evaluate_run
     workdir = os.path.abspath(_WORKDIR.value)
@@ -128,4 +125,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_absl("tools.rsmoe_compare", main)
+    cli.run_absl("tools.rsmoe_compare", main, required=("workdir", "data", "test", "encoder"))

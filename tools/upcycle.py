@@ -92,8 +92,6 @@ def _dry_run(config) -> dict:
 def main(argv):
     cli.no_arguments(argv)
     cli.setup_logging(absl_level=logging.ERROR)   # Orbax notes that it opened a directory read-only
-    if _CONFIG.value is None or not _FROM.value:
-        raise app.UsageError("--from and --config are required")
     config = _config()
     if _DRY.value:
         print(json.dumps({"dry_run": _dry_run(config)}))
@@ -118,4 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run_absl("tools.upcycle", main)
+    cli.run_absl("tools.upcycle", main, required=("from", "config"))

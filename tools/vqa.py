@@ -45,9 +45,6 @@ _OUT = flags.DEFINE_string("out", None, "Output directory (default RUN_DIR/vqa/<
 
 def main(argv) -> None:
     cli.no_arguments(argv)
-    missing = [f"--{f.name}" for f in (_CHECKPOINT, _DATA) if not f.value]
-    if missing:
-        raise cli.UsageError(f"{', '.join(missing)} required")
     cli.setup_logging(logging.WARNING, absl_level=logging.ERROR)   # Orbax notes a directory opened read-only
 
     from ringmoe.training.metrics import json_line
@@ -61,4 +58,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_absl("tools.vqa", main)
+    cli.run_absl("tools.vqa", main, required=("checkpoint", "data"))
