@@ -15,7 +15,7 @@ import os
 
 # Dotted key paths whose change alters neither the trained weights nor any figure
 # logged for a step: when (not what) is logged, evaluated, drawn or saved.
-LOGGING_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "image_every", "eval_every")
+LOGGING_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "image_every", "pictures", "eval_every")
 
 # The ONE list of keys a run may resume under with another value (a path covers every
 # key below it). Everything else is refused, among it: data_dir (the pipeline's own

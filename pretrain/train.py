@@ -283,7 +283,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
         records = RecordLog(workdir, log_records)
         last, guard = {}, NonFiniteGuard(config.max_nonfinite_steps)
         window_start, window_steps = time.perf_counter(), 0
-        batch = None
+        batch, pictures = None, task.pictures and config.pictures
         try:
             for step in range(start, config.total_steps):
                 batch = next(pipeline)
@@ -318,7 +318,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                     window_start, window_steps = time.perf_counter(), 0
                 elif scores:
                     writer.write(done, scores)
-                if task.pictures and config.image_every and done % config.image_every == 0:
+                if pictures and config.image_every and done % config.image_every == 0:
                     save_pictures(workdir, done, graphdef, state, device_batch, metrics, norm_stats, lead)
                 preempted = stop["signal"] is not None or checkpointer.reached_preemption(done)
                 save = checkpointer.should_save(done) or preempted or done == config.total_steps
@@ -332,7 +332,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
                     break
             guard.check()  # (every step was checked above: a no-op, kept as the guarantee)
             checkpointer.wait()  # the last save: its failure is this run's error
-            if task.pictures and batch is not None and not preempted:
+            if pictures and batch is not None and not preempted:
                 save_pictures(workdir, "final", graphdef, state, device_batch, metrics, norm_stats, lead)
         finally:
             if single:

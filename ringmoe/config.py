@@ -101,6 +101,7 @@ def base_config() -> ConfigDict:
     c.checkpoint_every = 1000         # async Orbax save every N steps (and on SIGTERM, and at the end)
     c.keep_checkpoints = 3
     c.image_every = 0                 # reconstruction / expert-load PNGs every N steps (0: at the end only)
+    c.pictures = True                 # those PNGs at all (False: none, nor the forward pass compiled to draw them)
     c.eval_every = 0                  # loss on fixed batches every N steps, at step 0 and at the end (0: off)
     c.eval_batches = 2                # those batches: drawn once with seed + 1 (same records, other crops/masks)
     c.collective_timeout_s = 600.0    # the longest any process waits for the others at start-up, a

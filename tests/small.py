@@ -9,8 +9,10 @@ from ringmoe.data import synthetic
 
 
 def micro_config(modalities):
-    """configs/tiny.py at 32 px, depths (1, 1), embed 16, keeping only `modalities`."""
+    """configs/tiny.py at 32 px, depths (1, 1), embed 16, keeping only `modalities`; no PNGs
+    (`pictures`: tests/test_train.py checks them)."""
     config = tiny.get_config()
+    config.pictures = False
     m = config.model
     m.image_size, m.depths, m.num_heads, m.embed_dim = 32, (1, 1), (1, 2), 16
     for name in list(m.modalities.keys()):

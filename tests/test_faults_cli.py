@@ -40,6 +40,7 @@ def get_config():
     c.data.mask_block_size = 8
     c.data.prefetch = 0
     c.total_steps, c.log_every, c.eval_every, c.image_every, c.checkpoint_every = 2, 1, 0, 0, 2
+    c.pictures = False
     return c
 '''
 

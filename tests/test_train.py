@@ -53,9 +53,9 @@ def setup(tmp_path_factory):
     return root
 
 
-def run_args(setup, workdir, *extra):
+def run_args(setup, workdir, *extra, pictures=False):
     return [sys.executable, "-m", "pretrain.train", f"--config={setup / 'small_config.py'}",
-            f"--workdir={workdir}", f"--config.data_dir={setup / 'data'}", "--config.image_every=0", *extra]
+            f"--workdir={workdir}", f"--config.data_dir={setup / 'data'}", f"--config.pictures={pictures}", *extra]
 
 
 def logged_numbers(workdir) -> dict[int, dict[str, float]]:
@@ -78,9 +78,13 @@ def env():
 
 def test_exact_resume_after_sigkill_and_corrupt_checkpoint_fallback(setup, tmp_path):
     uninterrupted = tmp_path / "a"
-    subprocess.run(run_args(setup, uninterrupted), cwd=REPO, env=env(), check=True, capture_output=True)
+    subprocess.run(run_args(setup, uninterrupted, pictures=True), cwd=REPO, env=env(), check=True,
+                   capture_output=True)
     reference = final_losses(uninterrupted)
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    # The pictures at the end (image_every 0); the other runs here draw none (config.pictures).
+    assert sorted(os.listdir(uninterrupted / "pictures")) == ["expert_load_final.png", "loss_curves.png",
+                                                             "reconstructions_final.png"]
     # The fixed-batch evaluation: at step 0, every eval_every steps and at the end.
     assert sorted(final_losses(uninterrupted, "eval/loss")) == [0, 3, 6]
 
@@ -127,7 +131,7 @@ def test_sharded_training_matches_one_device(setup, tmp_path):
     def run(name, mesh, devices):
         config = load_config_file(str(setup / "small_config.py"))
         config.data_dir = str(setup / "data")
-        config.total_steps, config.image_every = 3, 0
+        config.total_steps, config.pictures = 3, False
         config.mesh.update(mesh)
         train(config, str(tmp_path / name), devices=devices)
         return final_losses(tmp_path / name)
