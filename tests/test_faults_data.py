@@ -60,9 +60,9 @@ def run_config(data_dir, total_steps=6, **kw):
 
 @pytest.fixture
 def trainer(monkeypatch):
-    """pretrain.train without pictures, on one device, and a `main` runner with these flags."""
+    """pretrain.train on one device, and a `main` runner with these flags (no pictures:
+    `micro_config`)."""
     from pretrain import train
-    monkeypatch.setattr(train, "save_pictures", lambda *args: None)
     monkeypatch.setattr(train, "initialize_distributed", lambda timeout_s: False)
     real = train.train
     monkeypatch.setattr(train, "train", lambda config, workdir, **kw: real(config, workdir, jax.devices()[:1], **kw))

@@ -81,10 +81,9 @@ def small_run_config(data_dir, total_steps):
 
 
 def poisoned_steps(monkeypatch, nan_steps):
-    """train() runs with NaN input pixels at the (1-based) steps in `nan_steps`; no pictures."""
+    """train() runs with NaN input pixels at the (1-based) steps in `nan_steps`."""
     from pretrain import train as trainer
     poison_steps(monkeypatch, trainer, nan_steps)
-    monkeypatch.setattr(trainer, "save_pictures", lambda *args: None)
     return trainer
 
 

@@ -184,7 +184,7 @@ def main(argv) -> None:
     from pretrain.train import train
     config.data_dir = synthetic_dir
     _step(2, n, f"pretraining {config_flags.get_config_filename(flags.FLAGS['config'])} for "
-          f"{config.total_steps} steps (compiles first, ~1-2 min)", start)
+          f"{config.total_steps} steps (compiles first, about a minute)", start)
     from ringmoe.eval.features import evaluate_probes, random_init_model
     t = time.perf_counter()
     with ThreadPoolExecutor(1) as pool:   # the baseline's initialiser compiles beside the trainer's compiles
