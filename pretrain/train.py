@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from types import SimpleNamespace
 
@@ -277,9 +278,11 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
         stop = {"signal": None}
         # Several processes must stop at the same step: there JAX's preemption sync manager
         # owns SIGTERM (a Python handler would replace its notifier) and reached_preemption
-        # says when; a single process stops on the signal itself.
-        single = jax.process_count() == 1
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)) if single else None
+        # says when; a single process stops on the signal itself. A run on another thread
+        # (the demo's RS-MoE stages beside its probes) leaves the signal to the main thread
+        # (Python lets only the main thread set handlers).
+        owns_sigterm = jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)) if owns_sigterm else None
         records = RecordLog(workdir, log_records)
         last, guard = {}, NonFiniteGuard(config.max_nonfinite_steps)
         window_start, window_steps = time.perf_counter(), 0
@@ -335,7 +338,7 @@ def _train(config, workdir: str, devices, *, log_records: bool) -> dict:
             if pictures and batch is not None and not preempted:
                 save_pictures(workdir, "final", graphdef, state, device_batch, metrics, norm_stats, lead)
         finally:
-            if single:
+            if owns_sigterm:
                 signal.signal(signal.SIGTERM, previous)
             records.close()
             checkpointer.close()

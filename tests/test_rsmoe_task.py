@@ -1,5 +1,7 @@
 """RS-MoE through the one trainer (`config.task = "rsmoe"`): text sub-tasks in the Grain pipeline,
 the encoder read and frozen, stage 2 upcycled from stage 1, and what the task refuses."""
+from concurrent.futures import ThreadPoolExecutor
+
 import jax
 import numpy as np
 import pytest
@@ -84,7 +86,7 @@ def test_the_initialiser_leaves_the_encoder_it_will_load_undrawn_and_draws_the_r
         np.testing.assert_array_equal(loading[path], drawn[path], err_msg=path)
 
 
-def test_stage_two_starts_from_stage_one_with_its_lm_in_every_expert(runs):
+def test_stage_two_starts_from_stage_one_with_its_lm_in_every_expert_and_trains_on_a_thread(runs):
     config = micro_rsmoe("upcycled", runs["encoder"], runs["data"])
     config.vlm.init_from = runs["stage1"]
     _, source, _ = load_pretrained(runs["stage1"])
@@ -101,7 +103,8 @@ def test_stage_two_starts_from_stage_one_with_its_lm_in_every_expert(runs):
         elif path != "rsmoe/router/gate":
             np.testing.assert_array_equal(value, source[path], err_msg=path)
     assert started["rsmoe/router/gate"].shape[-1] == 3 and source["rsmoe/router/gate"].shape[-1] == 1
-    last = train(config, str(runs["root"] / "stage2"), jax.devices()[:2])
+    with ThreadPoolExecutor(1) as pool:   # as tools.demo runs it: on a thread, beside the probes
+        last = pool.submit(train, config, str(runs["root"] / "stage2"), jax.devices()[:2]).result()
     # expert_load: the share of rows choosing each expert, so over the experts it sums to top_k
     assert np.isfinite(last["loss"]) and sum(last[f"expert_load/e{k}"] for k in range(3)) == pytest.approx(
         config.vlm.top_k)

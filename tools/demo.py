@@ -6,24 +6,26 @@
 1. labelled synthetic data (ringmoe/data/synthetic.py): a pretraining set and,
    from another seed, a probe set of unseen scenes; the real Sentinel-1/2 chips
    cut into tiles of the model's input size (ringmoe/data/ingest/geotiff.py);
+   the probe set and the tiles are written beside step 2's start-up;
 2. pretraining of configs/demo.py (configs/tiny.py, 150 steps) on the
    pretraining set (pretrain.train; `--config.*` overrides it);
-3. probes on the frozen encoder vs its random initialisation and vs the raw
+3. RS-MoE on the pretrained encoder (configs/rsmoe_tiny.py, the encoder frozen),
+   on a thread of its own beside steps 4 and 5: stage 1, one dense LM on every
+   sub-task (--rsmoe-steps), then stage 2, upcycled into 3 experts + the
+   instruction router (--rsmoe-steps more); captions and VQA answers for unseen
+   scenes and for the real chips' tiles, scored against their grounded references
+   (ringmoe.vlm.evaluate), with a caption gallery;
+4. probes on the frozen encoder vs its random initialisation and vs the raw
    input (band means/stds; a per-pixel head on the bands): linear and kNN
    scene classification of the probe set for every modality (the headline
    figures are their means over modalities), segmentation of the real chips'
    land-cover maps from Sentinel-2 L2A (ringmoe.eval). 2000 probe scenes give
    400 test records, so one record is 0.25 points; every figure carries its
    95 % interval (Wilson; a record bootstrap for mIoU);
-4. compression of the pretrained model to a dense SwinV2 for multispectral
+5. compression of the pretrained model to a dense SwinV2 for multispectral
    (ringmoe.compress: statistics, extraction, pruning, merge, export; the
    distillation that follows the reference's merge with --distill-steps N),
    every stage linear-probed on the probe set;
-5. RS-MoE on the pretrained encoder (configs/rsmoe_tiny.py, the encoder frozen):
-   stage 1, one dense LM on every sub-task (--rsmoe-steps), then stage 2, upcycled
-   into 3 experts + the instruction router (--rsmoe-steps more); captions and VQA
-   answers for unseen scenes and for the real chips' tiles, scored against their
-   grounded references (ringmoe.vlm.evaluate), with a caption gallery;
 6. DEMO_OUT/report.md with the figures and the PNGs (reconstructions, expert
    loads, loss curves, calibration statistics, the RS-MoE gallery and router).
 Progress lines while it runs (the last one gives the wall time); the last line
@@ -174,51 +176,64 @@ def main(argv) -> None:
 
     from ringmoe.data import synthetic
     from ringmoe.data.ingest import geotiff
-    _step(1, n, f"making {_EXAMPLES.value} + {_PROBE_EXAMPLES.value} labelled synthetic scenes, converting "
-          "the real chips", start)
+    _step(1, n, f"making {_EXAMPLES.value} labelled synthetic scenes to pretrain on", start)
     made = synthetic.write(synthetic_dir, _EXAMPLES.value, config.model.image_size, seed=0, labeled=True)
-    synthetic.write(probe_set, _PROBE_EXAMPLES.value, config.model.image_size, seed=1, labeled=True)
-    chips = geotiff.convert_geotiff(REAL_CHIPS_CSV, real, tile=config.model.image_size,
-                                    label_names=geotiff.label_names_from("esri_lulc9"))
+
+    def evaluation_data():   # needed from step 3 on
+        synthetic.write(probe_set, _PROBE_EXAMPLES.value, config.model.image_size, seed=1, labeled=True)
+        return geotiff.convert_geotiff(REAL_CHIPS_CSV, real, tile=config.model.image_size,
+                                       label_names=geotiff.label_names_from("esri_lulc9"))
 
     from pretrain.train import train
     config.data_dir = synthetic_dir
     _step(2, n, f"pretraining {config_flags.get_config_filename(flags.FLAGS['config'])} for "
-          f"{config.total_steps} steps (compiles first, about a minute)", start)
+          f"{config.total_steps} steps (compiles first, about a minute), beside it {_PROBE_EXAMPLES.value} "
+          "probe scenes and the real chips' tiles", start)
     from ringmoe.eval.features import evaluate_probes, random_init_model
     t = time.perf_counter()
-    with ThreadPoolExecutor(1) as pool:   # the baseline's initialiser compiles beside the trainer's compiles
-        baseline = pool.submit(random_init_model, config)
+    # Beside the trainer's start-up, which waits on XLA compiling on one core: the baseline's
+    # initialiser compiles, and the probe set and the real chips' tiles are written (their
+    # numbers are the same as made one at a time: seeded, and XLA's results do not depend on
+    # what else runs).
+    with ThreadPoolExecutor(2) as pool:
+        baseline, chips = pool.submit(random_init_model, config), pool.submit(evaluation_data)
         last = train(config, run)
+        chips = chips.result()
     train_seconds = time.perf_counter() - t
 
     from ringmoe.model.checkpoint import load_pretrained
     from ringmoe.visualize import read_jsonl
     trained, model, _ = load_pretrained(run)
     random_init = baseline.result()   # the same config and seed as the run's step 0
-    probes = []
-    for modality in model.modalities:
-        _step(3, n, f"linear and kNN probes of {modality} on the probe set, pretrained and random init", start)
-        probes += [{**r, "data": "synthetic (unseen)"} for r in evaluate_probes(
-            trained, model, probe_set, ("linear", "knn"), modality, baseline_model=random_init)]
-    _step(3, n, "segmentation probe on the real chips (multispectral), pretrained and random init", start)
-    probes += [{**r, "data": "real chips"} for r in evaluate_probes(
-        trained, model, real, ("segmentation",), "multispectral", baseline_model=random_init)]
+    # RS-MoE needs only the pretrained encoder and the data: it runs on a thread of its own beside
+    # the probes and the compression, filling the core their compiles leave idle (its progress
+    # lines interleave with theirs; its figures are the same as run alone).
+    with ThreadPoolExecutor(1, thread_name_prefix="rsmoe") as pool:
+        rsmoe = None
+        if _RSMOE_STEPS.value:
+            _step(3, n, f"RS-MoE, beside steps 4 and 5: stage 1 (dense LM) and stage 2 (3 upcycled experts), "
+                  f"{_RSMOE_STEPS.value} steps each, then captions and VQA", start)
+            rsmoe = pool.submit(rsmoe_section, config, run, synthetic_dir, probe_set, real, out)
+        probes = []
+        for modality in model.modalities:
+            _step(4, n, f"linear and kNN probes of {modality} on the probe set, pretrained and random init", start)
+            probes += [{**r, "data": "synthetic (unseen)"} for r in evaluate_probes(
+                trained, model, probe_set, ("linear", "knn"), modality, baseline_model=random_init)]
+        _step(4, n, "segmentation probe on the real chips (multispectral), pretrained and random init", start)
+        probes += [{**r, "data": "real chips"} for r in evaluate_probes(
+            trained, model, real, ("segmentation",), "multispectral", baseline_model=random_init)]
 
-    from ringmoe.compress.run import compress
-    _step(4, n, f"compressing to a dense multispectral SwinV2 ({_DISTILL_STEPS.value} distillation steps), "
-          "probing every stage", start)
-    compression = compress(run, trained, "multispectral", os.path.join(out, "compressed"),
-                           keep=trained.compress.keep_collaborative, distill_steps=_DISTILL_STEPS.value,
-                           data_dir=synthetic_dir, probe_data_dir=probe_set, probed={"full": next(
-                               p["value"] for p in probes if p["probe"] == "linear"
-                               and p["modality"] == "multispectral")})
-
-    rsmoe = None
-    if _RSMOE_STEPS.value:
-        _step(5, n, f"RS-MoE: stage 1 (dense LM) and stage 2 (3 upcycled experts), {_RSMOE_STEPS.value} steps each, "
-              "then captions and VQA", start)
-        rsmoe = rsmoe_section(config, run, synthetic_dir, probe_set, real, out)
+        from ringmoe.compress.run import compress
+        _step(5, n, f"compressing to a dense multispectral SwinV2 ({_DISTILL_STEPS.value} distillation steps), "
+              "probing every stage", start)
+        compression = compress(run, trained, "multispectral", os.path.join(out, "compressed"),
+                               keep=trained.compress.keep_collaborative, distill_steps=_DISTILL_STEPS.value,
+                               data_dir=synthetic_dir, probe_data_dir=probe_set, probed={"full": next(
+                                   p["value"] for p in probes if p["probe"] == "linear"
+                                   and p["modality"] == "multispectral")})
+        if rsmoe is not None:
+            _step(5, n, "waiting for RS-MoE", start)
+            rsmoe = rsmoe.result()
 
     _step(6, n, "writing the report", start)
     records = read_jsonl(os.path.join(run, "metrics.jsonl"))
