@@ -155,8 +155,8 @@ _CONFIG = cli.define_config_file("tools.demo", "config", os.path.join(REPO, "con
 _EXAMPLES = flags.DEFINE_integer("examples", 256, "Synthetic scenes to pretrain on.", lower_bound=1)
 _PROBE_EXAMPLES = flags.DEFINE_integer("probe-examples", 2000, "Synthetic scenes to probe on "
                                        "(2000: 400 test records, 0.25 points each).", lower_bound=10)
-_RSMOE_STEPS = flags.DEFINE_integer("rsmoe-steps", 100, "Updates of each RS-MoE stage (0: no RS-MoE section; 100: "
-                                    "the demo inside 10 minutes, README).", lower_bound=0)
+_RSMOE_STEPS = flags.DEFINE_integer("rsmoe-steps", 100, "Updates of each RS-MoE stage (0: no RS-MoE section; 100, "
+                                    "traded down from 150 for the demo's time: README).", lower_bound=0)
 _RSMOE_RECORDS = flags.DEFINE_integer("rsmoe-records", 200, "Unseen scenes captioned and questioned.", lower_bound=1)
 _DISTILL_STEPS = flags.DEFINE_integer("distill-steps", 0, "Distillation steps of the compressed model (0: stop "
                                       "after the merge, as the reference does).", lower_bound=0)
