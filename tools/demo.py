@@ -196,9 +196,9 @@ def main(argv) -> None:
     # numbers are the same as made one at a time: seeded, and XLA's results do not depend on
     # what else runs).
     with ThreadPoolExecutor(2) as pool:
-        baseline, chips = pool.submit(random_init_model, config), pool.submit(evaluation_data)
+        baseline, evaluation = pool.submit(random_init_model, config), pool.submit(evaluation_data)
         last = train(config, run)
-        chips = chips.result()
+        chips = evaluation.result()
     train_seconds = time.perf_counter() - t
 
     from ringmoe.model.checkpoint import load_pretrained
@@ -209,11 +209,11 @@ def main(argv) -> None:
     # the probes and the compression, filling the core their compiles leave idle (its progress
     # lines interleave with theirs; its figures are the same as run alone).
     with ThreadPoolExecutor(1, thread_name_prefix="rsmoe") as pool:
-        rsmoe = None
+        tuning = None
         if _RSMOE_STEPS.value:
             _step(3, n, f"RS-MoE, beside steps 4 and 5: stage 1 (dense LM) and stage 2 (3 upcycled experts), "
                   f"{_RSMOE_STEPS.value} steps each, then captions and VQA", start)
-            rsmoe = pool.submit(rsmoe_section, config, run, synthetic_dir, probe_set, real, out)
+            tuning = pool.submit(rsmoe_section, config, run, synthetic_dir, probe_set, real, out)
         probes = []
         for modality in model.modalities:
             _step(4, n, f"linear and kNN probes of {modality} on the probe set, pretrained and random init", start)
@@ -231,9 +231,10 @@ def main(argv) -> None:
                                data_dir=synthetic_dir, probe_data_dir=probe_set, probed={"full": next(
                                    p["value"] for p in probes if p["probe"] == "linear"
                                    and p["modality"] == "multispectral")})
-        if rsmoe is not None:
+        rsmoe = None
+        if tuning is not None:
             _step(5, n, "waiting for RS-MoE", start)
-            rsmoe = rsmoe.result()
+            rsmoe = tuning.result()
 
     _step(6, n, "writing the report", start)
     records = read_jsonl(os.path.join(run, "metrics.jsonl"))
