@@ -63,6 +63,10 @@ def get_config(target: str = "h100-64"):
     m.dtype = "bfloat16"
     m.remat = "block"
     m.moe.dispatch = "sort"
+    # The modal experts looped over modalities, one modality's experts gathered at a time:
+    # h100-64 holds 6.00 GB of temporaries per device instead of 9.16 GB, and v5p-128
+    # compiles in 4.6 minutes instead of 6.7 (vmapped, the default, is the faster step).
+    m.moe.modal_experts_loop = True
     # Experts over `expert` (4 = the experts per group); parameters and AdamW state
     # FSDP-sharded over all remaining devices (16 on 64 devices, 64 on 256), so the
     # 206 GB of state is about 3.2 GB per device on 64. The token batch is split over

@@ -18,7 +18,7 @@ MODALITIES = ("optical", "sar_l2", "sar_l1")
 def moe_config(**overrides):
     base = dict(enabled=True, num_modal_experts=2, num_collaborative_experts=3, shared_expert=True,
                 router="token_choice", top_k=1, capacity_factor=1.2, dispatch="sort",
-                load_balance_weight=1e-3, z_loss_weight=1e-4)
+                load_balance_weight=1e-3, z_loss_weight=1e-4, modal_experts_loop=False)
     return ConfigDict({**base, **overrides})
 
 
@@ -55,13 +55,14 @@ def test_modality_reaches_only_its_own_modal_experts():
     np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.parametrize("loop", [False, True], ids=["vmapped", "looped"])
 @pytest.mark.parametrize("router", ["dropless", "loss_free_bias"])
-def test_a_mixed_batch_equals_each_modality_alone(router):
-    """Three modalities interleaved in one batch (the modal experts vmapped over the modality
-    axis, `route_by_modality`) give each modality's images the output and statistics they get
-    alone, with every modality's router its own, its selection bias included (set unequal
-    here, so a bias applied to the wrong modality's images would change the routing)."""
-    layer = make_layer(router=router)
+def test_a_mixed_batch_equals_each_modality_alone(router, loop):
+    """Three modalities interleaved in one batch (the modal experts vmapped or looped over the
+    modality axis, `route_by_modality`) give each modality's images the output and statistics
+    they get alone, with every modality's router its own, its selection bias included (set
+    unequal here, so a bias applied to the wrong modality's images would change the routing)."""
+    layer = make_layer(router=router, modal_experts_loop=loop)
     if router == "loss_free_bias":
         for i, m in enumerate(MODALITIES):
             bias = layer.modal_experts[m].router.bias
@@ -74,6 +75,21 @@ def test_a_mixed_batch_equals_each_modality_alone(router):
         for group in ("modal", "collaborative"):
             for name, value in stats[m][group].items():
                 np.testing.assert_allclose(value, stats_alone[m][group][name], rtol=1e-6, atol=1e-7)
+
+
+def test_modal_experts_vmapped_and_looped_give_the_same_outputs_and_gradients():
+    """`model.moe.modal_experts_loop` changes how the modal experts run, not what they compute."""
+    x = tokens(shape=(6, 4, 4, 16))
+    results = []
+    for loop in (False, True):
+        graphdef, params = nnx.split(make_layer(router="dropless", modal_experts_loop=loop), nnx.Param)
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, MODALITIES)[0] ** 2)  # noqa: E731
+        results.append(jax.value_and_grad(loss)(params))
+    (vmapped, g_vmapped), (looped, g_looped) = results
+    np.testing.assert_allclose(vmapped, looped, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_vmapped), jax.tree.leaves(g_looped)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert any(float(jnp.sum(jnp.abs(leaf))) > 0 for leaf in jax.tree.leaves(g_looped["modal_experts"]))
 
 
 def test_in_a_mixed_batch_each_modality_reaches_only_its_own_modal_experts():

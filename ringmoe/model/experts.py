@@ -78,21 +78,29 @@ class RoutedExperts(nnx.Module):
         return dispatch.run(self.dispatch, self.experts.weights(), x.astype(self.experts.dtype), plan)
 
 
-def route_by_modality(groups: Sequence[RoutedExperts], x: jax.Array) -> tuple[jax.Array, tuple[dict, ...]]:
+def route_by_modality(groups: Sequence[RoutedExperts], x: jax.Array, *, loop: bool = False
+                      ) -> tuple[jax.Array, tuple[dict, ...]]:
     """Tokens x (G, S, D) interleaving len(groups) modalities image by image, image b of
     modality i at x[b * len(groups) + i], each routed by its own modality's `groups[i]`
     (modal-specialised experts) -> (y (G, S, D), statistics per modality).
 
     Each modality's router sees only its own images and its experts compute only their
     tokens. The routers run vmapped over the modality axis and the plan and statistics
-    are computed once for all groups; the experts run in a loop over the modality axis
-    (`jax.lax.map`), their weights stacked (cast and pinned to their sharding as one
-    array). The same computation as a Python loop over modalities, with one copy of its
-    program instead of one per modality (without modal experts at all, the tiny train
-    step compiled in 35 % less time). A loop rather than vmap: vmapped, every
-    modality's experts are gathered at once under FSDP (the 14.7B step on h100-64 held
-    9.53 GB of temporaries per device vmapped, 6.14 GB looped, 9.18 GB with one copy
-    per modality; `tools.aot`)."""
+    are computed once for all groups; the experts' weights are stacked over the modality
+    axis (cast and pinned to their sharding as one array). One copy of the program
+    whatever the number of modalities, run one of two ways (`model.moe.modal_experts_loop`):
+
+    * vmapped (`loop=False`): one batched matmul over (modality, expert) per expert
+      layer. The faster step: the base config's train step (batch 8) on a 2-core CPU
+      took 6.57 s against 8.71 s looped (medians of 6, both in one process, alternating;
+      README "Against the code before issue 16").
+    * looped (`loop=True`, `jax.lax.map`): one modality's experts at a time, so under
+      FSDP one modality's experts are gathered at a time. The loop stacks each
+      modality's activations for the backward pass and slices them out again (the
+      data movement that slows the CPU step), but at 14.7B it holds less and the TPU
+      compiles it sooner: h100-64 6.00 GB of temporaries per device against 9.16 GB
+      vmapped, v5p-128 compiled in 4.6 against 6.7 minutes (`tools.aot`, README
+      "Running on a pod")."""
     count, first = len(groups), groups[0]
     per_modality = by_segment(x, count)                                   # (count, G / count, S, D)
     kernels = jnp.stack([g.router.kernel[...] for g in groups])
@@ -111,5 +119,6 @@ def route_by_modality(groups: Sequence[RoutedExperts], x: jax.Array) -> tuple[ja
                             RoutingPlan(expert_index, gate, slot, plan.capacity))
 
     own = by_segment(plan, count)
-    y = jax.lax.map(lambda a: apply(*a), (weights, per_modality, own.expert_index, own.gate, own.slot))
+    operands = (weights, per_modality, own.expert_index, own.gate, own.slot)
+    y = jax.lax.map(lambda a: apply(*a), operands) if loop else jax.vmap(apply)(*operands)
     return jnp.swapaxes(y, 0, 1).reshape(x.shape), segment_statistics(logits, plan, first.policy, count)

@@ -29,10 +29,10 @@ class HierarchicalMoE(nnx.Module):
     x holds the images of every modality of one backbone pass, interleaved image by
     image: image b of `modalities[i]` is x[b * len(modalities) + i] (`RingMoE.encode_all`).
     Each image is one routing group. A token of modality m only ever reaches m's modal
-    experts: each modality's images go through their own router and experts (a loop over
-    the modality axis, `route_by_modality`, so no expert runs on another modality's tokens
-    and no buffer is padded for them); the collaborative and shared experts take the whole
-    batch.
+    experts: each modality's images go through their own router and experts (vmapped or
+    looped over the modality axis, `route_by_modality`, so no expert runs on another
+    modality's tokens and no buffer is padded for them); the collaborative and shared
+    experts take the whole batch.
 
     The statistics are per modality, {m: {'modal'|'collaborative': route() statistics
     of m's images}}, one entry per routed group present.
@@ -48,6 +48,7 @@ class HierarchicalMoE(nnx.Module):
         self.collaborative_experts = routed(n_collab) if n_collab else None
         self.shared_expert = (FeedForward(dim, hidden, dtype=dtype, rngs=rngs)
                               if moe_config.shared_expert else None)
+        self.modal_experts_loop = bool(moe_config.modal_experts_loop)
         if not (n_modal or n_collab or moe_config.shared_expert):
             raise ValueError("MoE layer with no experts: set modal, collaborative or shared experts")
 
@@ -60,7 +61,8 @@ class HierarchicalMoE(nnx.Module):
         y = jnp.zeros_like(tokens)
         stats = {m: {} for m in modalities}
         if self.modal_experts is not None:
-            out, per_modality = route_by_modality([self.modal_experts[m] for m in modalities], tokens)
+            out, per_modality = route_by_modality([self.modal_experts[m] for m in modalities], tokens,
+                                                  loop=self.modal_experts_loop)
             for m, s in zip(modalities, per_modality):
                 stats[m]["modal"] = s
             y = y + out
