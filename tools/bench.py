@@ -14,8 +14,10 @@ path's experts compute against the rows the routing kept, and useful GFLOP/s; pa
 whose library does not import are listed under `skipped` with the reason.
 `data`: the full input pipeline against a raw ArrayRecord read of the same records.
 `step`: the real train and eval steps on one batch of DIR, blocks unrolled and scanned
-(`model.scan_layers`, or the `--layouts` named): first-call (compile) seconds, median
-step seconds, samples/s, MFU, peak device memory, and the scanned / unrolled ratios; with
+(`model.scan_layers`, or the `--layouts` named; `looped`: scanned with the modal experts
+looped over the modalities, `model.moe.modal_experts_loop`): first-call (compile) seconds,
+median step seconds, samples/s, MFU, peak device memory, and the scanned / unrolled and
+looped / scanned ratios; with
 `--profile_dir`, the top 10 operations of `--profile_steps` profiled steps, also written
 as text to DIR/top_ops.txt.
 `compile`: where the train step's compile time goes: trace, lower and XLA compile seconds
@@ -45,7 +47,8 @@ _DATA = flags.DEFINE_string("data", None, "data: directory of ArrayRecord shards
 _BATCHES = flags.DEFINE_integer("batches", 50, "data: batches to time.")
 _STEPS = flags.DEFINE_integer("steps", 5, "step: train steps timed after the first (the median is reported).")
 _PATHS = flags.DEFINE_list("paths", None, "moe: dispatch paths to time (default: every registered path).")
-_LAYOUTS = flags.DEFINE_list("layouts", ["unrolled", "scanned"], "step: block layouts to time.")
+_LAYOUTS = flags.DEFINE_list("layouts", ["unrolled", "scanned"], "step: layouts to time: unrolled, scanned, "
+                             "looped (ringmoe/training/bench.py LAYOUTS).")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "step: profile the last layout's steps into DIR.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "step: steps under the profiler.", lower_bound=1)
 MODES = ("moe", "data", "step", "compile", "lm")
@@ -112,8 +115,9 @@ def main(argv):
                 with open(f"{_PROFILE_DIR.value}/top_ops.txt", "w") as f:
                     f.write(text)
                 print(text, end="")
-        if "scanned_over_unrolled" in result:
-            print("scanned / unrolled: " + "  ".join(f"{k} {v:.2f}" for k, v in result["scanned_over_unrolled"].items()))
+        for a, b in (("scanned", "unrolled"), ("looped", "scanned")):
+            if f"{a}_over_{b}" in result:
+                print(f"{a} / {b}: " + "  ".join(f"{k} {v:.2f}" for k, v in result[f"{a}_over_{b}"].items()))
     result.setdefault("jax_version", jax.__version__)
     result.setdefault("device_kind", jax.devices()[0].device_kind)
     result["command"] = " ".join(["python -m tools.bench"] + sys.argv[1:])

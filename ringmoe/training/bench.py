@@ -29,7 +29,9 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-LAYOUTS = {"unrolled": False, "scanned": True}   # layout name -> model.scan_layers
+# layout name -> (model.scan_layers, model.moe.modal_experts_loop): blocks unrolled or scanned,
+# the modal experts vmapped or looped over the modalities (`experts.route_by_modality`).
+LAYOUTS = {"unrolled": (False, False), "scanned": (True, False), "looped": (True, True)}
 
 
 def _peak_bytes() -> int | None:
@@ -81,7 +83,8 @@ def run(config, *, steps: int = 5, layouts=tuple(LAYOUTS), profile_dir: str | No
         profile_steps: int = 3) -> dict:
     """`step_times` for each block layout; per layout samples/s and MFU against the device's
     peak (`ringmoe.flops`: 3 x forward, active experts only; on CPU the peak is a measured
-    matmul), and with both layouts the ratios scanned / unrolled and `mfu` of the scanned one.
+    matmul), the ratios scanned / unrolled and looped / scanned of the layouts run, and `mfu`
+    of the scanned one.
     `profile_dir`: the last layout's profile goes there."""
     unknown = set(layouts) - set(LAYOUTS)
     if unknown:
@@ -90,7 +93,7 @@ def run(config, *, steps: int = 5, layouts=tuple(LAYOUTS), profile_dir: str | No
     results, model_flops = {}, None
     for name in layouts:
         c = config.copy_and_resolve_references()
-        c.model.scan_layers = LAYOUTS[name]
+        c.model.scan_layers, c.model.moe.modal_experts_loop = LAYOUTS[name]
         r = step_times(c, steps=steps, profile_dir=profile_dir if name == layouts[-1] else None,
                        profile_steps=profile_steps)
         model_flops = flops.model_flops_per_step(config.model, r["batch_sizes"], training=True)
@@ -102,11 +105,11 @@ def run(config, *, steps: int = 5, layouts=tuple(LAYOUTS), profile_dir: str | No
            "dispatch": dispatch.resolve(config.model.moe.dispatch),
            "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
            "devices": jax.device_count(), "jax_version": jax.__version__}
-    if set(results) == set(LAYOUTS):
-        scanned = results["scanned"]
-        out["scanned_over_unrolled"] = {k: scanned[k] / results["unrolled"][k]
-                                        for k in ("train_first_s", "eval_first_s", "step_s")}
-        out["mfu"] = scanned["mfu"]
+    for a, b in (("scanned", "unrolled"), ("looped", "scanned")):
+        if a in results and b in results:
+            out[f"{a}_over_{b}"] = {k: results[a][k] / results[b][k] for k in ("train_first_s", "eval_first_s", "step_s")}
+    if "scanned" in results:
+        out["mfu"] = results["scanned"]["mfu"]
     return out
 
 
