@@ -65,7 +65,7 @@ def get_config(target: str = "h100-64"):
     m.moe.dispatch = "sort"
     # The modal experts looped over modalities, one modality's experts gathered at a time:
     # h100-64 holds 6.00 GB of temporaries per device instead of 9.16 GB, and v5p-128
-    # compiles in 4.6 minutes instead of 6.7 (vmapped, the default, is the faster step).
+    # compiles in 4.6 minutes instead of 6.8 (vmapped, the default, is the faster step).
     m.moe.modal_experts_loop = True
     # Experts over `expert` (4 = the experts per group); parameters and AdamW state
     # FSDP-sharded over all remaining devices (16 on 64 devices, 64 on 256), so the

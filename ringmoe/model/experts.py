@@ -99,7 +99,7 @@ def route_by_modality(groups: Sequence[RoutedExperts], x: jax.Array, *, loop: bo
       modality's activations for the backward pass and slices them out again (the
       data movement that slows the CPU step), but at 14.7B it holds less and the TPU
       compiles it sooner: h100-64 6.00 GB of temporaries per device against 9.16 GB
-      vmapped, v5p-128 compiled in 4.6 against 6.7 minutes (`tools.aot`, README
+      vmapped, v5p-128 compiled in 4.6 against 6.8 minutes (`tools.aot`, README
       "Running on a pod")."""
     count, first = len(groups), groups[0]
     per_modality = by_segment(x, count)                                   # (count, G / count, S, D)
