@@ -115,7 +115,7 @@ def main(argv):
                 with open(f"{_PROFILE_DIR.value}/top_ops.txt", "w") as f:
                     f.write(text)
                 print(text, end="")
-        for a, b in (("scanned", "unrolled"), ("looped", "scanned")):
+        for a, b in bench.RATIOS:
             if f"{a}_over_{b}" in result:
                 print(f"{a} / {b}: " + "  ".join(f"{k} {v:.2f}" for k, v in result[f"{a}_over_{b}"].items()))
     result.setdefault("jax_version", jax.__version__)

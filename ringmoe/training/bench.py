@@ -32,6 +32,7 @@ def _timed(fn, *args):
 # layout name -> (model.scan_layers, model.moe.modal_experts_loop): blocks unrolled or scanned,
 # the modal experts vmapped or looped over the modalities (`experts.route_by_modality`).
 LAYOUTS = {"unrolled": (False, False), "scanned": (True, False), "looped": (True, True)}
+RATIOS = (("scanned", "unrolled"), ("looped", "scanned"))   # reported as f"{a}_over_{b}" when both ran
 
 
 def _peak_bytes() -> int | None:
@@ -105,7 +106,7 @@ def run(config, *, steps: int = 5, layouts=tuple(LAYOUTS), profile_dir: str | No
            "dispatch": dispatch.resolve(config.model.moe.dispatch),
            "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
            "devices": jax.device_count(), "jax_version": jax.__version__}
-    for a, b in (("scanned", "unrolled"), ("looped", "scanned")):
+    for a, b in RATIOS:
         if a in results and b in results:
             out[f"{a}_over_{b}"] = {k: results[a][k] / results[b][k] for k in ("train_first_s", "eval_first_s", "step_s")}
     if "scanned" in results:
