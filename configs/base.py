@@ -13,9 +13,9 @@ def get_config():
     m.embed_dim = 96
     m.depths = (2, 2, 6, 2)
     m.num_heads = (3, 6, 12, 24)
-    # Unrolled blocks: at depth 6 the scan saves a few seconds of a ~1-minute compile and costs
-    # every step 1.07-1.39x on CPU (its stacked residuals are zero-filled and written per
-    # iteration; README "Benchmarks"). Scanning pays where compile time is minutes (14.7B).
+    # Unrolled blocks: at depth 6 the scan saves little of a ~1-minute compile and costs every
+    # step 1.07-1.63x on CPU in one-process comparisons (its stacked residuals are zero-filled
+    # and written per iteration; README "Benchmarks"). Scanning pays where compile takes minutes.
     m.scan_layers = False
     m.modalities.optical = modality(3)
     m.modalities.multispectral = modality(12, "wavelength", S2_L2A_BANDS)
