@@ -15,7 +15,7 @@ $(STAMP): requirements.txt
 
 # Two pytest workers: XLA compiles (most of the suite's time) run mostly on one core.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10 tests
+	$(PY) -m pytest -q -n 2 --durations=10 tests
 
 demo: $(STAMP)
 	$(PY) -m tools.demo

@@ -35,8 +35,7 @@ def micro_rsmoe(variant: str, encoder: str, data_dir: str):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A pretraining run (its initial state) as the encoder, and a 2-step stage-1 run on it. Its
-    tests share one xdist group (`make test` runs `--dist loadgroup`), so one worker builds it."""
+    """A pretraining run (its initial state) as the encoder, and a 2-step stage-1 run on it."""
     root = tmp_path_factory.mktemp("rsmoe")
     encoder, data_dir = initial_run(root, micro_config(("optical",)), examples=12)
     stage1 = micro_rsmoe("dense", encoder, data_dir)
@@ -44,7 +43,6 @@ def runs(tmp_path_factory):
     return {"root": root, "encoder": encoder, "data": data_dir, "stage1": str(root / "stage1"), "last": last}
 
 
-@pytest.mark.xdist_group("rsmoe_task_runs")
 def test_text_rows_are_the_subtasks_of_the_crop_the_model_sees(runs):
     config = micro_rsmoe("dense", runs["encoder"], runs["data"])
     config.data.crop_scale, config.data.crop_ratio = (0.3, 0.6), (0.75, 1.33)   # a crop: other facts than the scene's
@@ -64,7 +62,6 @@ def test_text_rows_are_the_subtasks_of_the_crop_the_model_sees(runs):
     assert (batch["answer_valid"].sum(-1) > 1).all() and (batch["kind"] < len(examples.KINDS)).all()
 
 
-@pytest.mark.xdist_group("rsmoe_task_runs")
 def test_stage_one_trains_the_language_side_and_leaves_the_loaded_encoder_exactly(runs):
     assert np.isfinite(runs["last"]["loss"]) and runs["last"]["expert_load/e0"] == 1.0
     _, encoder, _ = load_pretrained(runs["encoder"])
@@ -78,7 +75,6 @@ def test_stage_one_trains_the_language_side_and_leaves_the_loaded_encoder_exactl
     assert not np.allclose(named(nnx.state(model, nnx.Param))["rsmoe/experts/layers/0/mlp/up"], before)
 
 
-@pytest.mark.xdist_group("rsmoe_task_runs")
 def test_the_initialiser_leaves_the_encoder_it_will_load_undrawn_and_draws_the_rest_as_before(runs):
     mesh = sharding.make_mesh({}, jax.devices()[:1])
     _, loading, _ = create_state(micro_rsmoe("dense", runs["encoder"], runs["data"]), mesh)
@@ -90,7 +86,6 @@ def test_the_initialiser_leaves_the_encoder_it_will_load_undrawn_and_draws_the_r
         np.testing.assert_array_equal(loading[path], drawn[path], err_msg=path)
 
 
-@pytest.mark.xdist_group("rsmoe_task_runs")
 def test_stage_two_starts_from_stage_one_with_its_lm_in_every_expert_and_trains_on_a_thread(runs):
     config = micro_rsmoe("upcycled", runs["encoder"], runs["data"])
     config.vlm.init_from = runs["stage1"]
@@ -125,7 +120,6 @@ def test_upcycling_names_every_parameter_stage_one_cannot_fill():
         assert fragment in str(e.value)
 
 
-@pytest.mark.xdist_group("rsmoe_task_runs")
 def test_the_task_refuses_a_pretraining_run_as_stage_one_and_a_mismatched_encoder(runs):
     config = micro_rsmoe("upcycled", runs["encoder"], runs["data"])
     config.vlm.init_from = runs["encoder"]

@@ -94,8 +94,7 @@ def test_answer_routes_each_row_to_its_top_expert():
 def run_dir(tmp_path_factory):
     """A tiny labelled data set with captions, and an RS-MoE "run" at its initialisation: the state the
     trainer would start from, saved by the trainer's own Checkpointer, with a tokenizer trained on the
-    data's text (what a run's workdir holds; much cheaper than training steps). Its tests share one
-    xdist group (`make test` runs `--dist loadgroup`), so one worker builds it, not both."""
+    data's text (what a run's workdir holds; much cheaper than training steps)."""
     from configs import rsmoe_tiny
     from ringmoe.data import synthetic
     from ringmoe.model.checkpoint import one_device_mesh
@@ -127,7 +126,6 @@ def run_tool(tool: str, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.xdist_group("vlm_infer_run_dir")
 def test_caption_tool_end_to_end(run_dir):
     root, data, workdir = run_dir
     out = str(root / "caption")
@@ -154,7 +152,6 @@ def test_caption_tool_end_to_end(run_dir):
                for r in rows)
 
 
-@pytest.mark.xdist_group("vlm_infer_run_dir")
 def test_vqa_tool_end_to_end(run_dir):
     root, data, workdir = run_dir
     out = str(root / "vqa")
@@ -174,7 +171,6 @@ def test_vqa_tool_end_to_end(run_dir):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
 
 
-@pytest.mark.xdist_group("vlm_infer_run_dir")
 def test_image_reliance_compares_own_and_other_scenes(run_dir):
     """Teacher-forced NLL with each row's own image vs another scene's: at initialisation the
     answers' logits already depend on the image, so the two differ (a pipeline that dropped the
