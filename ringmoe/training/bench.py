@@ -85,7 +85,7 @@ def run(config, *, steps: int = 5, layouts=tuple(LAYOUTS), profile_dir: str | No
     """`step_times` for each block layout; per layout samples/s and MFU against the device's
     peak (`ringmoe.flops`: 3 x forward, active experts only; on CPU the peak is a measured
     matmul), the ratios scanned / unrolled and looped / scanned of the layouts run, and `mfu`
-    of the scanned one.
+    of the layout the config itself uses (`mfu_layout`; configs/base.py runs unrolled).
     `profile_dir`: the last layout's profile goes there."""
     unknown = set(layouts) - set(LAYOUTS)
     if unknown:
@@ -109,8 +109,11 @@ def run(config, *, steps: int = 5, layouts=tuple(LAYOUTS), profile_dir: str | No
     for a, b in RATIOS:
         if a in results and b in results:
             out[f"{a}_over_{b}"] = {k: results[a][k] / results[b][k] for k in ("train_first_s", "eval_first_s", "step_s")}
-    if "scanned" in results:
-        out["mfu"] = results["scanned"]["mfu"]
+    # The layout the config itself trains with (None: a combination no layout names).
+    own = {layout: name for name, layout in LAYOUTS.items()}.get(
+        (config.model.scan_layers, config.model.moe.modal_experts_loop))
+    if own in results:
+        out["mfu"], out["mfu_layout"] = results[own]["mfu"], own
     return out
 
 
