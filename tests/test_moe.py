@@ -30,14 +30,32 @@ def tokens(seed=1, shape=(4, 4, 4, 16)):
     return jax.random.normal(jax.random.key(seed), shape)
 
 
+# The layers run compiled: called eagerly, every operation compiles on its own, about ten
+# times the time of one compiled call here (a layer's forward 5.7 s eager, 0.7 s jitted).
+# apply(layer, x, modalities) for a HierarchicalMoE, apply(layer, x) for RoutedExperts;
+# jit_route's plan holds its capacity as a 0-d array.
+apply = nnx.jit(lambda layer, x, *modalities: layer(x, *modalities), static_argnums=2)
+jit_route = jax.jit(route, static_argnames=("router", "top_k", "capacity_factor"))
+
+
 def grads(layer, x, modality):
     graphdef, params = nnx.split(layer, nnx.Param)
 
-    def loss(params):
-        y, _ = nnx.merge(graphdef, params)(x, (modality,))
-        return jnp.sum(y ** 2)
+    @jax.jit
+    def grad(params, x):
+        return jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x, (modality,))[0] ** 2))(params)
 
-    return jax.grad(loss)(params)
+    return grad(params, x)
+
+
+def every_path(layer, x, router, top_k, capacity_factor):
+    """(plan, stats, [output of each dispatch.PATHS]) of RoutedExperts `layer` on x, one program."""
+    @nnx.jit
+    def run(layer, x):
+        plan, stats = route(layer.router(x), router=router, top_k=top_k, capacity_factor=capacity_factor)
+        return plan, stats, [dispatch.run(p, layer.experts.weights(), x, plan) for p in dispatch.PATHS]
+
+    return run(layer, x)
 
 
 def test_modality_reaches_only_its_own_modal_experts():
@@ -48,10 +66,10 @@ def test_modality_reaches_only_its_own_modal_experts():
         norm = sum(float(jnp.sum(jnp.abs(leaf))) for leaf in jax.tree.leaves(g["modal_experts"][m]))
         assert (norm > 0) == (m == "sar_l2"), (m, norm)
     # Changing another modality's experts leaves this modality's output unchanged.
-    before, _ = layer(x, ("sar_l2",))
+    before, _ = apply(layer, x, ("sar_l2",))
     other = layer.modal_experts["optical"].experts
     other.w_in[...] = other.w_in[...] + 1.0
-    after, _ = layer(x, ("sar_l2",))
+    after, _ = apply(layer, x, ("sar_l2",))
     np.testing.assert_array_equal(before, after)
 
 
@@ -68,9 +86,9 @@ def test_a_mixed_batch_equals_each_modality_alone(router, loop):
             bias = layer.modal_experts[m].router.bias
             bias[...] = jnp.asarray([0.3, -0.3]) * (i - 1)
     x = tokens(shape=(6, 4, 4, 16))
-    mixed, stats = layer(x, MODALITIES)
+    mixed, stats = apply(layer, x, MODALITIES)
     for i, m in enumerate(MODALITIES):
-        alone, stats_alone = layer(x[i::3], (m,))
+        alone, stats_alone = apply(layer, x[i::3], (m,))
         np.testing.assert_allclose(mixed[i::3], alone, rtol=1e-6, atol=1e-6)
         for group in ("modal", "collaborative"):
             for name, value in stats[m][group].items():
@@ -84,7 +102,7 @@ def test_modal_experts_vmapped_and_looped_give_the_same_outputs_and_gradients():
     for loop in (False, True):
         graphdef, params = nnx.split(make_layer(router="dropless", modal_experts_loop=loop), nnx.Param)
         loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, MODALITIES)[0] ** 2)  # noqa: E731
-        results.append(jax.value_and_grad(loss)(params))
+        results.append(jax.jit(jax.value_and_grad(loss))(params))
     (vmapped, g_vmapped), (looped, g_looped) = results
     np.testing.assert_allclose(vmapped, looped, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_vmapped), jax.tree.leaves(g_looped)):
@@ -104,11 +122,11 @@ def test_in_a_mixed_batch_each_modality_reaches_only_its_own_modal_experts():
         y, _ = nnx.merge(graphdef, params)(x, ("optical", "sar_l2"))
         return y[1::2]
 
-    g = jax.grad(lambda p: jnp.sum(sar_rows(p) ** 2))(params)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(sar_rows(p) ** 2)))(params)
     assert sum(float(jnp.sum(jnp.abs(leaf))) for leaf in jax.tree.leaves(g["modal_experts"]["optical"])) == 0
     assert sum(float(jnp.sum(jnp.abs(leaf))) for leaf in jax.tree.leaves(g["modal_experts"]["sar_l2"])) > 0
-    alone, stats_alone = layer(x[1::2], ("sar_l2",))
-    mixed, stats = layer(x, ("optical", "sar_l2"))
+    alone, stats_alone = apply(layer, x[1::2], ("sar_l2",))
+    mixed, stats = apply(layer, x, ("optical", "sar_l2"))
     np.testing.assert_allclose(mixed[1::2], alone, rtol=1e-6, atol=1e-6)
     for group in ("modal", "collaborative"):
         for name, value in stats["sar_l2"][group].items():
@@ -124,10 +142,9 @@ def test_dispatch_paths_agree(router, top_k, capacity_factor):
     cfg = moe_config(router=router, top_k=top_k, capacity_factor=capacity_factor)
     layer = RoutedExperts(3, 16, 32, cfg, rngs=nnx.Rngs(0))
     x = tokens(shape=(3, 20, 16))
-    plan, stats = route(layer.router(x), router=router, top_k=top_k, capacity_factor=capacity_factor)
+    plan, stats, outputs = every_path(layer, x, router, top_k, capacity_factor)
     if router != "expert_choice":
         assert float(stats["dropped"]) == 0.0
-    outputs = [dispatch.run(p, layer.experts.weights(), x, plan) for p in dispatch.PATHS]
     for out in outputs[1:]:
         np.testing.assert_allclose(out, outputs[0], rtol=1e-5, atol=1e-5)
 
@@ -135,9 +152,8 @@ def test_dispatch_paths_agree(router, top_k, capacity_factor):
 def test_dispatch_paths_agree_when_tokens_are_dropped():
     layer = RoutedExperts(4, 16, 32, moe_config(capacity_factor=0.5), rngs=nnx.Rngs(0))
     x = tokens(shape=(2, 32, 16))
-    plan, stats = route(layer.router(x), router="token_choice", top_k=1, capacity_factor=0.5)
+    plan, stats, outputs = every_path(layer, x, "token_choice", 1, 0.5)
     assert float(stats["dropped"]) > 0
-    outputs = [dispatch.run(p, layer.experts.weights(), x, plan) for p in dispatch.PATHS]
     for out in outputs[1:]:
         np.testing.assert_allclose(out, outputs[0], rtol=1e-5, atol=1e-5)
     # A dropped token gets nothing from the experts (the residual carries it).
@@ -166,7 +182,7 @@ def test_experts_compute_only_the_chosen_rows(path, router, capacity_factor):
             model = nnx.merge(graphdef, params)
             model.dispatch = path
             return jnp.sum(model(x)[0] ** 2)
-        return jax.value_and_grad(f, argnums=(0, 1))(params, x)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
 
     value, grad = loss(path)
     ref_value, ref_grad = loss("einsum")
@@ -177,7 +193,7 @@ def test_experts_compute_only_the_chosen_rows(path, router, capacity_factor):
 
 def test_capacity_is_respected_and_slots_are_unique():
     logits = jax.random.normal(jax.random.key(3), (2, 40, 4)) * 3
-    plan, _ = route(logits, router="token_choice", top_k=2, capacity_factor=1.0)
+    plan, _ = jit_route(logits, router="token_choice", top_k=2, capacity_factor=1.0)
     cap = capacity(40, 4, 2, 1.0)
     assert plan.capacity == cap == 20
     for g in range(2):
@@ -190,7 +206,7 @@ def test_capacity_is_respected_and_slots_are_unique():
 
 def test_expert_choice_fills_every_expert_to_capacity():
     logits = jax.random.normal(jax.random.key(4), (2, 24, 3))
-    plan, stats = route(logits, router="expert_choice", top_k=1, capacity_factor=1.0)
+    plan, stats = jit_route(logits, router="expert_choice", top_k=1, capacity_factor=1.0)
     per_expert = np.asarray(jnp.sum(plan.gate > 0, axis=1))
     np.testing.assert_array_equal(per_expert, plan.capacity)
     np.testing.assert_allclose(stats["load"], 1 / 3, rtol=1e-6)
@@ -198,23 +214,23 @@ def test_expert_choice_fills_every_expert_to_capacity():
 
 def test_load_balance_loss_is_minimal_for_uniform_routing():
     num_experts = 4
-    _, stats = route(jnp.zeros((2, 64, num_experts)), router="token_choice", top_k=1, capacity_factor=1.0)
+    _, stats = jit_route(jnp.zeros((2, 64, num_experts)), router="token_choice", top_k=1, capacity_factor=1.0)
     assert float(stats["load_balance"]) == pytest.approx(1.0)
     rng = np.random.default_rng(0)
     for scale in (0.5, 2.0, 8.0):
         logits = jnp.asarray(rng.normal(size=(4, 64, num_experts)) * scale, jnp.float32)
-        _, s = route(logits, router="token_choice", top_k=1, capacity_factor=1.0)
+        _, s = jit_route(logits, router="token_choice", top_k=1, capacity_factor=1.0)
         assert float(s["load_balance"]) >= 1.0 - 1e-6
     # All tokens on one expert: the worst case approaches E.
     skewed = jnp.zeros((1, 64, num_experts)).at[..., 0].set(10.0)
-    _, s = route(skewed, router="token_choice", top_k=1, capacity_factor=1.0)
+    _, s = jit_route(skewed, router="token_choice", top_k=1, capacity_factor=1.0)
     assert float(s["load_balance"]) > 3.9
 
 
 def test_gradients_reach_every_expert_that_received_tokens():
     layer = make_layer(capacity_factor=2.0)
     x = tokens(shape=(4, 4, 4, 16))
-    _, stats = layer(x, ("optical",))
+    _, stats = apply(layer, x, ("optical",))
     stats = stats["optical"]
     g = grads(layer, x, "optical")
     for group, grad_tree in (("modal", g["modal_experts"]["optical"]), ("collaborative", g["collaborative_experts"])):
@@ -228,7 +244,7 @@ def test_gradients_reach_every_expert_that_received_tokens():
 
 def test_statistics_and_router_loss():
     layer = make_layer()
-    _, stats = layer(tokens(), ("sar_l1",))
+    _, stats = apply(layer, tokens(), ("sar_l1",))
     stats = stats["sar_l1"]
     assert set(stats) == {"modal", "collaborative"}
     assert stats["modal"]["load"].shape == (2,) and stats["collaborative"]["load"].shape == (3,)
@@ -295,7 +311,7 @@ def test_router_loss_golden_values_give_each_group_the_full_weight():
 
 def test_ablation_variants_and_errors():
     modal_only = make_layer(num_collaborative_experts=0, shared_expert=False)
-    y, stats = modal_only(tokens(), ("optical",))
+    y, stats = apply(modal_only, tokens(), ("optical",))
     assert set(stats["optical"]) == {"modal"} and modal_only.collaborative_experts is None
     with pytest.raises(ValueError, match="no experts"):
         make_layer(num_modal_experts=0, num_collaborative_experts=0, shared_expert=False)
@@ -323,7 +339,7 @@ def test_loss_free_bias_balances_load_without_an_auxiliary_loss():
 
     plain, free = layer("token_choice"), layer("loss_free_bias")
     assert plain.router.bias is None and free.router.bias.shape == (experts,)
-    (before,) = free(x)[1]
+    (before,) = apply(free, x)[1]
     assert float(before["load"][0]) > 0.8          # skewed: expert 0 takes most tokens
     @nnx.jit
     def balance_step(routed):   # DeepSeek-V3's rate, 1e-3 per step
@@ -332,13 +348,13 @@ def test_loss_free_bias_balances_load_without_an_auxiliary_loss():
 
     for _ in range(700):       # the bias must open a gap of ~0.43 between expert 0 and the rest
         balance_step(free)
-    (after,) = free(x)[1]
-    (skewed,) = plain(x)[1]
+    (after,) = apply(free, x)[1]
+    (skewed,) = apply(plain, x)[1]
     np.testing.assert_allclose(after["load"], 1 / experts, atol=0.03)
     assert float(skewed["load"][0]) > 0.8
     # Gates are the probabilities of the chosen experts, bias or not.
     logits = free.router(x)
-    plan, _ = route(logits, router="loss_free_bias", top_k=1, capacity_factor=8.0, bias=free.router.bias[...])
+    plan, _ = jit_route(logits, router="loss_free_bias", top_k=1, capacity_factor=8.0, bias=free.router.bias[...])
     probs = jax.nn.softmax(logits, axis=-1)
     np.testing.assert_allclose(plan.gate, jnp.take_along_axis(probs, plan.expert_index, axis=-1), rtol=1e-6)
 
