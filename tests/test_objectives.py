@@ -188,7 +188,7 @@ def single_look_quad_pol(n_side, powers, rho, seed=0):
 
 def constant_minimiser(loss, k):
     """argmin over a constant prediction x (k,) of loss(x), by Newton on the JAX gradient."""
-    x, grad, hess = jnp.zeros(k), jax.grad(loss), jax.hessian(loss)
+    x, grad, hess = jnp.zeros(k), jax.jit(jax.grad(loss)), jax.jit(jax.hessian(loss))   # eager: op by op
     for _ in range(30):
         step = jnp.linalg.solve(hess(x), grad(x))
         x = x - step
