@@ -1,6 +1,10 @@
 """Test session setup: 8 fake CPU devices, so sharding tests need no accelerator, and XLA's
 fast-compile flag (tests/xla.py).
 
+Compiling is most of the suite's time. Call models and losses compiled (`nnx.jit`, `jax.jit`),
+not eagerly: an eager call compiles each of its operations on its own, which made
+tests/test_moe.py take 106 s instead of 42 s.
+
 XLA reads the flag when JAX initialises its backend, so it is set here, before
 any test module imports JAX.
 """
