@@ -3,9 +3,15 @@ and a run directory holding a model's initial state."""
 import json
 
 import jax
+from flax import nnx
 
 from configs import tiny
 from ringmoe.data import synthetic
+
+
+# RingMoE.encode(pixels, modality), compiled: an eager call compiles each operation on its own
+# (tests/conftest.py).
+encode = nnx.jit(lambda model, pixels, modality: model.encode(pixels, modality), static_argnums=2)
 
 
 def micro_config(modalities):

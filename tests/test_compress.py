@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file
 
 from configs import ringmoe_14b, ringmoe_1b, tiny
@@ -20,7 +19,7 @@ from ringmoe.data.transform import ModalitySpec
 from ringmoe.model.checkpoint import load_pretrained
 from ringmoe.model.ffn import gelu
 from ringmoe.model.ringmoe import create_model
-from tests.small import initial_run, micro_config
+from tests.small import encode, initial_run, micro_config
 from tests.xla import FAST_COMPILE
 
 
@@ -96,10 +95,6 @@ def test_merge_keeps_a_full_width_expert_exactly_and_apportions_by_gate():
     assert merging.apportion(6, [0.9, 0.1], [2, 8]) == [2, 4]
 
 
-# Compiled: eager, every operation of the encoder compiles on its own (several times slower here).
-_optical_features = nnx.jit(lambda model, x: model.encode(x, "optical").features)
-
-
 def test_statistics_extraction_and_pruning_on_a_micro_model(micro_run):
     config, _, data_dir = micro_run
     model = create_model(config.model, seed=0)
@@ -118,15 +113,16 @@ def test_statistics_extraction_and_pruning_on_a_micro_model(micro_run):
         np.testing.assert_array_equal(value, params[path], err_msg=str(path))
     # The same features, up to float32 rounding: a scanned stage carries every block parameter through
     # the loop, the other modality's experts too, so the two programs are compiled differently.
-    np.testing.assert_allclose(np.asarray(_optical_features(extracted, x)),
-                               np.asarray(_optical_features(model, x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(encode(extracted, x, "optical").features),
+                               np.asarray(encode(model, x, "optical").features), rtol=1e-5, atol=1e-5)
     assert extracted.modalities == ("optical",) and "sar_l2" not in extracted.embeddings
 
     # Keeping every expert is the identity; keeping one keeps the most-used per layer.
     whole, kept_all = pruning.prune_collaborative(params, stages.pruned_config(configs["extracted"], 1.0),
                                                   stats, "optical")
     assert kept_all == [[0, 1]] * 2
-    np.testing.assert_array_equal(np.asarray(_optical_features(whole, x)), np.asarray(_optical_features(model, x)))
+    np.testing.assert_array_equal(np.asarray(encode(whole, x, "optical").features),
+                                  np.asarray(encode(model, x, "optical").features))
     _, kept = pruning.prune_collaborative(params, configs["pruned"], stats, "optical")
     routed = statistics.shares(stats, "optical", "collaborative", "routed")
     assert kept == [[int(np.argmax(row))] for row in routed]
@@ -209,13 +205,12 @@ def test_export_names_shapes_layouts_and_a_fresh_process_reload(tmp_path):
 
     inputs = _pixels(2, seed=5)
     np.save(tmp_path / "x.npy", inputs)
-    in_memory = np.asarray(_optical_features(model, inputs))
+    in_memory = np.asarray(encode(model, inputs, "optical").features)
     script = ("import sys, numpy as np\n"
-              "from flax import nnx\n"
               "from ringmoe.model.checkpoint import load_pretrained\n"
+              "from tests.small import encode\n"
               "config, model, _ = load_pretrained(sys.argv[1])\n"
-              "features = nnx.jit(lambda model, x: model.encode(x, 'optical').features)\n"
-              "np.save(sys.argv[3], np.asarray(features(model, np.load(sys.argv[2]))))\n")
+              "np.save(sys.argv[3], np.asarray(encode(model, np.load(sys.argv[2]), 'optical').features))\n")
     subprocess.run([sys.executable, "-c", script, paths["checkpoint"], str(tmp_path / "x.npy"),
                     str(tmp_path / "y.npy")], check=True, cwd=REPO, env={**os.environ, "XLA_FLAGS": FAST_COMPILE})
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), in_memory)

@@ -3,14 +3,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from ringmoe.compress import merging, pruning, refit, stages, statistics
 from ringmoe.compress.extraction import flat_params
 from ringmoe.compress.run import MERGES
 from ringmoe.eval.features import image_batches
 from ringmoe.model.ringmoe import create_model
-from tests.small import initial_run, micro_config
+from tests.small import encode, initial_run, micro_config
 
 CALIBRATION, HELD_OUT = 24, 16
 
@@ -57,13 +56,9 @@ def _held_out_pixels(config, data_dir):
 
 
 def _stage_errors(student, teacher, pixels):
-    """Per stage, ||student - teacher||^2 / ||teacher||^2 of the stage maps (compiled: eager,
-    every operation compiles on its own)."""
-    @nnx.jit
-    def errors(student, teacher, pixels):
-        s, t = student.encode(pixels, "optical"), teacher.encode(pixels, "optical")
-        return [jnp.sum((a - b) ** 2) / jnp.sum(b ** 2) for a, b in zip(s.stage_features, t.stage_features)]
-    return [float(e) for e in errors(student, teacher, pixels)]
+    """Per stage, ||student - teacher||^2 / ||teacher||^2 of the stage maps."""
+    s, t = encode(student, pixels, "optical"), encode(teacher, pixels, "optical")
+    return [float(jnp.sum((a - b) ** 2) / jnp.sum(b ** 2)) for a, b in zip(s.stage_features, t.stage_features)]
 
 
 def test_refit_merge_beats_the_svd_merge_on_held_out_images(pruned_micro):

@@ -13,7 +13,7 @@ from flax import nnx
 
 from ringmoe.model.ringmoe import ParamKeys, RingMoE
 from ringmoe.upcycle import build, plan, routers
-from tests.small import micro_config
+from tests.small import encode, micro_config
 
 MODALITIES = ("optical", "sar_l1")
 
@@ -50,13 +50,10 @@ def _upcycled(source_model, source_config, config, calibrated=None):
     return the_plan, nnx.merge(graphdef, params)
 
 
-@nnx.jit(static_argnums=(1, 2))
 def _features(model, modality, seed=0):
-    """Every stage's features of `model` on 4 random images, compiled (eager, each operation
-    compiles on its own: several times slower here)."""
     channels = {"optical": 3, "sar_l1": 8}[modality]
     pixels = jax.random.normal(jax.random.key(seed), (4, 32, 32, channels))
-    encoded = model.encode(pixels, modality)
+    encoded = encode(model, pixels, modality)
     return [encoded.features, *encoded.stage_features]
 
 
